@@ -1,0 +1,105 @@
+"""Meshes, logical-axis rules and shardings.
+
+Parameters and activations carry *logical* axis names ("embed", "mlp", "heads", "layers", "batch", ...). A config
+supplies the mesh shape and the rules that map each logical name to a mesh axis (or to several, or to none =
+replicated); nothing here holds global state, the mesh and rules are passed explicitly.
+
+Example rules for an (fsdp, tensor) mesh:
+    (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+     ("act_mlp", "tensor"), ("act_heads", "tensor"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
+    """Mesh from (name, size) pairs; one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    names = tuple(name for name, _ in axes)
+    sizes = [int(size) for _, size in axes]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(axes)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh axes {dict(axes)}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), names)
+
+
+def normalise_rules(rules) -> Rules:
+    """Accepts a sequence of pairs (tuples or lists, as ml_collections may store them)."""
+    out = []
+    for logical, mesh_axes in rules:
+        if isinstance(mesh_axes, list):
+            mesh_axes = tuple(mesh_axes)
+        out.append((str(logical), mesh_axes))
+    return tuple(out)
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh, shape=None) -> PartitionSpec:
+    """PartitionSpec for a value whose axes have logical `names`.
+
+    A logical name maps to the mesh axes of its first rule. A mesh axis is used at most once per value, mesh axes of
+    size 1 are dropped, and where `shape` is given a dimension that the mesh axes do not divide stays replicated
+    (small tensors such as norm scales then need no special case).
+    """
+    lookup = {}
+    for logical, mesh_axes in rules:
+        lookup.setdefault(logical, mesh_axes)
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(names):
+        mesh_axes = lookup.get(name) if name is not None else None
+        if mesh_axes is None:
+            spec.append(None)
+            continue
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape.get(a, 1) > 1)
+        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        if not mesh_axes or (shape is not None and shape[dim] % size):
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(state, mesh: Mesh, rules: Rules):
+    """Pure-dict tree of NamedShardings for an nnx State (abstract or concrete), from each Variable's logical names."""
+
+    tree: dict = {}
+    for path, variable in nnx.to_flat_state(state):
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = NamedSharding(mesh, logical_to_spec(names, rules, mesh, variable.shape))
+    return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSharding:
+    """Callable `(x, logical names) -> x` that pins an activation's sharding on the mesh (a no-op on one device)."""
+
+    mesh: Mesh
+    rules: Rules
+
+    def __call__(self, x, names):
+        if self.mesh.size == 1:
+            return x
+        spec = logical_to_spec(names, self.rules, self.mesh, x.shape)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))

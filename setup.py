@@ -1,0 +1,30 @@
+"""qwen_flash_jax: few-step (4-NFE) DMD distillation of Qwen-Image 2.x in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="qwen_flash_jax",
+    version="0.1.0",
+    description="Few-step DMD distillation of Qwen-Image 2.x for T2I and editing, in JAX/Flax",
+    packages=find_packages(include=["qwen_flash_jax", "qwen_flash_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint>=0.12",
+        "grain",
+        "ml-collections",
+        "clu",
+        "numpy",
+        "ml_dtypes",
+        "pillow",
+        "transformers",
+        "tensorflow-datasets",
+        "safetensors",
+    ],
+    extras_require={
+        # Parity tests against the diffusers/transformers reference; torch 2.13.0 is the local CPU build.
+        "test": ["pytest", "torch==2.13.0", "diffusers>=0.42", "transformers", "psutil"],
+    },
+)
