@@ -22,9 +22,14 @@ setup(
         "transformers",
         "tensorflow-datasets",
         "safetensors",
+        "array_record",
+        # clu's metric writers need TensorFlow's summary ops and TensorBoard.
+        "tensorflow-cpu",
+        "tensorboard",
+        "psutil",
     ],
     extras_require={
         # Parity tests against the diffusers/transformers reference; torch 2.13.0 is the local CPU build.
-        "test": ["pytest", "torch==2.13.0", "diffusers>=0.42", "transformers", "psutil"],
+        "test": ["pytest", "torch==2.13.0", "diffusers>=0.42"],
     },
 )

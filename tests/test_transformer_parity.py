@@ -135,3 +135,16 @@ def test_bad_layout_is_a_clear_error(models):
         ours.apply(ours.params, **(inputs | {"img_shapes": [[(1, 4, 6), (1, 2, 2)]]}))
     with pytest.raises(ValueError, match="image tokens"):
         ours.apply(ours.params, **(inputs | {"hidden_states": inputs["hidden_states"][:, :-4]}))
+
+
+def test_converted_checkpoint_loads_and_matches_diffusers(tmp_path):
+    """The user path: diffusers dir -> `python -m qwen_flash_jax.convert` -> `load_transformer` -> apply."""
+    from qwen_flash_jax import convert, load_transformer
+
+    reference = random_diffusers_transformer(7)
+    reference.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    convert.convert(tmp_path / "hf", tmp_path / "converted", dtype="float32", progress=False)
+    model = load_transformer(tmp_path / "converted")
+    assert model.config == TransformerConfig(**TINY)
+    inputs = make_inputs(np.random.default_rng(8), **CASES["edit_one_condition"])
+    assert _rel_err(model.apply(model.params, **inputs), torch_forward(reference, inputs)) <= F32_TOLERANCE

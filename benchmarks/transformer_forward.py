@@ -1,0 +1,82 @@
+"""Flax forward vs diffusers' PyTorch forward: same weights, same CPU, one run; prints the time ratio.
+
+    python benchmarks/transformer_forward.py [--layers 4 --width 1024 --image-tokens 1024 --text-tokens 128]
+
+Target: the jitted Flax forward takes at most 0.8x PyTorch's time (ratio = flax / torch). Both run float32 with
+the same thread budget; timings interleave the two frameworks so machine noise hits both alike, and the ratio of
+medians is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=1024, help="inner dim = heads * 128")
+    parser.add_argument("--image-tokens", type=int, default=1024, help="target image tokens (a square grid)")
+    parser.add_argument("--text-tokens", type=int, default=128)
+    parser.add_argument("--condition", action="store_true", help="add one condition image of the same size (edit)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    import jax
+    import torch
+
+    from qwen_flash_jax.loading import from_params
+    from qwen_flash_jax.models import TransformerConfig
+    from qwen_flash_jax.models.hf_keys import state_dict_to_params
+    from tests.torch_reference import make_inputs, random_diffusers_transformer, state_dict_numpy, torch_forward
+
+    side = int(round(args.image_tokens**0.5))
+    heads = args.width // 128
+    arch = dict(num_layers=args.layers, attention_head_dim=128, num_attention_heads=heads, in_channels=64,
+                out_channels=64, context_in_dim=args.width, axes_dims_rope=(16, 56, 56))
+    reference = random_diffusers_transformer(0, std=0.02, **arch)
+    config = TransformerConfig(**arch)
+    model = from_params(config, state_dict_to_params(state_dict_numpy(reference), config))
+    conditions = [(1, side, side)] if args.condition else []
+    text_runs = [args.text_tokens // 2, args.text_tokens // 2] if args.condition else [args.text_tokens]
+    inputs = make_inputs(np.random.default_rng(0), batch=args.batch, conditions=conditions, target=(1, side, side),
+                         text_runs=text_runs, in_channels=64, context_in_dim=args.width)
+
+    def run_flax():
+        return jax.block_until_ready(model.apply(model.params, **inputs))
+
+    def run_torch():
+        return torch_forward(reference, inputs)
+
+    out_flax, out_torch = np.asarray(run_flax(), np.float32), run_torch()  # compile / warm up
+    err = float(np.abs(out_flax - out_torch).max() / np.abs(out_torch).max())
+    flax_times, torch_times = [], []
+    for _ in range(args.repeats):
+        for fn, times in ((run_flax, flax_times), (run_torch, torch_times)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    seq = model_seq_len(inputs)
+    f, t = statistics.median(flax_times), statistics.median(torch_times)
+    print(f"config: layers={args.layers} width={args.width} heads={heads} image_tokens={side * side} "
+          f"text_tokens={args.text_tokens} condition={args.condition} batch={args.batch} joint_seq={seq}")
+    print(f"threads: torch={torch.get_num_threads()} cpu_count={os.cpu_count()} jax={jax.devices()[0].platform}")
+    print(f"flax  median {f * 1e3:8.1f} ms  (min {min(flax_times) * 1e3:.1f})")
+    print(f"torch median {t * 1e3:8.1f} ms  (min {min(torch_times) * 1e3:.1f})")
+    print(f"max |flax - torch| / max |torch| = {err:.2e}")
+    print(f"ratio flax/torch = {f / t:.2f}  (target <= 0.80)")
+
+
+def model_seq_len(inputs):
+    mask = inputs["img_mask"][0]
+    return int(np.where(mask, 4, 1).sum())
+
+
+if __name__ == "__main__":
+    main()

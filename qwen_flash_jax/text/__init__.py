@@ -1,0 +1,1 @@
+"""Text side: the toy tokenizer and text encoder, and Qwen-Image prompt conventions."""
