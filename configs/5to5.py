@@ -1,0 +1,157 @@
+"""Base config: joint T2I + edit distillation at T2I:Edit = 5:5 (the paper's best unified student).
+
+    python -m qwen_flash_jax.main --config=configs/5to5.py:toy --workdir=/tmp/qf
+    python -m qwen_flash_jax.main --config=configs/5to5.py --workdir=gs://...      # full scale
+
+Every other config derives from this one through `qwen_flash_jax.configs.base_config(arg)` and changes only what
+differs. `arg` is "toy" (the CPU-sized world: tiny transformer, toy text encoder and codec, trains in minutes) or
+"full" (Qwen-Image 2.x sizes; teachers and text encoder come from converted checkpoints given by path).
+"""
+
+import ml_collections
+
+ARGS = ("toy", "full")
+
+
+def get_config(arg=None):
+    arg = arg or "full"
+    if arg not in ARGS:
+        raise ValueError(f"config argument must be one of {ARGS}, got {arg!r}")
+    toy = arg == "toy"
+    c = ml_collections.ConfigDict()
+    c.variant = arg
+    c.job = "distill"  # or "teacher": train the teacher named by `teacher_name`
+    c.teacher_name = ""
+    c.seed = 0
+    # Shared, content-addressed cache of things several runs reuse (toy datasets, text encoder, teachers, judge).
+    c.cache_dir = ""  # "" -> ~/.cache/qwen_flash_jax
+
+    # The transformer (student, fake score and teachers share it). Fields of models.TransformerConfig.
+    c.model = ml_collections.ConfigDict(dict(
+        patch_size=1,
+        in_channels=48 if toy else 64,
+        out_channels=48 if toy else 64,
+        num_layers=4 if toy else 32,
+        attention_head_dim=32 if toy else 128,
+        num_attention_heads=4 if toy else 32,
+        context_in_dim=64 if toy else 4096,
+        mlp_ratio=3,
+        axes_dims_rope=(8, 12, 12) if toy else (16, 56, 56),
+        eps=1e-6,
+        causal_condition=True,
+        param_dtype="float32",
+        dtype="float32" if toy else "bfloat16",
+        remat_policy="none" if toy else "dots_with_no_batch_dims_saveable",
+    ))
+
+    c.text_encoder = ml_collections.ConfigDict(dict(
+        kind="toy" if toy else "qwen3_vl",
+        path="",  # full: a converted Qwen3-VL text encoder directory
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        mlp_dim=128,
+        pretrain_steps=300,
+    ))
+    c.codec = ml_collections.ConfigDict(dict(kind="space_to_depth" if toy else "vae", patch=4, path=""))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="toy_world" if toy else "jsonl",
+        image_size=32 if toy else 1024,
+        examples_per_category=2000,  # toy world: records per category and task
+        t2i_jsonl="",
+        edit_jsonl="",
+        image_root="",
+        on_bad_record="error",  # or "skip" (skipped records are counted and logged)
+        t2i_weights=dict(landscape=1.0, portrait=1.0, text=1.0),
+        edit_weights=dict(scene=1.0, enhance=1.0, object=1.0, text_edit=1.0, identity=1.0, style=1.0),
+        task_ratio="5:5",
+        batch_size=16 if toy else 64,  # global batch
+        max_prompt_tokens=48 if toy else 512,
+        seed=0,
+    ))
+
+    # Multi-step teachers. `train` describes how the toy teachers are trained when no `path` is given; the data
+    # fields there override `data` for that training run only.
+    c.teachers = ml_collections.ConfigDict()
+    c.teachers.base = ml_collections.ConfigDict(dict(
+        path="",
+        init_from="",
+        train=ml_collections.ConfigDict(dict(
+            steps=1500 if toy else 0,
+            learning_rate=1e-3,
+            warmup_steps=100,
+            batch_size=32,
+            caption_dropout=0.1,
+            task_ratio="1:1",
+            t2i_weights=dict(landscape=1.0, portrait=1.0, text=1.0),
+            edit_weights=dict(scene=1.0, enhance=1.0, object=1.0, text_edit=1.0, identity=1.0, style=1.0),
+        )),
+    ))
+    c.teachers.text = ml_collections.ConfigDict(dict(
+        path="",
+        init_from="base",
+        train=ml_collections.ConfigDict(dict(
+            steps=500 if toy else 0,
+            learning_rate=3e-4,
+            warmup_steps=20,
+            batch_size=32,
+            caption_dropout=0.1,
+            task_ratio="1:1",
+            t2i_weights=dict(text=1.0),
+            edit_weights=dict(text_edit=1.0),
+        )),
+    ))
+
+    c.sampling = ml_collections.ConfigDict(dict(
+        teacher_steps=40,
+        cfg_scale=4.0,
+        # Timestep shift: mu from the target token count, as Qwen-Image's scheduler does (dynamic shifting).
+        base_seq_len=256,
+        max_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+        use_kv_cache=True,
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-4 if toy else 2e-6,
+        b1=0.9,
+        b2=0.999,
+        weight_decay=0.01,
+        clip_norm=1.0,
+        warmup_steps=20 if toy else 100,
+    ))
+
+    # Mesh axes and logical-axis rules (see qwen_flash_jax/sharding.py). -1 takes the remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(
+        axes=(("data", 1), ("fsdp", -1), ("tensor", 1)),
+        rules=(
+            ("batch", ("data", "fsdp")),
+            ("embed", "fsdp"),
+            ("mlp", "tensor"),
+            ("heads", "tensor"),
+            ("kv_heads", "tensor"),
+            ("vocab", "tensor"),
+            ("act_mlp", "tensor"),
+            ("act_heads", "tensor"),
+        ),
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=400 if toy else 2000,
+        log_every=25 if toy else 50,
+        checkpoint_every=100 if toy else 250,
+        sample_every=200 if toy else 500,
+        keep_checkpoints=2,
+    ))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        prompts_per_category=24 if toy else 600,
+        edits_per_category=16 if toy else 250,
+        seed=1234,
+    ))
+    return c

@@ -1,0 +1,55 @@
+"""Loading experiment configs (ml_collections `.py` files with `get_config(arg)`) and deriving typed pieces.
+
+Configs live in the repository's `configs/`; variants derive from the base `configs/5to5.py` with `derive`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from qwen_flash_jax.models.config import ConfigError, TransformerConfig
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """'configs/7to3.py:toy' -> the ConfigDict that file's get_config('toy') returns."""
+    path, _, arg = str(spec).partition(":")
+    return _load_file(pathlib.Path(path), arg or None)
+
+
+def derive(variant_file: str, base_name: str = "5to5.py", arg=None) -> ml_collections.ConfigDict:
+    """The base config next to `variant_file` (call as `derive(__file__, arg=arg)` from a variant)."""
+    return _load_file(pathlib.Path(variant_file).with_name(base_name), arg)
+
+
+def _load_file(path: pathlib.Path, arg):
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_qf_config_{path.stem.replace('-', '_')}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {str(path)!r} has no get_config(arg)")
+    try:
+        return module.get_config(arg)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def transformer_config(config) -> TransformerConfig:
+    return TransformerConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                                for k, v in config.model.items()})
+
+
+def teacher_run_config(config, name: str) -> ml_collections.ConfigDict:
+    """The config of a teacher-training run: the base config with the teacher's `train` data fields applied."""
+    if name not in config.teachers:
+        raise ConfigError(f"unknown teacher {name!r}; the config defines {sorted(config.teachers.keys())}")
+    run = ml_collections.ConfigDict(config.to_dict())
+    train = config.teachers[name].train
+    run.job, run.teacher_name = "teacher", name
+    for field in ("task_ratio", "t2i_weights", "edit_weights", "batch_size"):
+        run.data[field] = train[field]
+    return run

@@ -1,0 +1,45 @@
+"""Properties of the Flax transformer that need no reference implementation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen_flash_jax.loading import build_transformer
+from qwen_flash_jax.models import TransformerConfig, make_layout
+from tests.torch_reference import TINY, make_inputs
+
+
+def _loss_and_grads(remat_policy):
+    model = build_transformer(TransformerConfig(**TINY, remat_policy=remat_policy), seed=0)
+    inputs = make_inputs(np.random.default_rng(0), batch=2, conditions=[(1, 4, 4)], target=(1, 4, 6),
+                         text_runs=[5, 3], padding=[0, 2])
+    layout = make_layout(inputs["img_shapes"], inputs["img_mask"])
+
+    def loss(params):
+        out = model.forward(params, layout, inputs["hidden_states"], inputs["encoder_hidden_states"],
+                            jnp.asarray(inputs["timestep"]), inputs["encoder_hidden_states_mask"])
+        return jnp.mean(out[:, -24:] ** 2)
+
+    return jax.jit(jax.value_and_grad(loss))(model.params)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_give_the_same_gradients(policy):
+    loss_ref, grads_ref = _loss_and_grads("none")
+    loss, grads = _loss_and_grads(policy)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads_ref)
+    assert float(jnp.abs(grads["blocks"]["attn"]["to_q"]["kernel"]).max()) > 0
+
+
+def test_forward_compiles_once_per_layout():
+    model = build_transformer(TransformerConfig(**TINY), seed=0)
+    rng = np.random.default_rng(1)
+    t2i = make_inputs(rng, batch=1, conditions=[], target=(1, 4, 4), text_runs=[5])
+    edit = make_inputs(rng, batch=1, conditions=[(1, 2, 2)], target=(1, 4, 4), text_runs=[3, 2])
+    for _ in range(3):
+        model.apply(model.params, **t2i)
+        model.apply(model.params, **edit)
+        model.apply(model.params, **(t2i | {"timestep": t2i["timestep"] * 0.5}))
+    assert model._jitted_forward._cache_size() == 2
