@@ -47,7 +47,7 @@ def get_config(arg=None):
     c.text_encoder = ml_collections.ConfigDict(dict(
         kind="toy" if toy else "qwen3_vl",
         path="",  # full: a converted Qwen3-VL text encoder directory
-        vocab_size=512,
+        vocab_size=1024,
         hidden_size=64,
         num_layers=2,
         num_heads=4,
@@ -70,7 +70,7 @@ def get_config(arg=None):
         edit_weights=dict(scene=1.0, enhance=1.0, object=1.0, text_edit=1.0, identity=1.0, style=1.0),
         task_ratio="5:5",
         batch_size=16 if toy else 64,  # global batch
-        max_prompt_tokens=48 if toy else 512,
+        max_prompt_tokens=96 if toy else 512,
         seed=0,
     ))
 

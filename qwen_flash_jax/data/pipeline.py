@@ -1,0 +1,135 @@
+"""The grain input pipeline: sources -> per-task example streams -> fixed-shape batches -> global arrays.
+
+Per task (T2I, edit) the chain is
+    one MapDataset per category (shuffled by seed, repeated)  -> MapDataset.mix(weights from config)
+    -> [process_index::process_count] (each host reads its own disjoint shard) -> preprocess -> batch
+and `mixing.TaskInterleaveIterDataset` interleaves the two batch streams by the exact T2I:Edit pattern. Every
+stage is deterministic for the seed and the iterator state is a small dict (checkpointed with the model), so a
+restored pipeline yields the identical stream.
+
+Fixed shapes: prompts are tokenized with Qwen-Image's template and RIGHT-padded to `max_prompt_tokens` (the text
+encoder is causal with mask-derived positions, so the valid tokens' states equal those of the diffusers pipeline's
+left-padded batch); dropping the system prefix is then a static slice. Images become packed latent tokens with the
+codec. A T2I batch and an edit batch therefore each have one static layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from qwen_flash_jax.data import mixing
+from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
+from qwen_flash_jax.models.config import ConfigError
+from qwen_flash_jax.text import prompts as prompt_lib
+from qwen_flash_jax.text.tokenizer import IMAGE_PAD, special_token_id
+
+CATEGORIES = {"t2i": T2I_CATEGORIES, "edit": EDIT_CATEGORIES}
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEncoder:
+    """Templates, tokenizes and right-pads one prompt to a fixed length (runs inside grain workers)."""
+
+    tokenizer: Any
+    max_tokens: int
+
+    @property
+    def drop_idx(self) -> int:
+        return prompt_lib.system_prefix_len(self.tokenizer)
+
+    @property
+    def image_pad_id(self) -> int:
+        return special_token_id(self.tokenizer, IMAGE_PAD)
+
+    def __call__(self, text: str, condition_slots=()) -> tuple[np.ndarray, np.ndarray]:
+        ids = prompt_lib.tokenize_prompts(self.tokenizer, [text], condition_slots)["input_ids"][0]
+        if len(ids) > self.max_tokens:
+            raise PromptTooLongError(
+                f"prompt {text[:60]!r} takes {len(ids)} tokens with the template and image slots; "
+                f"data.max_prompt_tokens is {self.max_tokens}")
+        input_ids = np.full(self.max_tokens, self.tokenizer.pad_token_id, np.int32)
+        input_ids[: len(ids)] = ids
+        mask = np.zeros(self.max_tokens, np.int32)
+        mask[: len(ids)] = 1
+        return input_ids, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """Record -> fixed-shape example of numpy arrays."""
+
+    task: str
+    prompts: PromptEncoder
+    codec: Any
+    image_size: int
+
+    def __call__(self, record: dict) -> dict[str, np.ndarray]:
+        category = np.int32(CATEGORIES[self.task].index(record["category"]))
+        if self.task == "t2i":
+            input_ids, mask = self.prompts(record["caption"])
+            image = record["image"]
+            out = {"target_latents": self._latents(image)}
+        else:
+            source = self._latents(record["source"])
+            input_ids, mask = self.prompts(record["instruction"], [source.shape[0] // 4])
+            target = record["target"] if record["target"] is not None else record["source"]
+            out = {"condition_latents": source, "target_latents": self._latents(target)}
+        return {**out, "input_ids": input_ids, "attention_mask": mask, "category": category}
+
+    def _latents(self, image) -> np.ndarray:
+        if image is None:  # prompt-only records (real T2I prompt sets): DMD needs no target image
+            image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        latents = self.codec.encode(np.asarray(image)[None])
+        return np.asarray(self.codec.pack(latents)[0], np.float32)
+
+
+def task_stream(task: str, sources: dict, weights: dict[str, float], *, batch_size: int, preprocess: Preprocess,
+                seed: int, process_index: int, process_count: int) -> grain.IterDataset:
+    """One task's batches: per-category shuffled repeats mixed by weight, this process's shard, batched."""
+    weights = mixing.normalise_weights(weights, CATEGORIES[task], f"{task} category")
+    missing = [c for c in weights if c not in sources or len(sources[c]) == 0]
+    if missing:
+        raise ConfigError(f"{task} categories {missing} have weight > 0 but no data")
+    names = sorted(weights, key=CATEGORIES[task].index)
+    parts = [grain.MapDataset.source(sources[c]).shuffle(seed=seed + 7919 * CATEGORIES[task].index(c)).repeat()
+             for c in names]
+    mixed = grain.MapDataset.mix(parts, [weights[c] for c in names]) if len(parts) > 1 else parts[0]
+    local = mixed[process_index::process_count]
+    return local.map(preprocess).to_iter_dataset().batch(batch_size, drop_remainder=True)
+
+
+def build_pipeline(data_config, sources: dict, tokenizer, codec, *, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.IterDataset:
+    """The interleaved T2I/edit batch stream of this process (per-process batch = global batch / processes)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    ratio = mixing.parse_ratio(data_config.task_ratio)
+    if data_config.batch_size % process_count:
+        raise ConfigError(f"data.batch_size={data_config.batch_size} must divide over {process_count} processes")
+    prompts = PromptEncoder(tokenizer, int(data_config.max_prompt_tokens))
+    streams = {}
+    for task, share in zip(mixing.TASKS, ratio):
+        if share == 0:
+            continue
+        weights = dict(data_config[f"{task}_weights"])
+        preprocess = Preprocess(task, prompts, codec, int(data_config.image_size))
+        streams[task] = task_stream(task, sources.get(task, {}), weights,
+                                    batch_size=data_config.batch_size // process_count, preprocess=preprocess,
+                                    seed=int(data_config.seed), process_index=process_index,
+                                    process_count=process_count)
+    return mixing.TaskInterleaveIterDataset(streams, ratio)
+
+
+def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:
+    """Process-local numpy batch -> global jax arrays sharded along the batch axis (non-array fields pass)."""
+    return {k: (jax.make_array_from_process_local_data(sharding, v) if isinstance(v, np.ndarray) else v)
+            for k, v in batch.items()}
