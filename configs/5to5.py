@@ -70,7 +70,7 @@ def get_config(arg=None):
         edit_weights=dict(scene=1.0, enhance=1.0, object=1.0, text_edit=1.0, identity=1.0, style=1.0),
         task_ratio="5:5",
         batch_size=16 if toy else 64,  # global batch
-        max_prompt_tokens=96 if toy else 512,
+        max_prompt_tokens=80 if toy else 512,
         seed=0,
     ))
 
@@ -81,10 +81,10 @@ def get_config(arg=None):
         path="",
         init_from="",
         train=ml_collections.ConfigDict(dict(
-            steps=1500 if toy else 0,
+            steps=1000 if toy else 0,
             learning_rate=1e-3,
             warmup_steps=100,
-            batch_size=32,
+            batch_size=16,
             caption_dropout=0.1,
             task_ratio="1:1",
             t2i_weights=dict(landscape=1.0, portrait=1.0, text=1.0),
@@ -98,7 +98,7 @@ def get_config(arg=None):
             steps=500 if toy else 0,
             learning_rate=3e-4,
             warmup_steps=20,
-            batch_size=32,
+            batch_size=16,
             caption_dropout=0.1,
             task_ratio="1:1",
             t2i_weights=dict(text=1.0),

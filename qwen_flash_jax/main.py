@@ -1,0 +1,31 @@
+"""Entry point: `python -m qwen_flash_jax.main --config=configs/5to5.py:toy --workdir=/tmp/qf`.
+
+Thin by design: parse `--config` (an ml_collections config file, `path[:arg]`, overridable with
+`--config.section.field=value`) and `--workdir`, then hand over to `qwen_flash_jax.train.jobs.run`. User mistakes
+(a bad config value, unreadable data) end with one `error: ...` line and exit status 2.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/5to5.py:toy", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from qwen_flash_jax.train import jobs
+
+    try:
+        jobs.run(_CONFIG.value, _WORKDIR.value)
+    except jobs.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,95 @@
+"""Conditioning bundles, the velocity call, and the multi-step Euler sampler (CFG + prefix KV cache).
+
+A `Conditioning` is what the transformer needs besides the noisy target: encoded prompt, its mask, the packed
+condition-image latents (edits) and the static token layout. Positive and negative (empty) prompts of a task are
+padded to the same length, so they share a layout and CFG runs as one forward over a doubled batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from qwen_flash_jax import flow
+from qwen_flash_jax.models.layout import TokenLayout
+
+
+@struct.dataclass
+class Conditioning:
+    encoder_hidden_states: jax.Array  # (B, text_len, context_dim)
+    encoder_hidden_states_mask: jax.Array  # (B, text_len) bool
+    condition_latents: jax.Array  # (B, condition_tokens, C); condition_tokens = 0 for T2I
+    layout: TokenLayout = struct.field(pytree_node=False)
+
+    @property
+    def batch(self) -> int:
+        return self.encoder_hidden_states.shape[0]
+
+    def concat(self, other: "Conditioning") -> "Conditioning":
+        if other.layout != self.layout:
+            raise ValueError("positive and negative conditioning must share a token layout to be batched together; "
+                             "pad both prompts to the same length")
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), self, other)
+
+
+def velocity(model, params, cond: Conditioning, z, t, kv_cache=None, kv_cache_mode=None):
+    """Velocity for the packed noisy target `z` (B, T, C) at times `t` (B,). Returns (v, kv_cache or None)."""
+    if cond.condition_latents.shape[1]:
+        hidden = jnp.concatenate([cond.condition_latents.astype(z.dtype), z], axis=1)
+    else:  # T2I: no condition tokens
+        hidden = z
+    out = model.forward(params, cond.layout, hidden, cond.encoder_hidden_states, t,
+                        cond.encoder_hidden_states_mask, kv_cache=kv_cache, kv_cache_mode=kv_cache_mode)
+    if kv_cache_mode == "extract":
+        out, kv_cache = out
+    if kv_cache_mode != "cached":
+        out = out[:, -z.shape[1]:]
+    return out.astype(jnp.float32), kv_cache
+
+
+def guided_velocity(model, params, cond, neg_cond, z, t, cfg_scale, kv_cache=None, kv_cache_mode=None):
+    """CFG velocity; with `neg_cond` None or scale 1 it is the plain conditional velocity."""
+    if neg_cond is None or cfg_scale == 1.0:
+        return velocity(model, params, cond, z, t, kv_cache, kv_cache_mode)
+    both = cond.concat(neg_cond)
+    v, kv_cache = velocity(model, params, both, jnp.concatenate([z, z]), jnp.concatenate([t, t]), kv_cache,
+                           kv_cache_mode)
+    v_cond, v_uncond = jnp.split(v, 2)
+    return flow.cfg_combine(v_cond, v_uncond, cfg_scale), kv_cache
+
+
+def euler_sample(model, params, noise, cond: Conditioning, sigmas, *, neg_cond: Conditioning | None = None,
+                 cfg_scale: float = 1.0, use_kv_cache: bool = True):
+    """Integrates the flow ODE from sigmas[0] (noise) to sigmas[-1] (= 0) with Euler steps; returns the sample.
+
+    `sigmas` is a host array of N + 1 values (see `flow.sampling_sigmas`). With the KV cache (requires the model's
+    causal_condition) the first step prefills the text/condition prefix and the remaining steps, run under
+    `lax.scan`, recompute only the target tokens. Jit the caller; `sigmas` must be concrete.
+    """
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    use_kv_cache = use_kv_cache and model.config.causal_condition
+    batch = noise.shape[0]
+    z = noise.astype(jnp.float32)
+
+    def step(z, sigma, sigma_next, cache, mode):
+        t = jnp.full((batch,), sigma)
+        v, cache = guided_velocity(model, params, cond, neg_cond, z, t, cfg_scale, cache, mode)
+        return z + (sigma_next - sigma) * v, cache
+
+    if use_kv_cache:
+        z, cache = step(z, sigmas[0], sigmas[1], None, "extract")
+        rest = (sigmas[1:-1], sigmas[2:])
+
+        def body(z, s):
+            z, _ = step(z, s[0], s[1], cache, "cached")
+            return z, None
+    else:
+        rest = (sigmas[:-1], sigmas[1:])
+
+        def body(z, s):
+            z, _ = step(z, s[0], s[1], None, None)
+            return z, None
+
+    z, _ = jax.lax.scan(body, z, rest)
+    return z

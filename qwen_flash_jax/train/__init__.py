@@ -1,0 +1,1 @@
+"""Training jobs: shared assets and conditioning, optimisers, checkpoints, the teacher and DMD loops."""

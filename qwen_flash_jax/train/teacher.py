@@ -1,0 +1,241 @@
+"""Teacher training by flow matching: z_t = (1 - t) x + t eps, target velocity eps - x, Qwen-Image's time shift.
+
+T2I and edit batches arrive interleaved by the configured ratio; each task's step compiles once (its layout is
+static). Captions are dropped to the empty prompt at `caption_dropout` so the teacher supports CFG. The run
+resumes from its last complete checkpoint; its final parameters are written to `<workdir>/params` (orbax) with a
+`teacher.json` marker, which is what the distillation job loads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from clu import metric_writers, periodic_actions
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qwen_flash_jax import config_lib, flow, sampling, sharding
+from qwen_flash_jax.data import pipeline as pipeline_lib
+from qwen_flash_jax.eval import bench_sets
+from qwen_flash_jax.eval.generate import Generator, save_grid
+from qwen_flash_jax.loading import build_transformer, from_params
+from qwen_flash_jax.train import assets as assets_lib
+from qwen_flash_jax.train import conditioning, optim
+from qwen_flash_jax.train.checkpoint import Checkpointer, abstract_like, place_on_mesh
+
+MARKER = "teacher.json"
+
+
+@struct.dataclass
+class TeacherState:
+    step: jax.Array
+    params: dict
+    opt_state: object
+    rng: jax.Array  # raw uint32 key data, so the state checkpoints as plain arrays
+
+
+def is_trained(workdir) -> bool:
+    return (pathlib.Path(workdir) / MARKER).exists()
+
+
+def load_params(workdir, model):
+    """The final parameters of a finished teacher run, restored into `model`'s shardings."""
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), model.params)
+    return ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / "params", target)
+
+
+def target_mu(config) -> float:
+    s = config.sampling
+    tokens = (config.data.image_size // config.codec.patch) ** 2
+    return flow.dynamic_shift_mu(tokens, s.base_seq_len, s.max_seq_len, s.base_shift, s.max_shift)
+
+
+def train_teacher(config, name: str, workdir, *, log=print, init_params=None, assets=None, stop_at=None,
+                  history=None, write_samples=True):
+    """Trains teacher `name` of `config` in `workdir` (resuming if interrupted); returns its parameters.
+
+    `history`, if given, receives (step, metrics) at every log step; `stop_at` ends the run early after that step
+    without finishing it (a stand-in for preemption in tests).
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    run = config_lib.teacher_run_config(config, name)
+    train_cfg = config.teachers[name].train
+    steps = int(train_cfg.steps)
+    assets = assets or assets_lib.build_assets(run, log)
+    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
+    rules = sharding.normalise_rules(config.mesh.rules)
+    model_cfg = config_lib.transformer_config(config)
+    model = build_transformer(model_cfg, seed=int(config.seed), mesh=mesh, rules=rules)
+    if init_params is not None:
+        model = from_params(model_cfg, init_params, mesh=mesh, rules=rules)
+    optimizer = optim.adamw(float(train_cfg.learning_rate), steps, warmup_steps=int(train_cfg.warmup_steps),
+                            weight_decay=float(config.optim.weight_decay), clip_norm=float(config.optim.clip_norm))
+    state = TeacherState(step=jnp.zeros((), jnp.int32), params=model.params, opt_state=optimizer.init(model.params),
+                         rng=jax.random.key_data(jax.random.key(int(config.seed))))
+    state = place_on_mesh(state, mesh)
+
+    data = pipeline_lib.build_pipeline(run.data, assets.sources, assets.tokenizer, assets.codec)
+    iterator = iter(data)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=int(config.train.keep_checkpoints),
+                        every=int(config.train.checkpoint_every))
+    restored = ckpt.restore(abstract_like(state))
+    if restored is not None:
+        state, data_state, _ = restored
+        iterator.set_state(data_state)
+        log(f"teacher {name}: resumed from step {int(state.step)} in {ckpt.directory}")
+
+    mu = target_mu(config)
+    step_fn = _make_step(model, optimizer, mu, float(train_cfg.caption_dropout))
+    batch_sharding = NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), rules, mesh)[0]))
+    writer = metric_writers.create_default_writer(str(workdir / "logs"), just_logging=jax.process_index() > 0)
+    progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=config.train.log_every)
+    log(f"teacher {name}: {steps} steps, batch {run.data.batch_size}, ratio {run.data.task_ratio}, "
+        f"T2I {dict(run.data.t2i_weights)}, edit {dict(run.data.edit_weights)}")
+
+    pending, start, first = [], int(state.step), time.perf_counter()
+    for step in range(start, steps):
+        batch = next(iterator)
+        task = batch.pop("task")
+        state, metrics = step_fn(state, assets.text_encoder, pipeline_lib.to_global(batch, batch_sharding),
+                                 spec=assets.tasks[task])
+        pending.append((task, metrics))
+        done = step + 1
+        progress(done)
+        if done % config.train.log_every == 0 or done == steps:  # the only host sync of the loop
+            summary = _summarise(pending)
+            writer.write_scalars(done, summary)
+            if history is not None:
+                history.append((done, summary))
+            log(f"teacher {name} step {done}/{steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
+                + f" ({time.perf_counter() - first:.0f}s)")
+            pending = []
+        ckpt.maybe_save(done, state, iterator.get_state(), {"step": done}, force=done == steps)
+        if stop_at is not None and done >= stop_at and done < steps:
+            ckpt.close()
+            return None
+    ckpt.close()
+
+    _write_final(workdir, state.params, {"name": name, "steps": steps})
+    if write_samples:
+        _write_samples(workdir, name, config, Generator(model, assets, mu), state.params, writer)
+    writer.flush()
+    return state.params
+
+
+def _make_step(model, optimizer, mu: float, caption_dropout: float):
+    def train_step(state: TeacherState, te_params, batch, *, spec):
+        key = jax.random.wrap_key_data(state.rng)
+        key, k_t, k_eps, k_drop = jax.random.split(key, 4)
+        ids, mask = conditioning.drop_captions(k_drop, spec, batch["input_ids"], batch["attention_mask"],
+                                               caption_dropout)
+        cond = conditioning.encode(te_params, spec, ids, mask, batch.get("condition_latents"))
+        x = batch["target_latents"]
+        t = flow.sample_training_t(k_t, x.shape[0], mu)
+        eps = jax.random.normal(k_eps, x.shape, x.dtype)
+        z = flow.interpolate(x, eps, t)
+
+        def loss_fn(params):
+            v, _ = sampling.velocity(model, params, cond, z, t)
+            return flow.flow_matching_loss(v, x, eps)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(jnp.add, state.params, updates)
+        metrics = {f"loss_{spec.task}": loss, "grad_norm": _global_norm(grads)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             rng=jax.random.key_data(key)), metrics
+
+    return jax.jit(train_step, static_argnames=("spec",), donate_argnums=(0,))
+
+
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _summarise(pending) -> dict[str, float]:
+    fetched = jax.device_get([m for _, m in pending])
+    out: dict[str, list] = {}
+    for metrics in fetched:
+        for k, v in metrics.items():
+            out.setdefault(k, []).append(float(v))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def _write_final(workdir: pathlib.Path, params, meta: dict):
+    path = workdir / "params"
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, params)
+    checkpointer.wait_until_finished()
+    (workdir / MARKER).write_text(json.dumps(meta))
+
+
+def _write_samples(workdir, name, config, generator: Generator, params, writer):
+    """PNG grids of the teacher at its full step count and at 4 steps, same prompts and seeds."""
+    size = int(config.data.image_size)
+    t2i = bench_sets.t2i_bench(size, 6, int(config.eval.seed))
+    edits = bench_sets.edit_bench(size, 4, int(config.eval.seed))
+    cfg = float(config.sampling.cfg_scale)
+    images = {}
+    for steps in (int(config.sampling.teacher_steps), 4):
+        rows = [b.real for b in t2i.values()]
+        rows += [generator.t2i(params, b.captions, num_steps=steps, cfg_scale=cfg) for b in t2i.values()]
+        edit_rows = []
+        for b in edits.values():
+            out = generator.edit(params, b.sources, b.instructions, num_steps=steps, cfg_scale=cfg)
+            edit_rows.append(np.concatenate([b.sources, b.targets, out]))
+        path = pathlib.Path(workdir) / f"samples_{name}_{steps}steps.png"
+        save_grid(path, rows + edit_rows)
+        images[f"samples_{steps}steps"] = np.asarray(_read_png(path))[None]
+    writer.write_images(0, images)
+
+
+def _read_png(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def cache_dir(config, name: str) -> pathlib.Path:
+    """Where the cached toy teacher `name` lives: keyed by everything that determines its weights."""
+    if name not in config.teachers:
+        raise config_lib.ConfigError(f"unknown teacher {name!r}; the config defines {sorted(config.teachers.keys())}")
+    spec = config.teachers[name]
+    parent = cache_dir(config, spec.init_from).name if spec.init_from else ""
+    d = config.data
+    key = assets_lib.config_hash(config.model, config.text_encoder, config.codec, spec.train.to_dict(),
+                                 [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens],
+                                 config.seed, config.mesh.to_dict(), parent, "v1")
+    return assets_lib.cache_root(config) / "teachers" / f"{name}-{key}"
+
+
+def ensure_teacher(config, name: str, *, log=print, assets=None):
+    """Parameters of teacher `name`: from `teachers.<name>.path`, the cache, or trained now (parents first)."""
+    spec = config.teachers[name]
+    if spec.path:
+        return _restore_standalone(config, spec.path)
+    directory = cache_dir(config, name)
+    if not is_trained(directory):
+        init = ensure_teacher(config, spec.init_from, log=log, assets=assets) if spec.init_from else None
+        log(f"teacher {name!r} is not cached: training it in {directory}")
+        train_teacher(config, name, directory, log=log, init_params=init, assets=assets)
+    return _restore_standalone(config, directory)
+
+
+def _restore_standalone(config, directory):
+    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
+    model = build_transformer(config_lib.transformer_config(config), seed=0, mesh=mesh,
+                              rules=sharding.normalise_rules(config.mesh.rules))
+    if not (pathlib.Path(directory) / "params").exists():
+        raise config_lib.ConfigError(f"no teacher parameters at {directory}/params")
+    return load_params(directory, model)
