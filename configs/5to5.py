@@ -106,6 +106,37 @@ def get_config(arg=None):
         )),
     ))
 
+    # The few-step student and the fake score; both start from the base teacher's weights.
+    c.student = ml_collections.ConfigDict(dict(
+        num_steps=4,
+        init_from="base",
+        learning_rate=1e-4 if toy else 2e-6,
+        ema_decay=0.0,  # > 0 keeps an EMA of the student, evaluated instead of the raw weights
+        first_step_fm_weight=0.0,  # DP-DMD's first-step flow-matching regulariser (paper 6.1); 0 = off
+    ))
+    c.fake_score = ml_collections.ConfigDict(dict(
+        init_from="base",
+        learning_rate=1e-4 if toy else 2e-6,
+        updates_per_student=2,  # critic-to-student update ratio
+    ))
+    # Step-wise multi-teacher guidance: lambda[k, m](c) per student step k and condition c (task or task/category;
+    # the most specific rule wins; each row sums to 1). The base teacher anchors the early steps, the text
+    # specialist joins at the later steps of text-centric prompts.
+    c.guidance = ml_collections.ConfigDict(dict(
+        teachers=("base", "text"),
+        cfg_scale=4.0,
+        cfg_rescale=0.0,
+        t_min=0.02,
+        t_max=0.98,
+        weights=(
+            ("*", ({"base": 1.0},) * 4),
+            ("t2i/text", ({"base": 1.0}, {"base": 1.0}, {"base": 0.5, "text": 0.5}, {"base": 0.5, "text": 0.5})),
+            ("edit/text_edit", ({"base": 1.0}, {"base": 1.0}, {"base": 0.5, "text": 0.5},
+                                {"base": 0.5, "text": 0.5})),
+        ),
+    ))
+    c.nonfinite_limit = 10  # consecutive skipped (non-finite) steps that stop the job
+
     c.sampling = ml_collections.ConfigDict(dict(
         teacher_steps=40,
         cfg_scale=4.0,

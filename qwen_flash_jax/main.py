@@ -20,11 +20,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from qwen_flash_jax.train import jobs
 
+    from qwen_flash_jax.distill.trainer import NonFiniteError
+
     try:
         jobs.run(_CONFIG.value, _WORKDIR.value)
     except jobs.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Generation for evaluation and sample grids: T2I and edits with any transformer parameters and step count.
 
 `Generator.t2i(params, captions, ...)` / `.edit(params, sources, instructions, ...)` return uint8 images. Batches
-are padded to a fixed size so each (task, steps, cfg) pair compiles once. The same function serves a teacher
-sampled at 40 or 4 steps (CFG with the empty prompt, prefix KV cache) and the few-step student.
+are padded to a fixed size so each (task, steps, cfg) pair compiles once. The same code serves a teacher sampled
+with N Euler steps (CFG with the empty prompt, prefix KV cache) and, with `student_steps`, the few-step student
+(x0 predictions re-noised between steps, no CFG: the guidance is distilled into it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_flash_jax import flow, sampling
+from qwen_flash_jax.distill import dmd
 from qwen_flash_jax.train import conditioning
 
 
@@ -26,14 +28,15 @@ class Generator:
     batch_size: int = 16
     use_kv_cache: bool = True
 
-    def t2i(self, params, captions, *, num_steps: int, cfg_scale: float, seed: int = 0) -> np.ndarray:
-        return self._run(params, "t2i", captions, None, num_steps, cfg_scale, seed)
+    def t2i(self, params, captions, *, num_steps: int, cfg_scale: float = 1.0, seed: int = 0,
+            student: bool = False) -> np.ndarray:
+        return self._run(params, "t2i", captions, None, num_steps, cfg_scale, seed, student)
 
-    def edit(self, params, sources: np.ndarray, instructions, *, num_steps: int, cfg_scale: float,
-             seed: int = 0) -> np.ndarray:
-        return self._run(params, "edit", instructions, sources, num_steps, cfg_scale, seed)
+    def edit(self, params, sources: np.ndarray, instructions, *, num_steps: int, cfg_scale: float = 1.0,
+             seed: int = 0, student: bool = False) -> np.ndarray:
+        return self._run(params, "edit", instructions, sources, num_steps, cfg_scale, seed, student)
 
-    def _run(self, params, task, texts, sources, num_steps, cfg_scale, seed):
+    def _run(self, params, task, texts, sources, num_steps, cfg_scale, seed, student):
         spec = self.assets.tasks[task]
         codec = self.assets.codec
         h, w = spec.latent_hw
@@ -52,23 +55,25 @@ class Generator:
             key = jax.random.fold_in(jax.random.key(seed), start)
             noise = jax.random.normal(key, (self.batch_size, h * w, self.model.config.in_channels))
             z = self._sample(params, self.assets.text_encoder, jnp.asarray(np.stack(ids)),
-                             jnp.asarray(np.stack(mask)), cond_latents, noise, spec=spec,
+                             jnp.asarray(np.stack(mask)), cond_latents, noise, key, spec=spec,
                              sigmas=tuple(flow.sampling_sigmas(num_steps, self.mu).tolist()),
-                             cfg_scale=float(cfg_scale))
+                             cfg_scale=float(cfg_scale), student=student)
             images = codec.to_uint8(codec.decode(codec.unpack(np.asarray(z), h, w)))
             outputs.append(images[:n])
         return np.concatenate(outputs)
 
     @functools.cached_property
     def _sample(self):
-        def sample(params, te_params, ids, mask, cond_latents, noise, *, spec, sigmas, cfg_scale):
+        def sample(params, te_params, ids, mask, cond_latents, noise, key, *, spec, sigmas, cfg_scale, student):
             cond = conditioning.encode(te_params, spec, ids, mask, cond_latents)
+            if student:
+                return dmd.generate(self.model, params, cond, noise, sigmas[:-1], jax.random.fold_in(key, 1))
             neg_ids, neg_mask = conditioning.empty_prompt(spec, ids.shape[0])
             neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, cond_latents)
             return sampling.euler_sample(self.model, params, noise, cond, np.asarray(sigmas), neg_cond=neg,
                                          cfg_scale=cfg_scale, use_kv_cache=self.use_kv_cache)
 
-        return jax.jit(sample, static_argnames=("spec", "sigmas", "cfg_scale"))
+        return jax.jit(sample, static_argnames=("spec", "sigmas", "cfg_scale", "student"))
 
 
 def save_grid(path, rows: list[np.ndarray], scale: int = 4) -> None:

@@ -15,8 +15,9 @@ class Dense(nnx.Module):
     """Bias-free linear layer, kernel laid out (in, out) (Qwen-Image 2.x has no biases anywhere)."""
 
     def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
-                 dtype, param_dtype, rngs: nnx.Rngs, init_scale: float = 1.0):
-        init = jax.nn.initializers.variance_scaling(init_scale, "fan_in", "truncated_normal")
+                 dtype, param_dtype, rngs: nnx.Rngs, init_scale: float = 1.0, zero_init: bool = False):
+        init = (jax.nn.initializers.zeros if zero_init
+                else jax.nn.initializers.variance_scaling(init_scale, "fan_in", "truncated_normal"))
         # Logical names only: `qwen_flash_jax.sharding` places parameters, so Flax must not shard eagerly.
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype), out_sharding=axes,
                                  eager_sharding=False)

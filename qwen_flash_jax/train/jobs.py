@@ -30,7 +30,8 @@ def run(config, workdir) -> None:
         init = teacher.ensure_teacher(config, parent) if parent else None  # cached, trained on first use
         teacher.train_teacher(config, config.teacher_name, workdir, init_params=init)
     elif config.job == "distill":
-        raise ConfigError("the distillation job is not implemented yet (issue: DMD distillation); "
-                          "use configs/teacher.py to train teachers")
+        from qwen_flash_jax.distill.trainer import distill
+
+        distill(config, workdir)
     else:
         raise ConfigError(f"config.job must be 'teacher' or 'distill', got {config.job!r}")

@@ -1,0 +1,78 @@
+"""Shows what the input pipeline feeds a run: task and category counts per batch, and a contact sheet.
+
+    python -m qwen_flash_jax.data.inspect --config=configs/7to3.py:toy --batches=20 [--out=batch0.png]
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/5to5.py:toy", lock_config=True)
+_BATCHES = flags.DEFINE_integer("batches", 10, "How many batches to read.")
+_OUT = flags.DEFINE_string("out", "inspect_batch0.png", "Where to write the first batch's contact sheet (PNG).")
+flags.mark_flags_as_required(["config"])
+
+
+def inspect(config, batches: int, out: str, log=print) -> dict:
+    from qwen_flash_jax.data import pipeline
+    from qwen_flash_jax.data.world import contact_sheet, save_png, side_by_side
+    from qwen_flash_jax.train.assets import build_assets
+
+    if batches < 1:
+        raise ValueError("--batches must be at least 1")
+    assets = build_assets(config, log=lambda *_: None)
+    iterator = iter(pipeline.build_pipeline(config.data, assets.sources, assets.tokenizer, assets.codec,
+                                            process_index=0, process_count=1))
+    totals = collections.Counter()
+    log(f"ratio {config.data.task_ratio}, global batch {config.data.batch_size}")
+    for i in range(batches):
+        batch = next(iterator)
+        task = batch["task"]
+        names = pipeline.CATEGORIES[task]
+        counts = collections.Counter(names[c] for c in batch["category"].tolist())
+        totals.update({task: 1})
+        totals.update({f"{task}/{k}": v for k, v in counts.items()})
+        log(f"batch {i:4d}  {task:4s}  " + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        if i == 0:
+            save_png(contact_sheet(_images(batch, assets), cols=8, scale=3), out)
+    log(f"batches: t2i={totals['t2i']} edit={totals['edit']}")
+    for key in sorted(k for k in totals if "/" in k):
+        log(f"  {key}: {totals[key]} examples")
+    log(f"contact sheet of batch 0 -> {out}")
+    return dict(totals)
+
+
+def _images(batch, assets):
+    from qwen_flash_jax.data.world import side_by_side
+
+    codec = assets.codec
+    h, w = assets.tasks[batch["task"]].latent_hw
+
+    def decode(tokens):
+        return codec.to_uint8(codec.decode(codec.unpack(tokens, h, w)))
+
+    targets = decode(batch["target_latents"])
+    if batch["task"] == "edit":
+        sources = decode(batch["condition_latents"])
+        return [side_by_side(s, t) for s, t in zip(sources, targets)]
+    return list(targets)
+
+
+def main(argv):
+    del argv
+    from qwen_flash_jax.train.jobs import USER_ERRORS
+
+    try:
+        inspect(_CONFIG.value, _BATCHES.value, _OUT.value)
+    except USER_ERRORS + (ValueError,) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Few-step distillation: DMD2 with step-wise multi-teacher guidance."""

@@ -1,0 +1,150 @@
+"""DMD2-style distillation as pure, jittable functions.
+
+Notation follows the paper: the student G maps noise (and the condition) to a clean sample in K steps over a
+shifted timestep list t_0 = 1 > t_1 > ... > t_{K-1}; at each step it predicts x0 = z - t v and, if more steps
+follow, re-noises it with fresh noise to the next t. The generator's gradient is the difference of a *fake* score
+(an auxiliary network trained on the student's own samples) and a *real* score (frozen teachers with CFG),
+evaluated at a re-noised student sample; in x0 form: grad = (x0_fake - x0_real) / mean|x - x0_real|.
+
+Step-wise multi-teacher guidance (eq. 5-7): the real x0 is sum_m lambda[k, m](c) x0_m, with k the student step
+that produced the sample and c the condition (task and category); weights come from a config table and sum to 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_flash_jax import flow, sampling
+from qwen_flash_jax.models.config import ConfigError
+
+
+def student_timesteps(num_steps: int, mu: float) -> np.ndarray:
+    """The K input times of the few-step student: the shifted Euler schedule without its trailing 0."""
+    return flow.sampling_sigmas(num_steps, mu)[:-1]
+
+
+def student_x0(model, params, cond, z, t):
+    """The student's clean-sample prediction at noisy input z and time t (B,)."""
+    v, _ = sampling.velocity(model, params, cond, z, t)
+    return flow.x0_from_velocity(z, v, t), v
+
+
+def renoise(x0, noise, t):
+    return flow.interpolate(x0, noise, t)
+
+
+def backward_simulation(model, params, cond, noise, k, timesteps, key):
+    """The noisy input of student step k, reached by running steps 0..k-1 without gradients (DMD2's backward
+    simulation). `k` may be traced; each re-noising draws fresh noise."""
+    times = jnp.asarray(timesteps, jnp.float32)
+    batch = noise.shape[0]
+
+    def body(j, z):
+        x0, _ = student_x0(model, params, cond, z, jnp.full((batch,), times[j]))
+        fresh = jax.random.normal(jax.random.fold_in(key, j), z.shape, z.dtype)
+        return renoise(x0, fresh, times[j + 1])
+
+    return jax.lax.stop_gradient(jax.lax.fori_loop(0, k, body, noise.astype(jnp.float32)))
+
+
+def generate(model, params, cond, noise, timesteps, key):
+    """Few-step sampling (inference): x0 predictions re-noised with fresh noise between steps (K NFEs)."""
+    batch = noise.shape[0]
+    z = noise.astype(jnp.float32)
+    x0 = z
+    for j, t in enumerate(np.asarray(timesteps)):
+        x0, _ = student_x0(model, params, cond, z, jnp.full((batch,), float(t)))
+        if j + 1 < len(timesteps):
+            fresh = jax.random.normal(jax.random.fold_in(key, j), z.shape, z.dtype)
+            z = renoise(x0, fresh, float(timesteps[j + 1]))
+    return x0
+
+
+def real_x0(model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_scale: float,
+            cfg_rescale: float = 0.0):
+    """sum_m weights[:, m] * x0_m, each teacher with CFG against the empty prompt.
+
+    `weights` is (B, M) in the order of `teacher_params`; a teacher whose weight is zero for the whole batch is not
+    evaluated (lax.cond runs only the taken branch), so a specialist costs nothing at the steps it sits out.
+    """
+    total = jnp.zeros_like(x_t)
+    for m, params in enumerate(teacher_params.values()):
+        w = weights[:, m]
+
+        def evaluate(params=params, w=w):
+            v, _ = sampling.guided_velocity(model, params, cond, neg_cond, x_t, t, cfg_scale)
+            if cfg_rescale:
+                v = _rescale_cfg(model, params, cond, x_t, t, v, cfg_rescale)
+            return flow.x0_from_velocity(x_t, v, t) * w[:, None, None]
+
+        total = total + jax.lax.cond(jnp.any(w > 0), evaluate, lambda: jnp.zeros_like(x_t))
+    return total
+
+
+def _rescale_cfg(model, params, cond, x_t, t, v_guided, phi):
+    """Rescales the guided velocity towards the conditional one's per-sample norm (guards against CFG blow-up)."""
+    v_cond, _ = sampling.velocity(model, params, cond, x_t, t)
+    norm = lambda v: jnp.sqrt(jnp.mean(jnp.square(v), axis=(1, 2), keepdims=True) + 1e-12)  # noqa: E731
+    rescaled = v_guided * norm(v_cond) / norm(v_guided)
+    return phi * rescaled + (1.0 - phi) * v_guided
+
+
+def dmd_loss(x, x0_real, x0_fake):
+    """DMD2 generator loss, float32. Its gradient w.r.t. x is (x0_fake - x0_real) / mean|x - x0_real| per sample."""
+    x = x.astype(jnp.float32)
+    x0_real = jax.lax.stop_gradient(x0_real.astype(jnp.float32))
+    x0_fake = jax.lax.stop_gradient(x0_fake.astype(jnp.float32))
+    normaliser = jnp.mean(jnp.abs(x - x0_real), axis=tuple(range(1, x.ndim)), keepdims=True)
+    grad = (x0_fake - x0_real) / jnp.maximum(jax.lax.stop_gradient(normaliser), 1e-8)
+    target = jax.lax.stop_gradient(x - grad)
+    return 0.5 * jnp.mean(jnp.sum(jnp.square(x - target).reshape(x.shape[0], -1), axis=-1))
+
+
+def fake_score_loss(model, fake_params, cond, x, key, mu: float):
+    """Flow matching of the fake score on detached student samples."""
+    x = jax.lax.stop_gradient(x.astype(jnp.float32))
+    k_t, k_eps = jax.random.split(key)
+    t = flow.sample_training_t(k_t, x.shape[0], mu)
+    eps = jax.random.normal(k_eps, x.shape, x.dtype)
+    z = flow.interpolate(x, eps, t)
+    v, _ = sampling.velocity(model, fake_params, cond, z, t)
+    return flow.flow_matching_loss(v, x, eps)
+
+
+# --- step-wise multi-teacher weights -----------------------------------------------------------------------------------
+
+def guidance_table(spec: dict, teachers: tuple[str, ...], conditions: tuple[str, ...], num_steps: int) -> np.ndarray:
+    """(K, C, M) float32 table lambda[k, c, m] from a config mapping.
+
+    `spec` maps a condition name ("t2i/text", "edit/text_edit", or a task-wide default "t2i", "edit", or "*") to
+    a list of K per-step weight rows {teacher: weight}; the most specific key wins. Rows must sum to 1.
+    """
+    table = np.zeros((num_steps, len(conditions), len(teachers)), np.float32)
+    for c, condition in enumerate(conditions):
+        task = condition.split("/")[0]
+        key = next((k for k in (condition, task, "*") if k in spec), None)
+        if key is None:
+            raise ConfigError(f"guidance has no weights for {condition!r} (nor for {task!r} or '*')")
+        rows = list(spec[key])
+        if len(rows) != num_steps:
+            raise ConfigError(f"guidance[{key!r}] has {len(rows)} step rows, the student has {num_steps} steps")
+        for k, row in enumerate(rows):
+            unknown = sorted(set(row) - set(teachers))
+            if unknown:
+                raise ConfigError(f"guidance[{key!r}] step {k} names unknown teachers {unknown}; have {list(teachers)}")
+            for m, name in enumerate(teachers):
+                value = float(row.get(name, 0.0))
+                if not 0.0 <= value <= 1.0:
+                    raise ConfigError(f"guidance[{key!r}] step {k}: weight of {name!r} must lie in [0, 1], got {value}")
+                table[k, c, m] = value
+            if abs(table[k, c].sum() - 1.0) > 1e-5:
+                raise ConfigError(f"guidance[{key!r}] step {k}: weights {dict(row)} must sum to 1, "
+                                  f"they sum to {table[k, c].sum():.4f}")
+    return table
+
+
+def step_weights(table, k, condition_index):
+    """lambda[k, c(b), :] for a batch: (B, M). `k` scalar, `condition_index` (B,) int."""
+    return jnp.asarray(table)[k][condition_index]

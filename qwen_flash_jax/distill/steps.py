@@ -1,0 +1,139 @@
+"""The two jitted DMD steps: the critic (fake score) update and the generator (student) update.
+
+Both are pure functions of (state, frozen inputs, batch) compiled once per task layout. The generator step never
+differentiates through a teacher or the fake score: it takes the student sample's VJP, evaluates the frozen
+networks on the detached sample, and pulls the DMD gradient back through the VJP. A step whose loss or gradients
+are not finite leaves the state untouched and is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from qwen_flash_jax import flow, sampling
+from qwen_flash_jax.distill import dmd
+from qwen_flash_jax.train import conditioning
+
+
+@struct.dataclass
+class DistillState:
+    step: jax.Array  # generator updates done
+    student: dict
+    fake: dict
+    student_opt: object
+    fake_opt: object
+    ema: dict  # student EMA (same tree as `student`; equals it when EMA is off)
+    rng: jax.Array  # raw key data
+    nonfinite_total: jax.Array
+    nonfinite_run: jax.Array  # consecutive skipped steps
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSetup:
+    """Static pieces the steps close over (hashable parts only enter as jit statics)."""
+
+    model: object
+    student_opt: object
+    fake_opt: object
+    timesteps: tuple[float, ...]  # student input times, K of them
+    guidance: np.ndarray  # (K, C, M)
+    teacher_names: tuple[str, ...]
+    cfg_scale: float
+    cfg_rescale: float
+    t_min: float
+    t_max: float
+    mu: float
+    ema_decay: float
+    first_step_fm_weight: float
+
+
+def _split(state):
+    key = jax.random.wrap_key_data(state.rng)
+    key, *subkeys = jax.random.split(key, 6)
+    return jax.random.key_data(key), subkeys
+
+
+def _student_input(setup, state, cond, batch_size, shape, key_noise, key_k, key_sim):
+    """Draws the student step k and its noisy input by backward simulation."""
+    k = jax.random.randint(key_k, (), 0, len(setup.timesteps))
+    noise = jax.random.normal(key_noise, shape, jnp.float32)
+    z = dmd.backward_simulation(setup.model, state.student, cond, noise, k, setup.timesteps, key_sim)
+    t = jnp.full((batch_size,), jnp.asarray(setup.timesteps)[k])
+    return k, z, t
+
+
+def _finite(*trees):
+    leaves = [x for tree in trees for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _guarded(state, new_state, ok):
+    merged = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    return merged.replace(nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
+                          nonfinite_run=jnp.where(ok, 0, state.nonfinite_run + 1))
+
+
+def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec):
+    rng, (k_noise, k_k, k_sim, k_loss, _) = _split(state)
+    cond = conditioning.encode(te_params, spec, batch["input_ids"], batch["attention_mask"],
+                               batch.get("condition_latents"))
+    shape = batch["target_latents"].shape
+    _, z, t = _student_input(setup, state, cond, shape[0], shape, k_noise, k_k, k_sim)
+    x, _ = dmd.student_x0(setup.model, state.student, cond, z, t)
+    loss, grads = jax.value_and_grad(
+        lambda p: dmd.fake_score_loss(setup.model, p, cond, x, k_loss, setup.mu))(state.fake)
+    updates, fake_opt = setup.fake_opt.update(grads, state.fake_opt, state.fake)
+    new = state.replace(fake=jax.tree.map(jnp.add, state.fake, updates), fake_opt=fake_opt, rng=rng)
+    ok = _finite(loss, grads)
+    return _guarded(state.replace(rng=rng), new, ok), {"fake_loss": loss, "skipped": ~ok}
+
+
+def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers: dict, batch, spec,
+                   condition_offset: int):
+    rng, (k_noise, k_k, k_sim, k_t, k_xi) = _split(state)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cond_latents = batch.get("condition_latents")
+    cond = conditioning.encode(te_params, spec, ids, mask, cond_latents)
+    neg_ids, neg_mask = conditioning.empty_prompt(spec, ids.shape[0])
+    neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, cond_latents)
+    shape = batch["target_latents"].shape
+    k, z, t = _student_input(setup, state, cond, shape[0], shape, k_noise, k_k, k_sim)
+
+    (x, v_student), pullback = jax.vjp(lambda p: dmd.student_x0(setup.model, p, cond, z, t), state.student)
+
+    # Re-noise the detached sample and compare the fake score with the step-wise multi-teacher real score.
+    x_sg = jax.lax.stop_gradient(x)
+    t_dmd = setup.t_min + (setup.t_max - setup.t_min) * jax.random.uniform(k_t, (shape[0],))
+    x_t = flow.interpolate(x_sg, jax.random.normal(k_xi, shape, jnp.float32), t_dmd)
+    weights = dmd.step_weights(setup.guidance, k, batch["category"] + condition_offset)
+    x0_real = dmd.real_x0(setup.model, teachers, weights, cond, neg, x_t, t_dmd, setup.cfg_scale, setup.cfg_rescale)
+    v_fake, _ = sampling.velocity(setup.model, state.fake, cond, x_t, t_dmd)
+    x0_fake = flow.x0_from_velocity(x_t, v_fake, t_dmd)
+    loss, grad_x = jax.value_and_grad(dmd.dmd_loss)(x_sg, x0_real, x0_fake)
+
+    grad_v = jnp.zeros_like(v_student)
+    fm_loss = jnp.zeros(())
+    if setup.first_step_fm_weight:
+        # DP-DMD's first-step regulariser: at k = 0, match the base teacher's guided velocity from pure noise.
+        base = teachers[setup.teacher_names[0]]
+        v_teacher, _ = sampling.guided_velocity(setup.model, base, cond, neg, z, t, setup.cfg_scale)
+        diff = (v_student - jax.lax.stop_gradient(v_teacher)) * (k == 0)
+        fm_loss = jnp.mean(jnp.square(diff))
+        grad_v = setup.first_step_fm_weight * 2.0 * diff / diff.size
+    (grads,) = pullback((grad_x, grad_v))
+
+    updates, student_opt = setup.student_opt.update(grads, state.student_opt, state.student)
+    student = jax.tree.map(jnp.add, state.student, updates)
+    ema = (jax.tree.map(lambda e, s: setup.ema_decay * e + (1 - setup.ema_decay) * s, state.ema, student)
+           if setup.ema_decay else student)
+    new = state.replace(step=state.step + 1, student=student, student_opt=student_opt, ema=ema, rng=rng)
+    ok = _finite(loss, grads)
+    metrics = {"dmd_loss": loss, "fm_loss": fm_loss, "k": k, "skipped": ~ok,
+               "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
+    guarded = _guarded(state.replace(rng=rng), new, ok)
+    return guarded.replace(step=state.step + 1), metrics

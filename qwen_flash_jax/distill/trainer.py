@@ -1,0 +1,183 @@
+"""The distillation job: teachers (cached or trained), DMD training with resume, evaluation and reports.
+
+    python -m qwen_flash_jax.main --config=configs/5to5.py:toy --workdir=/tmp/qf
+
+Per generator update the loop runs `fake_score.updates_per_student` critic updates, each on its own batch; the
+batch stream interleaves T2I and edit batches by the configured ratio. The host syncs only at log steps. Teachers
+stay frozen outside the optimiser and the checkpoint. A run of non-finite steps stops the job, naming the last
+good checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metric_writers, periodic_actions
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qwen_flash_jax import config_lib, sharding
+from qwen_flash_jax.data import pipeline as pipeline_lib
+from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
+from qwen_flash_jax.distill import dmd
+from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
+from qwen_flash_jax.eval import report
+from qwen_flash_jax.eval.generate import Generator
+from qwen_flash_jax.loading import from_params
+from qwen_flash_jax.models.config import ConfigError
+from qwen_flash_jax.train import assets as assets_lib
+from qwen_flash_jax.train import optim, teacher
+from qwen_flash_jax.train.checkpoint import Checkpointer, abstract_like, place_on_mesh
+
+CONDITIONS = tuple(f"t2i/{c}" for c in T2I_CATEGORIES) + tuple(f"edit/{c}" for c in EDIT_CATEGORIES)
+CONDITION_OFFSET = {"t2i": 0, "edit": len(T2I_CATEGORIES)}
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=True):
+    """Runs (or resumes) the distillation in `workdir`; returns the evaluation results (None if stopped early)."""
+    workdir = pathlib.Path(workdir).absolute()
+    assets = assets_lib.build_assets(config, log)
+    names = tuple(config.guidance.teachers)
+    for role in (config.student.init_from, config.fake_score.init_from):
+        if role not in config.teachers:
+            raise ConfigError(f"student/fake_score init_from={role!r} is not a teacher of this config")
+    teachers = {name: teacher.ensure_teacher(config, name, log=log, assets=assets) for name in names}
+    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
+    rules = sharding.normalise_rules(config.mesh.rules)
+    model_cfg = config_lib.transformer_config(config)
+    base = teachers.get(config.student.init_from) or teacher.ensure_teacher(config, config.student.init_from)
+    fake_init = teachers.get(config.fake_score.init_from) or teacher.ensure_teacher(config, config.fake_score.init_from)
+    model = from_params(model_cfg, jax.device_get(base), mesh=mesh, rules=rules)
+
+    steps = int(config.train.steps)
+    ratio = int(config.fake_score.updates_per_student)
+    mu = teacher.target_mu(config)
+    setup = DistillSetup(
+        model=model,
+        student_opt=optim.from_config(config.optim, steps, float(config.student.learning_rate)),
+        fake_opt=optim.from_config(config.optim, steps * ratio, float(config.fake_score.learning_rate)),
+        timesteps=tuple(float(t) for t in dmd.student_timesteps(int(config.student.num_steps), mu)),
+        guidance=dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS,
+                                    int(config.student.num_steps)),
+        teacher_names=names, cfg_scale=float(config.guidance.cfg_scale),
+        cfg_rescale=float(config.guidance.cfg_rescale), t_min=float(config.guidance.t_min),
+        t_max=float(config.guidance.t_max), mu=mu, ema_decay=float(config.student.ema_decay),
+        first_step_fm_weight=float(config.student.first_step_fm_weight))
+    student = model.params
+    fake = jax.tree.map(jnp.copy, from_params(model_cfg, jax.device_get(fake_init), mesh=mesh, rules=rules).params)
+    state = place_on_mesh(DistillState(
+        step=jnp.zeros((), jnp.int32), student=student, fake=fake,
+        student_opt=setup.student_opt.init(student), fake_opt=setup.fake_opt.init(fake),
+        ema=jax.tree.map(jnp.copy, student), rng=jax.random.key_data(jax.random.key(int(config.seed) + 1)),
+        nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32)), mesh)
+
+    iterator = iter(pipeline_lib.build_pipeline(config.data, assets.sources, assets.tokenizer, assets.codec))
+    ckpt = Checkpointer(workdir / "checkpoints", keep=int(config.train.keep_checkpoints),
+                        every=int(config.train.checkpoint_every))
+    restored = ckpt.restore(abstract_like(state))
+    if restored is not None:
+        state, data_state, _ = restored
+        iterator.set_state(data_state)
+        log(f"distill: resumed from step {int(state.step)} in {ckpt.directory}")
+
+    critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",), donate_argnums=(0,))
+    generator = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"),
+                        donate_argnums=(0,))
+    batch_sharding = NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), rules, mesh)[0]))
+
+    def next_batch():
+        batch = next(iterator)
+        task = batch.pop("task")
+        return task, pipeline_lib.to_global(batch, batch_sharding)
+
+    writer = metric_writers.create_default_writer(str(workdir / "logs"), just_logging=jax.process_index() > 0)
+    progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer,
+                                               every_steps=config.train.log_every)
+    log(f"distill: {steps} student updates x {ratio} critic updates, {config.student.num_steps}-step student, "
+        f"teachers {list(names)}, ratio {config.data.task_ratio}, T2I {dict(config.data.t2i_weights)}")
+    pending, started = [], time.perf_counter()
+    for step in range(int(state.step), steps):
+        for _ in range(ratio):
+            task, batch = next_batch()
+            state, m_critic = critic(state, assets.text_encoder, batch, spec=assets.tasks[task])
+        task, batch = next_batch()
+        state, m_gen = generator(state, assets.text_encoder, teachers, batch, spec=assets.tasks[task],
+                                 condition_offset=CONDITION_OFFSET[task])
+        pending.append({**m_gen, "fake_loss": m_critic["fake_loss"]})
+        done = step + 1
+        progress(done)
+        if done % config.train.log_every == 0 or done == steps:
+            summary = _summarise(pending, state)
+            pending = []
+            writer.write_scalars(done, summary)
+            if history is not None:
+                history.append((done, summary))
+            log(f"distill step {done}/{steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
+                + f" ({time.perf_counter() - started:.0f}s)")
+            if summary["nonfinite_run"] >= config.nonfinite_limit:
+                ckpt.close()
+                last = ckpt.latest_step()
+                raise NonFiniteError(
+                    f"{int(summary['nonfinite_run'])} consecutive steps had non-finite losses or gradients; "
+                    f"stopping. Last good checkpoint: step {last} in {ckpt.directory}" if last is not None else
+                    "no checkpoint was written yet")
+        ckpt.maybe_save(done, state, iterator.get_state(), {"step": done}, force=done == steps)
+        if stop_at is not None and stop_at <= done < steps:
+            ckpt.close()
+            return None
+    ckpt.close()
+    if not evaluate:
+        return None
+    results = run_evaluation(config, workdir, assets, model, state, teachers, mu, log)
+    writer.flush()
+    return results
+
+
+def _summarise(pending, state) -> dict[str, float]:
+    fetched = jax.device_get(pending)
+    out = {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}
+    out["skipped"] = float(sum(float(m["skipped"]) for m in fetched))
+    out["nonfinite_run"] = float(jax.device_get(state.nonfinite_run))
+    return out
+
+
+def run_evaluation(config, workdir, assets, model, state, teachers, mu, log):
+    """Student (4 NFE) beside the base teacher at 4 and at `sampling.teacher_steps` steps, same prompts and seeds."""
+    from qwen_flash_jax.eval.judge_io import load_or_train_judge
+
+    gen = Generator(model, assets, mu)
+    cfg = float(config.sampling.cfg_scale)
+    k = int(config.student.num_steps)
+    n_teacher = int(config.sampling.teacher_steps)
+    student = state.ema if config.student.ema_decay else state.student
+    base = teachers[config.student.init_from]
+
+    def euler(params, steps):
+        return report.Contender(f"teacher {config.student.init_from} ({steps} steps)", 2 * steps,
+                                lambda c: gen.t2i(params, c, num_steps=steps, cfg_scale=cfg),
+                                lambda s, i: gen.edit(params, s, i, num_steps=steps, cfg_scale=cfg))
+
+    contenders = [
+        euler(base, n_teacher),
+        euler(base, k),
+        report.Contender(f"student ({k} steps)", k, lambda c: gen.t2i(student, c, num_steps=k, student=True),
+                         lambda s, i: gen.edit(student, s, i, num_steps=k, student=True)),
+    ]
+    judge = load_or_train_judge(assets_lib.cache_root(config) / "judge", size=int(config.data.image_size),
+                                log=log)
+    results = report.evaluate(contenders, judge, size=int(config.data.image_size),
+                              prompts_per_category=int(config.eval.prompts_per_category),
+                              edits_per_category=int(config.eval.edits_per_category), seed=int(config.eval.seed),
+                              grid_dir=workdir, log=log)
+    report.write_results(workdir, results, title=f"Distillation results: {workdir.name}",
+                         notes="NFE counts CFG's two forwards per teacher step; the student needs no CFG.")
+    log((workdir / "results.md").read_text())
+    return results
