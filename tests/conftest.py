@@ -6,3 +6,13 @@ This must happen before jax is imported anywhere; unsharded tests simply run on 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+# Identical programs compiled by several tests (the same tiny model in a fresh run, a resumed run ...) are
+# compiled once per session: a persistent compilation cache in a per-session temporary directory.
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="qf-jax-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

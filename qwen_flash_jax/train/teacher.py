@@ -37,6 +37,7 @@ MARKER = "teacher.json"
 class TeacherState:
     step: jax.Array
     params: dict
+    ema: dict  # EMA of params (what the teacher samples with); equals params when ema_decay is 0
     opt_state: object
     rng: jax.Array  # raw uint32 key data, so the state checkpoints as plain arrays
 
@@ -77,7 +78,8 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
         model = from_params(model_cfg, init_params, mesh=mesh, rules=rules)
     optimizer = optim.adamw(float(train_cfg.learning_rate), steps, warmup_steps=int(train_cfg.warmup_steps),
                             weight_decay=float(config.optim.weight_decay), clip_norm=float(config.optim.clip_norm))
-    state = TeacherState(step=jnp.zeros((), jnp.int32), params=model.params, opt_state=optimizer.init(model.params),
+    state = TeacherState(step=jnp.zeros((), jnp.int32), params=model.params,
+                         ema=jax.tree.map(jnp.copy, model.params), opt_state=optimizer.init(model.params),
                          rng=jax.random.key_data(jax.random.key(int(config.seed))))
     state = place_on_mesh(state, mesh)
 
@@ -92,7 +94,7 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
         log(f"teacher {name}: resumed from step {int(state.step)} in {ckpt.directory}")
 
     mu = target_mu(config)
-    step_fn = _make_step(model, optimizer, mu, float(train_cfg.caption_dropout))
+    step_fn = _make_step(model, optimizer, mu, float(train_cfg.caption_dropout), float(train_cfg.ema_decay))
     batch_sharding = NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), rules, mesh)[0]))
     writer = metric_writers.create_default_writer(str(workdir / "logs"), just_logging=jax.process_index() > 0)
     progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=config.train.log_every)
@@ -122,14 +124,14 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
             return None
     ckpt.close()
 
-    _write_final(workdir, state.params, {"name": name, "steps": steps})
+    _write_final(workdir, state.ema, {"name": name, "steps": steps})
     if write_samples:
-        _write_samples(workdir, name, config, Generator(model, assets, mu), state.params, writer)
+        _write_samples(workdir, name, config, Generator(model, assets, mu), state.ema, writer)
     writer.flush()
-    return state.params
+    return state.ema
 
 
-def _make_step(model, optimizer, mu: float, caption_dropout: float):
+def _make_step(model, optimizer, mu: float, caption_dropout: float, ema_decay: float):
     def train_step(state: TeacherState, te_params, batch, *, spec):
         key = jax.random.wrap_key_data(state.rng)
         key, k_t, k_eps, k_drop = jax.random.split(key, 4)
@@ -148,8 +150,12 @@ def _make_step(model, optimizer, mu: float, caption_dropout: float):
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
+        # EMA with bias warm-up (decay ramps as (1 + n) / (10 + n)) so early weights do not linger.
+        n = state.step.astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
         metrics = {f"loss_{spec.task}": loss, "grad_norm": _global_norm(grads)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+        return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state,
                              rng=jax.random.key_data(key)), metrics
 
     return jax.jit(train_step, static_argnames=("spec",), donate_argnums=(0,))
