@@ -81,7 +81,7 @@ def get_config(arg=None):
         path="",
         init_from="",
         train=ml_collections.ConfigDict(dict(
-            steps=1000 if toy else 0,
+            steps=2500 if toy else 0,
             learning_rate=2e-3,
             warmup_steps=100,
             batch_size=16,
@@ -96,7 +96,7 @@ def get_config(arg=None):
         path="",
         init_from="base",
         train=ml_collections.ConfigDict(dict(
-            steps=300 if toy else 0,
+            steps=400 if toy else 0,
             learning_rate=5e-4,
             warmup_steps=20,
             batch_size=16,
@@ -119,7 +119,7 @@ def get_config(arg=None):
     c.fake_score = ml_collections.ConfigDict(dict(
         init_from="base",
         learning_rate=1e-4 if toy else 2e-6,
-        updates_per_student=2,  # critic-to-student update ratio
+        updates_per_student=1 if toy else 5,  # critic-to-student update ratio
     ))
     # Step-wise multi-teacher guidance: lambda[k, m](c) per student step k and condition c (task or task/category;
     # the most specific rule wins; each row sums to 1). The base teacher anchors the early steps, the text
@@ -175,9 +175,9 @@ def get_config(arg=None):
     ))
 
     c.train = ml_collections.ConfigDict(dict(
-        steps=400 if toy else 2000,
+        steps=300 if toy else 2000,
         log_every=25 if toy else 50,
-        checkpoint_every=100 if toy else 250,
+        checkpoint_every=50 if toy else 250,
         sample_every=200 if toy else 500,
         keep_checkpoints=2,
     ))

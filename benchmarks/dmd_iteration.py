@@ -1,0 +1,127 @@
+"""Cost of one DMD iteration against the sum of the passes it is made of, and its FLOP/s against a large matmul.
+
+    python benchmarks/dmd_iteration.py [--config=configs/5to5.py:toy] [--repeats=5]
+
+One iteration = `fake_score.updates_per_student` critic updates + one generator update, on the toy config's
+model and batch (random weights: cost does not depend on values). The "sum of passes" counts what the iteration
+must run at its expected student step k ~ U{0..K-1}: (K-1)/2 backward-simulation forwards per update, the student
+forward (+ backward for the generator), the fake score's forward (+ backward for the critic), and the CFG teacher
+forwards (two per active teacher, on the doubled batch), each timed in isolation. Ratio ~1 means no waste.
+"""
+
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/5to5.py:toy", "Config file.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median is reported).")
+
+
+def _time(fn, repeats):
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _flops(jitted, *args, **kwargs):
+    cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def main(argv):
+    del argv
+    from qwen_flash_jax import config_lib, flow, sampling
+    from qwen_flash_jax.distill import dmd
+    from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
+    from qwen_flash_jax.distill.trainer import CONDITIONS
+    from qwen_flash_jax.loading import build_transformer
+    from qwen_flash_jax.sampling import Conditioning
+    from qwen_flash_jax.text import encoder as text_encoder
+    from qwen_flash_jax.text.tokenizer import train_tokenizer
+    from qwen_flash_jax.train import conditioning, optim
+    from qwen_flash_jax.data.pipeline import PromptEncoder
+    from qwen_flash_jax.models.codec import SpaceToDepthCodec
+
+    config = _CONFIG.value
+    repeats = _REPEATS.value
+    model = build_transformer(config_lib.transformer_config(config), seed=0)
+    codec = SpaceToDepthCodec(patch=int(config.codec.patch))
+    tokenizer = train_tokenizer(["a red sign that says CAT", "make it night"] * 10, vocab_size=300)
+    te_cfg = text_encoder.TextEncoderConfig.for_tokenizer(tokenizer, hidden_size=config.model.context_in_dim,
+                                                          condition_channels=config.model.in_channels)
+    te_params = text_encoder.init_params(te_cfg)
+    prompts = PromptEncoder(tokenizer, int(config.data.max_prompt_tokens))
+    spec = conditioning.task_specs(prompts, codec, int(config.data.image_size))["t2i"]
+    batch_size = int(config.data.batch_size)
+    ids, mask = conditioning.empty_prompt(spec, batch_size)
+    h, w = spec.latent_hw
+    latents = jax.random.normal(jax.random.key(0), (batch_size, h * w, config.model.in_channels))
+    batch = {"input_ids": ids, "attention_mask": mask, "target_latents": latents,
+             "category": jnp.zeros((batch_size,), jnp.int32)}
+    names = tuple(config.guidance.teachers)
+    teachers = {n: model.params for n in names}
+    K = int(config.student.num_steps)
+    ratio = int(config.fake_score.updates_per_student)
+    setup = DistillSetup(model=model, student_opt=optim.adamw(1e-4, 100), fake_opt=optim.adamw(1e-4, 100),
+                         timesteps=tuple(float(t) for t in dmd.student_timesteps(K, 0.5)),
+                         guidance=np.full((K, len(CONDITIONS), len(names)), 1.0 / len(names), np.float32),
+                         teacher_names=names, cfg_scale=4.0, cfg_rescale=0.0, t_min=0.02, t_max=0.98, mu=0.5,
+                         ema_decay=0.0, first_step_fm_weight=0.0)
+    state = DistillState(step=jnp.zeros((), jnp.int32), student=model.params, fake=model.params,
+                         student_opt=setup.student_opt.init(model.params), fake_opt=setup.fake_opt.init(model.params),
+                         ema=model.params, rng=jax.random.key_data(jax.random.key(0)),
+                         nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32))
+    critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",))
+    gen = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"))
+
+    def iteration():
+        s = state
+        for _ in range(ratio):
+            s, _ = critic(s, te_params, batch, spec=spec)
+        s, m = gen(s, te_params, teachers, batch, spec=spec, condition_offset=0)
+        return s
+
+    t_iter = _time(iteration, repeats)
+
+    cond = jax.jit(lambda: conditioning.encode(te_params, spec, ids, mask))()
+    t = jnp.full((batch_size,), 0.5)
+    fwd = jax.jit(lambda p, z: sampling.velocity(model, p, cond, z, t)[0])
+    fwd2 = jax.jit(lambda p, z: sampling.velocity(model, p, cond.concat(cond), z, jnp.concatenate([t, t]))[0])
+    fwd_bwd = jax.jit(jax.grad(lambda p, z: jnp.mean(sampling.velocity(model, p, cond, z, t)[0] ** 2)))
+    t_fwd = _time(lambda: fwd(model.params, latents), repeats)
+    t_fwd2 = _time(lambda: fwd2(model.params, jnp.concatenate([latents, latents])), repeats)
+    t_fb = _time(lambda: fwd_bwd(model.params, latents), repeats)
+    sim = (K - 1) / 2
+    critic_sum = (sim + 1) * t_fwd + t_fb  # backward sim + student forward + fake fwd/bwd
+    gen_sum = sim * t_fwd + t_fb + len(names) * t_fwd2 + t_fwd  # + teachers (CFG) + fake forward
+    passes = ratio * critic_sum + gen_sum
+
+    flops = ratio * _flops(critic, state, te_params, batch, spec=spec) + _flops(
+        gen, state, te_params, teachers, batch, spec=spec, condition_offset=0)
+    n = 2048
+    a = jax.random.normal(jax.random.key(1), (n, n))
+    matmul = jax.jit(lambda x: x @ x)
+    t_mm = _time(lambda: matmul(a), repeats)
+    mm_rate = 2 * n**3 / t_mm
+    print(f"config {config.variant}: batch {batch_size}, {K}-step student, {ratio} critic updates, teachers {names}")
+    print(f"passes: forward {t_fwd * 1e3:.1f} ms, CFG forward (2x batch) {t_fwd2 * 1e3:.1f} ms, "
+          f"forward+backward {t_fb * 1e3:.1f} ms")
+    print(f"DMD iteration {t_iter * 1e3:.1f} ms vs sum of its passes {passes * 1e3:.1f} ms: "
+          f"ratio {t_iter / passes:.2f}")
+    print(f"DMD iteration {flops / t_iter / 1e9:.1f} GFLOP/s (XLA cost analysis, expected k) vs "
+          f"{n}^3 matmul {mm_rate / 1e9:.1f} GFLOP/s: {flops / t_iter / mm_rate:.2f} of matmul peak")
+
+
+if __name__ == "__main__":
+    app.run(main)

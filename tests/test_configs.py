@@ -1,0 +1,50 @@
+"""Every shipped config loads, derives from the base, and validates."""
+
+import pathlib
+
+import pytest
+
+from qwen_flash_jax import config_lib
+from qwen_flash_jax.data import mixing
+from qwen_flash_jax.data.pipeline import CATEGORIES
+from qwen_flash_jax.distill import dmd
+from qwen_flash_jax.distill.trainer import CONDITIONS
+from qwen_flash_jax.models.config import ConfigError
+
+SPECS = ["configs/5to5.py:toy", "configs/5to5.py:full", "configs/7to3.py:toy", "configs/9to1.py:toy",
+         "configs/t2i_only.py:toy", "configs/teacher.py:toy", "configs/teacher.py:toy,text",
+         "configs/guidance.py:toy,single", "configs/guidance.py:toy,stepwise"]
+SPECS += [f"configs/composition.py:toy,E{i}" for i in range(1, 6)]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_config_is_valid(spec):
+    config = config_lib.load_config(spec)
+    config_lib.transformer_config(config)
+    for task, share in zip(mixing.TASKS, mixing.parse_ratio(config.data.task_ratio)):
+        if share:
+            mixing.normalise_weights(dict(config.data[f"{task}_weights"]), CATEGORIES[task], task)
+    dmd.guidance_table(dict(config.guidance.weights), tuple(config.guidance.teachers), CONDITIONS,
+                       config.student.num_steps)
+    for name in config.guidance.teachers:
+        assert name in config.teachers
+
+
+def test_variants_change_only_what_they_name():
+    base = config_lib.load_config("configs/5to5.py:toy").to_dict()
+    for spec, changed in [("configs/7to3.py:toy", {"data"}), ("configs/t2i_only.py:toy", {"data"}),
+                          ("configs/composition.py:toy,E3", {"data", "guidance"})]:
+        variant = config_lib.load_config(spec).to_dict()
+        assert {k for k in base if base[k] != variant[k]} == changed, spec
+
+
+def test_every_config_file_is_covered():
+    files = {p.name for p in pathlib.Path("configs").glob("*.py")}
+    assert files == {s.split(":")[0].split("/")[1] for s in SPECS}
+
+
+@pytest.mark.parametrize("spec,match", [("configs/5to5.py:tiny", "toy"), ("configs/composition.py:toy,E9", "E9"),
+                                        ("configs/nope.py:toy", "does not exist")])
+def test_bad_config_names_are_clear_errors(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        config_lib.load_config(spec)
