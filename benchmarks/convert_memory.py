@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import struct
 import subprocess

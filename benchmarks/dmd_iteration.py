@@ -41,12 +41,11 @@ def _flops(jitted, *args, **kwargs):
 
 def main(argv):
     del argv
-    from qwen_flash_jax import config_lib, flow, sampling
+    from qwen_flash_jax import config_lib, sampling
     from qwen_flash_jax.distill import dmd
     from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
     from qwen_flash_jax.distill.trainer import CONDITIONS
     from qwen_flash_jax.loading import build_transformer
-    from qwen_flash_jax.sampling import Conditioning
     from qwen_flash_jax.text import encoder as text_encoder
     from qwen_flash_jax.text.tokenizer import train_tokenizer
     from qwen_flash_jax.train import conditioning, optim

@@ -103,3 +103,8 @@ class ActivationSharding:
             return x
         spec = logical_to_spec(names, self.rules, self.mesh, x.shape)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Sharding of input batches: the leading axis over the mesh axes of the logical `batch` axis."""
+    return NamedSharding(mesh, PartitionSpec(logical_to_spec(("batch",), rules, mesh)[0]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import sys
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -20,7 +19,7 @@ flags.mark_flags_as_required(["config"])
 
 def inspect(config, batches: int, out: str, log=print) -> dict:
     from qwen_flash_jax.data import pipeline
-    from qwen_flash_jax.data.world import contact_sheet, save_png, side_by_side
+    from qwen_flash_jax.data.world import contact_sheet, save_png
     from qwen_flash_jax.train.assets import build_assets
 
     if batches < 1:

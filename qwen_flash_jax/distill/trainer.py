@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers, periodic_actions
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwen_flash_jax import config_lib, sharding
 from qwen_flash_jax.data import pipeline as pipeline_lib
@@ -31,7 +30,7 @@ from qwen_flash_jax.loading import from_params
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.train import assets as assets_lib
 from qwen_flash_jax.train import optim, teacher
-from qwen_flash_jax.train.checkpoint import Checkpointer, abstract_like, place_on_mesh
+from qwen_flash_jax.train.checkpoint import open_and_resume, place_on_mesh
 
 CONDITIONS = tuple(f"t2i/{c}" for c in T2I_CATEGORIES) + tuple(f"edit/{c}" for c in EDIT_CATEGORIES)
 CONDITION_OFFSET = {"t2i": 0, "edit": len(T2I_CATEGORIES)}
@@ -80,18 +79,13 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32)), mesh)
 
     iterator = iter(pipeline_lib.build_pipeline(config.data, assets.sources, assets.tokenizer, assets.codec))
-    ckpt = Checkpointer(workdir / "checkpoints", keep=int(config.train.keep_checkpoints),
-                        every=int(config.train.checkpoint_every))
-    restored = ckpt.restore(abstract_like(state))
-    if restored is not None:
-        state, data_state, _ = restored
-        iterator.set_state(data_state)
-        log(f"distill: resumed from step {int(state.step)} in {ckpt.directory}")
+    ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator, label="distill",
+                                  log=log)
 
     critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",), donate_argnums=(0,))
     generator = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"),
                         donate_argnums=(0,))
-    batch_sharding = NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), rules, mesh)[0]))
+    batch_sharding = sharding.batch_sharding(mesh, rules)
 
     def next_batch():
         batch = next(iterator)

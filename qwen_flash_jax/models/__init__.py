@@ -3,3 +3,5 @@
 from qwen_flash_jax.models.config import ConfigError, TransformerConfig
 from qwen_flash_jax.models.layout import LayoutError, TokenLayout, make_layout
 from qwen_flash_jax.models.transformer import QwenImageTransformer
+
+__all__ = ["ConfigError", "LayoutError", "QwenImageTransformer", "TokenLayout", "TransformerConfig", "make_layout"]

@@ -69,3 +69,17 @@ def place_on_mesh(tree, mesh):
         return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
 
     return jax.tree.map(place, tree)
+
+
+def open_and_resume(directory, train_config, state, iterator, *, label: str, log=print):
+    """A Checkpointer for a run, with `state` and the data iterator restored from its last complete step if any.
+
+    Returns (checkpointer, state); the iterator is restored in place.
+    """
+    ckpt = Checkpointer(directory, keep=int(train_config.keep_checkpoints), every=int(train_config.checkpoint_every))
+    restored = ckpt.restore(abstract_like(state))
+    if restored is not None:
+        state, data_state, _ = restored
+        iterator.set_state(data_state)
+        log(f"{label}: resumed from step {int(state.step)} in {ckpt.directory}")
+    return ckpt, state

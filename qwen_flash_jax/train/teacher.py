@@ -8,7 +8,6 @@ resumes from its last complete checkpoint; its final parameters are written to `
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 import time
@@ -19,7 +18,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from clu import metric_writers, periodic_actions
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwen_flash_jax import config_lib, flow, sampling, sharding
 from qwen_flash_jax.data import pipeline as pipeline_lib
@@ -28,7 +26,7 @@ from qwen_flash_jax.eval.generate import Generator, save_grid
 from qwen_flash_jax.loading import build_transformer, from_params
 from qwen_flash_jax.train import assets as assets_lib
 from qwen_flash_jax.train import conditioning, optim
-from qwen_flash_jax.train.checkpoint import Checkpointer, abstract_like, place_on_mesh
+from qwen_flash_jax.train.checkpoint import open_and_resume, place_on_mesh
 
 MARKER = "teacher.json"
 
@@ -85,17 +83,12 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
 
     data = pipeline_lib.build_pipeline(run.data, assets.sources, assets.tokenizer, assets.codec)
     iterator = iter(data)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=int(config.train.keep_checkpoints),
-                        every=int(config.train.checkpoint_every))
-    restored = ckpt.restore(abstract_like(state))
-    if restored is not None:
-        state, data_state, _ = restored
-        iterator.set_state(data_state)
-        log(f"teacher {name}: resumed from step {int(state.step)} in {ckpt.directory}")
+    ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator,
+                                  label=f"teacher {name}", log=log)
 
     mu = target_mu(config)
     step_fn = _make_step(model, optimizer, mu, float(train_cfg.caption_dropout), float(train_cfg.ema_decay))
-    batch_sharding = NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), rules, mesh)[0]))
+    batch_sharding = sharding.batch_sharding(mesh, rules)
     writer = metric_writers.create_default_writer(str(workdir / "logs"), just_logging=jax.process_index() > 0)
     progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=config.train.log_every)
     log(f"teacher {name}: {steps} steps, batch {run.data.batch_size}, ratio {run.data.task_ratio}, "

@@ -1,0 +1,1 @@
+"""Data: the procedural toy world, dataset sources and the grain pipeline."""

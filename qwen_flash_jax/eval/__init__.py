@@ -1,0 +1,1 @@
+"""Evaluation: judges and benchmark tables."""
