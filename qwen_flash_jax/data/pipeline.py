@@ -107,6 +107,14 @@ def task_stream(task: str, sources: dict, weights: dict[str, float], *, batch_si
     return local.map(preprocess).to_iter_dataset().batch(batch_size, drop_remainder=True)
 
 
+def check_data_config(data_config) -> None:
+    """Validates the ratio and category weights up front (a job calls this before any expensive work)."""
+    ratio = mixing.parse_ratio(data_config.task_ratio)
+    for task, share in zip(mixing.TASKS, ratio):
+        if share:
+            mixing.normalise_weights(dict(data_config[f"{task}_weights"]), CATEGORIES[task], f"{task} category")
+
+
 def build_pipeline(data_config, sources: dict, tokenizer, codec, *, process_index: int | None = None,
                    process_count: int | None = None) -> grain.IterDataset:
     """The interleaved T2I/edit batch stream of this process (per-process batch = global batch / processes)."""

@@ -43,11 +43,15 @@ class NonFiniteError(RuntimeError):
 def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=True):
     """Runs (or resumes) the distillation in `workdir`; returns the evaluation results (None if stopped early)."""
     workdir = pathlib.Path(workdir).absolute()
-    assets = assets_lib.build_assets(config, log)
     names = tuple(config.guidance.teachers)
+    # Everything a user can get wrong is checked before any work starts.
     for role in (config.student.init_from, config.fake_score.init_from):
         if role not in config.teachers:
             raise ConfigError(f"student/fake_score init_from={role!r} is not a teacher of this config")
+    for name in set(names) | {config.student.init_from, config.fake_score.init_from}:
+        teacher.check_source(config, name)
+    dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
+    assets = assets_lib.build_assets(config, log)
     teachers = {name: teacher.ensure_teacher(config, name, log=log, assets=assets) for name in names}
     mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
     rules = sharding.normalise_rules(config.mesh.rules)

@@ -18,7 +18,10 @@ except ImportError:  # pragma: no cover
 
 
 def run(config, workdir) -> None:
+    from qwen_flash_jax.data.pipeline import check_data_config
+
     workdir = pathlib.Path(workdir)
+    check_data_config(config.data)
     workdir.mkdir(parents=True, exist_ok=True)
     if config.job == "teacher":
         from qwen_flash_jax.train import teacher

@@ -8,6 +8,8 @@ resumes from its last complete checkpoint; its final parameters are written to `
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import pathlib
 import time
@@ -220,15 +222,50 @@ def cache_dir(config, name: str) -> pathlib.Path:
 
 def ensure_teacher(config, name: str, *, log=print, assets=None):
     """Parameters of teacher `name`: from `teachers.<name>.path`, the cache, or trained now (parents first)."""
+    check_source(config, name)
     spec = config.teachers[name]
     if spec.path:
         return _restore_standalone(config, spec.path)
     directory = cache_dir(config, name)
     if not is_trained(directory):
         init = ensure_teacher(config, spec.init_from, log=log, assets=assets) if spec.init_from else None
-        log(f"teacher {name!r} is not cached: training it in {directory}")
-        train_teacher(config, name, directory, log=log, init_params=init, assets=assets)
+        with _exclusive(directory):
+            if not is_trained(directory):  # another run may have finished it while we waited for the lock
+                log(f"teacher {name!r} is not cached: training it in {directory}")
+                train_teacher(config, name, directory, log=log, init_params=init, assets=assets)
     return _restore_standalone(config, directory)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: pathlib.Path):
+    """One trainer per cached teacher: concurrent runs sharing a cache would write into the same checkpoints."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(directory) + ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise config_lib.ConfigError(
+                f"another run is training the cached teacher in {directory}; wait for it to finish "
+                "(later runs reuse it) or give this run its own --config.cache_dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_source(config, name: str) -> None:
+    """Fails fast, with one line, when teacher `name` has neither a usable checkpoint nor toy training steps."""
+    if name not in config.teachers:
+        raise config_lib.ConfigError(f"unknown teacher {name!r}; the config defines {sorted(config.teachers.keys())}")
+    spec = config.teachers[name]
+    if spec.path:
+        if not (pathlib.Path(spec.path) / "params").exists():
+            raise config_lib.ConfigError(f"teachers.{name}.path={spec.path!r} holds no teacher checkpoint "
+                                         "(expected a directory with params/ written by a teacher run)")
+    elif int(spec.train.steps) <= 0:
+        raise config_lib.ConfigError(f"teacher {name!r} needs a checkpoint: set --config.teachers.{name}.path")
+    if spec.init_from:
+        check_source(config, spec.init_from)
 
 
 def _restore_standalone(config, directory):
