@@ -48,7 +48,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     for role in (config.student.init_from, config.fake_score.init_from):
         if role not in config.teachers:
             raise ConfigError(f"student/fake_score init_from={role!r} is not a teacher of this config")
-    for name in set(names) | {config.student.init_from, config.fake_score.init_from}:
+    for name in dict.fromkeys((config.student.init_from, config.fake_score.init_from, *names)):
         teacher.check_source(config, name)
     dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
     assets = assets_lib.build_assets(config, log)
