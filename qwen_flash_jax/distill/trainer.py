@@ -44,13 +44,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     """Runs (or resumes) the distillation in `workdir`; returns the evaluation results (None if stopped early)."""
     workdir = pathlib.Path(workdir).absolute()
     names = tuple(config.guidance.teachers)
-    # Everything a user can get wrong is checked before any work starts.
-    for role in (config.student.init_from, config.fake_score.init_from):
-        if role not in config.teachers:
-            raise ConfigError(f"student/fake_score init_from={role!r} is not a teacher of this config")
-    for name in dict.fromkeys((config.student.init_from, config.fake_score.init_from, *names)):
-        teacher.check_source(config, name)
-    dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
+    check_config(config)
     assets = assets_lib.build_assets(config, log)
     teachers = {name: teacher.ensure_teacher(config, name, log=log, assets=assets) for name in names}
     mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
@@ -137,6 +131,18 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     results = run_evaluation(config, workdir, assets, model, state, teachers, mu, log)
     writer.flush()
     return results
+
+
+def check_config(config) -> None:
+    """Everything a user can get wrong, checked before any work starts (one clear ConfigError)."""
+    pipeline_lib.check_data_config(config.data)
+    for role in (config.student.init_from, config.fake_score.init_from):
+        if role not in config.teachers:
+            raise ConfigError(f"student/fake_score init_from={role!r} is not a teacher of this config")
+    names = tuple(config.guidance.teachers)
+    for name in dict.fromkeys((config.student.init_from, config.fake_score.init_from, *names)):
+        teacher.check_source(config, name)
+    dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
 
 
 def _summarise(pending, state) -> dict[str, float]:

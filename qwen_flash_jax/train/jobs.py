@@ -19,22 +19,22 @@ except ImportError:  # pragma: no cover
 
 def run(config, workdir) -> None:
     from qwen_flash_jax.data.pipeline import check_data_config
+    from qwen_flash_jax.distill import trainer
+    from qwen_flash_jax.train import teacher
 
     workdir = pathlib.Path(workdir)
-    check_data_config(config.data)
+    # Validate first: a bad config must not leave a half-made workdir behind.
+    if config.job == "teacher":
+        check_data_config(config.data)
+        teacher.check_source(config, config.teacher_name)
+    elif config.job == "distill":
+        trainer.check_config(config)
+    else:
+        raise ConfigError(f"config.job must be 'teacher' or 'distill', got {config.job!r}")
     workdir.mkdir(parents=True, exist_ok=True)
     if config.job == "teacher":
-        from qwen_flash_jax.train import teacher
-
-        if config.teacher_name not in config.teachers:
-            raise ConfigError(f"unknown teacher {config.teacher_name!r}; the config defines "
-                              f"{sorted(config.teachers.keys())}")
         parent = config.teachers[config.teacher_name].init_from
         init = teacher.ensure_teacher(config, parent) if parent else None  # cached, trained on first use
         teacher.train_teacher(config, config.teacher_name, workdir, init_params=init)
-    elif config.job == "distill":
-        from qwen_flash_jax.distill.trainer import distill
-
-        distill(config, workdir)
     else:
-        raise ConfigError(f"config.job must be 'teacher' or 'distill', got {config.job!r}")
+        trainer.distill(config, workdir)
