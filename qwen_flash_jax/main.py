@@ -12,12 +12,17 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/5to5.py:toy", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and results.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-host JAX cluster first (TPU pods, see tpu/).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize()
     from qwen_flash_jax.train import jobs
 
     from qwen_flash_jax.distill.trainer import NonFiniteError
