@@ -12,6 +12,10 @@ from tests.torch_reference import TINY, make_inputs
 
 def _loss_and_grads(remat_policy):
     model = build_transformer(TransformerConfig(**TINY, remat_policy=remat_policy), seed=0)
+    # adaLN-Zero starts gates and output projection at 0 (no gradient would reach the blocks): perturb everything.
+    leaves, treedef = jax.tree.flatten(model.params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
     inputs = make_inputs(np.random.default_rng(0), batch=2, conditions=[(1, 4, 4)], target=(1, 4, 6),
                          text_runs=[5, 3], padding=[0, 2])
     layout = make_layout(inputs["img_shapes"], inputs["img_mask"])
@@ -21,7 +25,7 @@ def _loss_and_grads(remat_policy):
                             jnp.asarray(inputs["timestep"]), inputs["encoder_hidden_states_mask"])
         return jnp.mean(out[:, -24:] ** 2)
 
-    return jax.jit(jax.value_and_grad(loss))(model.params)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
