@@ -42,7 +42,8 @@ def main(argv):
     model = build_transformer(config_lib.transformer_config(config), mesh=mesh, rules=rules)
     train = config.teachers[config.teacher_name or "base"].train
     opt = optim.adamw(float(train.learning_rate), 1000)
-    state = teacher.TeacherState(step=jax.numpy.zeros((), "int32"), params=model.params, ema=model.params,
+    state = teacher.TeacherState(step=jax.numpy.zeros((), "int32"), params=model.params,
+                                 ema=jax.tree.map(jax.numpy.copy, model.params),
                                  opt_state=opt.init(model.params), rng=jax.random.key_data(jax.random.key(0)))
     step = teacher._make_step(model, opt, teacher.target_mu(config), 0.1, 0.99)
     shard = NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), rules, mesh)[0]))

