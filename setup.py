@@ -30,6 +30,6 @@ setup(
     ],
     extras_require={
         # Parity tests against the diffusers/transformers reference; torch 2.13.0 is the local CPU build.
-        "test": ["pytest", "torch==2.13.0", "diffusers>=0.42"],
+        "test": ["pytest", "portpicker", "torch==2.13.0", "diffusers>=0.42"],
     },
 )
