@@ -17,9 +17,7 @@ COMPOSITIONS = {
 
 
 def get_config(arg=None):
-    variant, _, experiment = (arg or "full").partition(",")
-    if experiment not in COMPOSITIONS:
-        raise ValueError(f"composition must be one of {sorted(COMPOSITIONS)}, got {experiment!r}")
+    variant, experiment = config_lib.split_arg(arg, COMPOSITIONS, "composition")
     config = config_lib.derive(__file__, arg=variant)
     config.data.task_ratio = "1:0"
     config.data.t2i_weights = COMPOSITIONS[experiment]

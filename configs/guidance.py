@@ -14,9 +14,7 @@ MODES = ("single", "stepwise")
 
 
 def get_config(arg=None):
-    variant, _, mode = (arg or "full").partition(",")
-    if mode not in MODES:
-        raise ValueError(f"guidance mode must be one of {MODES}, got {mode!r}")
+    variant, mode = config_lib.split_arg(arg, MODES, "guidance mode")
     config = config_lib.derive(__file__, arg=variant)
     config.data.task_ratio = "1:0"
     if mode == "single":

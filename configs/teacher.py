@@ -10,8 +10,8 @@ from qwen_flash_jax import config_lib
 
 
 def get_config(arg=None):
-    variant, _, name = (arg or "full").partition(",")
+    variant, name = config_lib.split_arg(arg, ("base", "text"), "teacher", default="base")
     config = config_lib.derive(__file__, arg=variant)
     config.job = "teacher"
-    config.teacher_name = name or "base"
+    config.teacher_name = name
     return config

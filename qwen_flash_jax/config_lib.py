@@ -24,6 +24,15 @@ def derive(variant_file: str, base_name: str = "5to5.py", arg=None) -> ml_collec
     return _load_file(pathlib.Path(variant_file).with_name(base_name), arg)
 
 
+def split_arg(arg, choices, what: str, default: str | None = None) -> tuple[str, str]:
+    """'toy,E3' -> ('toy', 'E3') for variant configs whose argument names the variant and one choice."""
+    variant, _, choice = (arg or "full").partition(",")
+    choice = choice or default
+    if choice not in choices:
+        raise ValueError(f"{what} must be one of {sorted(choices)}, got {choice!r}")
+    return variant, choice
+
+
 def _load_file(path: pathlib.Path, arg):
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")

@@ -110,3 +110,12 @@ def fill_rect(draw, x0: float, y0: float, x1: float, y1: float, **kwargs) -> Non
     ix0, iy0 = int(round(x0)), int(round(y0))
     ix1, iy1 = max(ix0, int(round(x1)) - 1), max(iy0, int(round(y1)) - 1)
     draw.rectangle((ix0, iy0, ix1, iy1), **kwargs)
+
+
+def sample_uniform_spec(r: random.Random, name: str, attributes: dict) -> dict:
+    """A spec with every attribute drawn uniformly (in schema order) and a fresh layout seed."""
+    spec: dict = {"category": name}
+    for attr, values in attributes.items():
+        spec[attr] = r.choice(values)
+    spec["layout_seed"] = new_seed(r)
+    return spec

@@ -25,9 +25,9 @@ from ._common import (
     fill_rect,
     gradient_rows,
     join_clauses,
-    new_seed,
     pad_box,
     rows_to_image,
+    sample_uniform_spec,
     scale_colour,
     with_article,
 )
@@ -127,11 +127,7 @@ def layout(seed: int) -> Layout:
 
 
 def sample_spec(r: random.Random) -> dict:
-    spec: dict = {"category": NAME}
-    for attr, values in ATTRIBUTES.items():
-        spec[attr] = r.choice(values)
-    spec["layout_seed"] = new_seed(r)
-    return spec
+    return sample_uniform_spec(r, NAME, ATTRIBUTES)
 
 
 def _px(v: float, size: int) -> float:

@@ -19,7 +19,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ._common import capitalise, fill_rect, gradient_rows, join_clauses, mix, new_seed, pad_box, rows_to_image
+from ._common import (capitalise, fill_rect, gradient_rows, join_clauses, mix, pad_box, rows_to_image,
+                      sample_uniform_spec)
 
 NAME = "portrait"
 
@@ -60,11 +61,7 @@ def layout(seed: int) -> Layout:
 
 
 def sample_spec(r: random.Random) -> dict:
-    spec: dict = {"category": NAME}
-    for attr, values in ATTRIBUTES.items():
-        spec[attr] = r.choice(values)
-    spec["layout_seed"] = new_seed(r)
-    return spec
+    return sample_uniform_spec(r, NAME, ATTRIBUTES)
 
 
 def _geometry(lay: Layout):
