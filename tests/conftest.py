@@ -16,3 +16,12 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="qf-jax-cache-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory):
+    """One cache of tiny toy assets (dataset, text encoder, teachers, judge) shared by the end-to-end tests."""
+    return tmp_path_factory.mktemp("toy_cache")

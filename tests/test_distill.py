@@ -17,9 +17,9 @@ def tiny_distill_config(cache_dir):
     return config
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+@pytest.fixture
+def cache(toy_cache):
+    return toy_cache
 
 
 def test_resumed_distillation_reproduces_the_uninterrupted_losses_exactly(cache, tmp_path):

@@ -21,9 +21,9 @@ def tiny_config(cache_dir):
     return config
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+@pytest.fixture
+def cache(toy_cache):
+    return toy_cache
 
 
 def test_teacher_loss_decreases_and_writes_artifacts(cache, tmp_path):
