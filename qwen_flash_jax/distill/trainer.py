@@ -52,7 +52,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     model_cfg = config_lib.transformer_config(config)
     base = teachers.get(config.student.init_from) or teacher.ensure_teacher(config, config.student.init_from)
     fake_init = teachers.get(config.fake_score.init_from) or teacher.ensure_teacher(config, config.fake_score.init_from)
-    model = from_params(model_cfg, jax.device_get(base), mesh=mesh, rules=rules)
+    # Copies on device (no host round trip): the student and fake score are donated each step, the teachers not.
+    model = from_params(model_cfg, jax.tree.map(jnp.copy, base), mesh=mesh, rules=rules)
 
     steps = int(config.train.steps)
     ratio = int(config.fake_score.updates_per_student)
@@ -69,7 +70,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         t_max=float(config.guidance.t_max), mu=mu, ema_decay=float(config.student.ema_decay),
         first_step_fm_weight=float(config.student.first_step_fm_weight))
     student = model.params
-    fake = jax.tree.map(jnp.copy, from_params(model_cfg, jax.device_get(fake_init), mesh=mesh, rules=rules).params)
+    fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
     state = place_on_mesh(DistillState(
         step=jnp.zeros((), jnp.int32), student=student, fake=fake,
         student_opt=setup.student_opt.init(student), fake_opt=setup.fake_opt.init(fake),
@@ -121,7 +122,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
                     f"{int(summary['nonfinite_run'])} consecutive steps had non-finite losses or gradients; "
                     f"stopping. Last good checkpoint: step {last} in {ckpt.directory}" if last is not None else
                     "no checkpoint was written yet")
-        ckpt.maybe_save(done, state, iterator.get_state(), {"step": done}, force=done == steps)
+        ckpt.maybe_save(done, state, iterator, {"step": done}, force=done == steps)
         if stop_at is not None and stop_at <= done < steps:
             ckpt.close()
             return None

@@ -24,13 +24,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def maybe_save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
+    def maybe_save(self, step: int, state, iterator, meta: dict, *, force: bool = False) -> bool:
+        """Saves at every `every`-th step (or when forced); the iterator's state is read only when saving."""
         if not force and (self.every <= 0 or step % self.every):
             return False
         if self._manager.latest_step() == step:
             return False
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)))
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state()),
+            meta=ocp.args.JsonSave(meta)))
         return True
 
     def restore(self, abstract_state, step: int | None = None):

@@ -113,7 +113,7 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
             log(f"teacher {name} step {done}/{steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
                 + f" ({time.perf_counter() - first:.0f}s)")
             pending = []
-        ckpt.maybe_save(done, state, iterator.get_state(), {"step": done}, force=done == steps)
+        ckpt.maybe_save(done, state, iterator, {"step": done}, force=done == steps)
         if stop_at is not None and done >= stop_at and done < steps:
             ckpt.close()
             return None
