@@ -1,5 +1,9 @@
 """The distillation job end to end on a tiny toy world: it trains, resumes exactly, and stops on NaNs."""
 
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from qwen_flash_jax.distill import trainer
@@ -22,17 +26,41 @@ def cache(toy_cache):
     return toy_cache
 
 
-def test_resumed_distillation_reproduces_the_uninterrupted_losses_exactly(cache, tmp_path):
+QUIET = dict(log=lambda *_: None, evaluate=False)
+
+
+@pytest.fixture(scope="module")
+def straight_run(toy_cache, tmp_path_factory):
+    """Per-step metrics of one uninterrupted tiny run, the reference the resumed runs must repeat."""
+    history = []
+    trainer.distill(tiny_distill_config(toy_cache), tmp_path_factory.mktemp("straight"), history=history, **QUIET)
+    return history
+
+
+def test_resumed_distillation_reproduces_the_uninterrupted_losses_exactly(cache, straight_run, tmp_path):
     config = tiny_distill_config(cache)
-    quiet = dict(log=lambda *_: None, evaluate=False)
-    straight = []
-    trainer.distill(config, tmp_path / "a", history=straight, **quiet)
-    assert len(straight) == 6 and all(m["skipped"] == 0 for _, m in straight)
+    assert len(straight_run) == 6 and all(m["skipped"] == 0 for _, m in straight_run)
     interrupted, resumed = [], []
-    trainer.distill(config, tmp_path / "b", history=interrupted, stop_at=3, **quiet)
-    trainer.distill(config, tmp_path / "b", history=resumed, **quiet)
+    trainer.distill(config, tmp_path / "b", history=interrupted, stop_at=3, **QUIET)
+    trainer.distill(config, tmp_path / "b", history=resumed, **QUIET)
     assert resumed[0][0] == 3  # the last complete checkpoint was step 2
-    assert [m for s, m in straight if s > 2] == [m for _, m in resumed]
+    assert [m for s, m in straight_run if s > 2] == [m for _, m in resumed]
+
+
+def test_a_job_killed_during_a_save_resumes_from_the_last_complete_checkpoint(cache, straight_run, tmp_path):
+    workdir = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, "-m", "tests.distill_kill_worker", str(cache), str(workdir), "4"],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    left = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert "2" in left and "4" not in left  # step 4 was being written: only a temporary directory holds it
+    assert any(name.startswith("4") for name in left), left
+
+    resumed = []
+    trainer.distill(tiny_distill_config(cache), workdir, history=resumed, **QUIET)
+    assert resumed[0][0] == 3
+    assert [m for s, m in straight_run if s > 2] == [m for _, m in resumed]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "6"]  # temporaries cleaned up
 
 
 def test_a_run_of_nonfinite_steps_stops_with_the_last_good_checkpoint(cache, tmp_path):

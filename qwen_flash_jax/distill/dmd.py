@@ -102,11 +102,18 @@ def dmd_loss(x, x0_real, x0_fake):
     return 0.5 * jnp.mean(jnp.sum(jnp.square(x - target).reshape(x.shape[0], -1), axis=-1))
 
 
-def fake_score_loss(model, fake_params, cond, x, key, mu: float):
-    """Flow matching of the fake score on detached student samples."""
+def dmd_times(key, batch: int, t_min: float, t_max: float):
+    """Noise levels of the DMD comparison, uniform in [t_min, t_max] (DMD2). The fake score is trained on the same
+    distribution: where it is rarely trained it keeps the teacher's (unguided) score instead of tracking the
+    student, and the generator would be pushed along the CFG direction there without end."""
+    return t_min + (t_max - t_min) * jax.random.uniform(key, (batch,))
+
+
+def fake_score_loss(model, fake_params, cond, x, key, t_min: float, t_max: float):
+    """Flow matching of the fake score on detached student samples, at the noise levels the DMD loss uses."""
     x = jax.lax.stop_gradient(x.astype(jnp.float32))
     k_t, k_eps = jax.random.split(key)
-    t = flow.sample_training_t(k_t, x.shape[0], mu)
+    t = dmd_times(k_t, x.shape[0], t_min, t_max)
     eps = jax.random.normal(k_eps, x.shape, x.dtype)
     z = flow.interpolate(x, eps, t)
     v, _ = sampling.velocity(model, fake_params, cond, z, t)

@@ -86,7 +86,7 @@ def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec
     _, z, t = _student_input(setup, state, cond, shape[0], shape, k_noise, k_k, k_sim)
     x, _ = dmd.student_x0(setup.model, state.student, cond, z, t)
     loss, grads = jax.value_and_grad(
-        lambda p: dmd.fake_score_loss(setup.model, p, cond, x, k_loss, setup.mu))(state.fake)
+        lambda p: dmd.fake_score_loss(setup.model, p, cond, x, k_loss, setup.t_min, setup.t_max))(state.fake)
     updates, fake_opt = setup.fake_opt.update(grads, state.fake_opt, state.fake)
     new = state.replace(fake=jax.tree.map(jnp.add, state.fake, updates), fake_opt=fake_opt, rng=rng)
     ok = _finite(loss, grads)
@@ -108,7 +108,7 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
 
     # Re-noise the detached sample and compare the fake score with the step-wise multi-teacher real score.
     x_sg = jax.lax.stop_gradient(x)
-    t_dmd = setup.t_min + (setup.t_max - setup.t_min) * jax.random.uniform(k_t, (shape[0],))
+    t_dmd = dmd.dmd_times(k_t, shape[0], setup.t_min, setup.t_max)
     x_t = flow.interpolate(x_sg, jax.random.normal(k_xi, shape, jnp.float32), t_dmd)
     weights = dmd.step_weights(setup.guidance, k, batch["category"] + condition_offset)
     x0_real = dmd.real_x0(setup.model, teachers, weights, cond, neg, x_t, t_dmd, setup.cfg_scale, setup.cfg_rescale)

@@ -18,6 +18,9 @@ from qwen_flash_jax.eval import bench_sets
 from qwen_flash_jax.eval.generate import save_grid
 
 
+_T2I_TERMS = ("compliance", "quality", "penalty_noise", "penalty_blur", "penalty_block", "penalty_feature")
+
+
 @dataclasses.dataclass
 class Contender:
     name: str
@@ -42,6 +45,8 @@ def evaluate(contenders: list[Contender], judge, *, size: int, prompts_per_categ
             "nfe": c.nfe,
             "t2i": {cat: float(s["mean"]) for cat, s in t2i_scores.items()},
             "t2i_fd": {cat: float(s["fidelity_fd"][cat]) for cat, s in t2i_scores.items()},
+            # What the T2I score is made of (score = 1 + 4 compliance quality): which of the two limits a model.
+            "t2i_terms": {cat: {k: float(np.mean(s[k])) for k in _T2I_TERMS} for cat, s in t2i_scores.items()},
             "edit": {cat: float(s["mean"]) for cat, s in edit_scores.items()},
         }
         for task in ("t2i", "edit"):
