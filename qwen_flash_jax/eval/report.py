@@ -71,10 +71,10 @@ def _grids(directory, contenders, t2i, edits, t2i_images, edit_images, per_row: 
     save_grid(directory / "grid_edit.png", rows)
 
 
-def write_results(workdir, results: dict, *, title: str, notes: str = "") -> None:
-    """results.json (machine-readable) and results.md (tables in the paper's layout, with ranks)."""
+def write_results(workdir, results: dict, *, title: str, notes: str = "", stem: str = "results") -> None:
+    """<stem>.json (machine-readable) and <stem>.md (tables in the paper's layout, with ranks); each file appears
+    whole or not at all (a reader polling for results.json never sees half of one)."""
     workdir = pathlib.Path(workdir)
-    (workdir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     lines = [f"# {title}", "", "Toy judge scores, 1-5, higher is better (`qwen_flash_jax.eval.judge`).", ""]
     for task, label in (("t2i", "T2I-Bench (toy)"), ("edit", "Editing-Bench (toy)")):
         cats = list(next(iter(results.values()))[task])
@@ -88,4 +88,11 @@ def write_results(workdir, results: dict, *, title: str, notes: str = "") -> Non
         lines.append("")
     if notes:
         lines += [notes, ""]
-    (workdir / "results.md").write_text("\n".join(lines))
+    _write_atomically(workdir / f"{stem}.md", "\n".join(lines))
+    _write_atomically(workdir / f"{stem}.json", json.dumps(results, indent=2, sort_keys=True))
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
