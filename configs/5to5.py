@@ -178,7 +178,7 @@ def get_config(arg=None):
         steps=300 if toy else 2000,
         log_every=25 if toy else 50,
         checkpoint_every=50 if toy else 250,
-        sample_every=200 if toy else 500,
+        sample_every=100 if toy else 500,  # student sample grids + small validation scores (0 = off)
         keep_checkpoints=2,
     ))
 
@@ -186,5 +186,7 @@ def get_config(arg=None):
         prompts_per_category=24 if toy else 600,
         edits_per_category=16 if toy else 250,
         seed=1234,
+        probe_prompts_per_category=8 if toy else 32,  # the periodic validation probe (train.sample_every)
+        probe_edits_per_category=4 if toy else 16,
     ))
     return c

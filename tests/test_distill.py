@@ -17,7 +17,9 @@ def tiny_distill_config(cache_dir):
     config.data.update(batch_size=8, task_ratio="1:1")
     config.train.update(steps=6, log_every=1, checkpoint_every=2)
     config.fake_score.updates_per_student = 1
-    config.eval.update(prompts_per_category=2, edits_per_category=2)
+    config.eval.update(prompts_per_category=2, edits_per_category=2, probe_prompts_per_category=2,
+                       probe_edits_per_category=1)
+    config.train.sample_every = 0  # the probe is exercised by the evaluation test only
     return config
 
 
@@ -70,3 +72,30 @@ def test_a_run_of_nonfinite_steps_stops_with_the_last_good_checkpoint(cache, tmp
     config.data.task_ratio = "1:0"  # one task is enough here: half the compilations
     with pytest.raises(trainer.NonFiniteError, match="Last good checkpoint"):
         trainer.distill(config, tmp_path / "nan", log=lambda *_: None, evaluate=False)
+
+
+def test_the_job_evaluates_the_student_and_writes_results_grids_and_probes(cache, tmp_path, monkeypatch):
+    import json
+
+    from qwen_flash_jax.eval import judge as judge_lib
+    from qwen_flash_jax.eval import judge_io
+
+    quick_judge = judge_lib.train_judge(size=16, seed=0, log=None, steps=40, n_reference=64, n_eval=32)
+    monkeypatch.setattr(judge_io, "load_or_train_judge", lambda *args, **kwargs: quick_judge)
+    config = tiny_distill_config(cache)
+    config.train.update(steps=2, sample_every=2)
+    config.data.task_ratio = "1:1"
+    workdir = tmp_path / "evaluated"
+    lines = []
+    results = trainer.distill(config, workdir, log=lines.append)
+
+    assert list(results) == ["teacher base (2 steps)", "teacher base (4 steps)", "student (4 steps)"]
+    for name, r in results.items():
+        for task in ("t2i", "edit"):
+            assert 1.0 <= r[f"{task}_average"] <= 5.0, (name, task, r)
+    assert json.loads((workdir / "results.json").read_text()) == results
+    assert "| student (4 steps) | 4 |" in (workdir / "results.md").read_text()
+    for grid in ("grid_t2i.png", "grid_edit.png", "samples/step_000000/grid_t2i.png",
+                 "samples/step_000002/grid_edit.png"):
+        assert (workdir / grid).stat().st_size > 500, grid
+    assert sum(line.startswith("probe at step") for line in lines) == 2

@@ -96,6 +96,9 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
                                                every_steps=config.train.log_every)
     log(f"distill: {steps} student updates x {ratio} critic updates, {config.student.num_steps}-step student, "
         f"teachers {list(names)}, ratio {config.data.task_ratio}, T2I {dict(config.data.t2i_weights)}")
+    probe = _make_probe(config, workdir, assets, model, mu, writer, log)
+    if probe and int(state.step) == 0:
+        probe(0, state)
     pending, started = [], time.perf_counter()
     for step in range(int(state.step), steps):
         for _ in range(ratio):
@@ -122,6 +125,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
                     f"{int(summary['nonfinite_run'])} consecutive steps had non-finite losses or gradients; "
                     f"stopping. Last good checkpoint: step {last} in {ckpt.directory}" if last is not None else
                     "no checkpoint was written yet")
+        if probe and done % config.train.sample_every == 0:
+            probe(done, state)
         ckpt.maybe_save(done, state, iterator, {"step": done}, force=done == steps)
         if stop_at is not None and stop_at <= done < steps:
             ckpt.close()
@@ -152,6 +157,36 @@ def _summarise(pending, state) -> dict[str, float]:
     out["skipped"] = float(sum(float(m["skipped"]) for m in fetched))
     out["nonfinite_run"] = float(jax.device_get(state.nonfinite_run))
     return out
+
+
+def _make_probe(config, workdir, assets, model, mu, writer, log):
+    """Every `train.sample_every` student updates: 4-NFE sample grids in workdir/samples/step_N and toy-judge
+    scores on a small validation set (eval.seed + 1, disjoint from the final evaluation's seeds), logged as
+    `probe/*` scalars. None when sampling is off."""
+    every = int(config.train.sample_every)
+    if every <= 0:
+        return None
+    from qwen_flash_jax.eval.judge_io import load_or_train_judge
+
+    gen = Generator(model, assets, mu)
+    k = int(config.student.num_steps)
+    judge = load_or_train_judge(assets_lib.cache_root(config) / "judge", size=int(config.data.image_size), log=log)
+
+    def probe(step, state):
+        params = state.ema if config.student.ema_decay else state.student
+        student = report.Contender("student", k, lambda c: gen.t2i(params, c, num_steps=k, student=True),
+                                   lambda s, i: gen.edit(params, s, i, num_steps=k, student=True))
+        results = report.evaluate([student], judge, size=int(config.data.image_size),
+                                  prompts_per_category=int(config.eval.probe_prompts_per_category),
+                                  edits_per_category=int(config.eval.probe_edits_per_category),
+                                  seed=int(config.eval.seed) + 1, grid_dir=workdir / "samples" / f"step_{step:06d}",
+                                  log=lambda *_: None)["student"]
+        scalars = {"probe/t2i_average": results["t2i_average"], "probe/edit_average": results["edit_average"]}
+        writer.write_scalars(step, scalars)
+        log(f"probe at step {step}: T2I {scalars['probe/t2i_average']:.3f}, edit {scalars['probe/edit_average']:.3f} "
+            f"(grids in {workdir / 'samples' / f'step_{step:06d}'})")
+
+    return probe
 
 
 def run_evaluation(config, workdir, assets, model, state, teachers, mu, log):
