@@ -75,7 +75,7 @@ def main(argv):
     setup = DistillSetup(model=model, student_opt=optim.adamw(1e-4, 100), fake_opt=optim.adamw(1e-4, 100),
                          timesteps=tuple(float(t) for t in dmd.student_timesteps(K, 0.5)),
                          guidance=np.full((K, len(CONDITIONS), len(names)), 1.0 / len(names), np.float32),
-                         teacher_names=names, cfg_scale=4.0, cfg_rescale=0.0, t_min=0.02, t_max=0.98, mu=0.5,
+                         teacher_names=names, cfg_scale=4.0, cfg_rescale=0.0, t_min=0.02, t_max=0.98,
                          ema_decay=0.0, first_step_fm_weight=0.0)
     state = DistillState(step=jnp.zeros((), jnp.int32), student=model.params, fake=model.params,
                          student_opt=setup.student_opt.init(model.params), fake_opt=setup.fake_opt.init(model.params),

@@ -115,7 +115,9 @@ def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print
             log(f"sweep {suite}: row {label!r} finished in {time.perf_counter() - started:.0f}s")
         done.append((label, json.loads(results_file.read_text())))
     combined = combine(done)
+    teachers = [name for name in combined if name.startswith("teacher ")]
     report.write_results(workdir, combined, title=f"{suite} sweep ({variant})", stem="table",
+                         reference=teachers[-1] if teachers else None,  # the teacher's own few-step sampling
                          notes=f"One distillation per student row ({', '.join(label for label, _ in rows)}); "
                                f"overrides: {list(overrides) or 'none'}. Per-row details in the row directories.")
     log((workdir / "table.md").read_text())

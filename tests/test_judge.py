@@ -276,3 +276,19 @@ def test_probes_and_distances():
     assert jm.frechet_distance(m + np.array([3.0, 0, 0, 0]), c, m, c) == pytest.approx(9.0, rel=1e-6)
     assert jm.frechet_distance(np.zeros(2), np.eye(2) * 4, np.zeros(2), np.eye(2)) == pytest.approx(2.0)
     assert jm.region_mask([0.25, 0.5, 0.5, 1.0], 8).sum() == 2 * 4
+
+
+def test_paired_differences_measure_the_shift_and_its_uncertainty():
+    from qwen_flash_jax.eval import report
+
+    rng = np.random.default_rng(0)
+    ref = {c: rng.uniform(1, 5, 40).tolist() for c in ("a", "b")}
+    shifted = {c: (np.asarray(v) + 0.5).tolist() for c, v in ref.items()}
+    noisy = {c: (np.asarray(v) + 0.2 + rng.normal(0, 1.0, 40)).tolist() for c, v in ref.items()}
+    results = {"ref": {"t2i_scores": ref}, "shifted": {"t2i_scores": shifted}, "noisy": {"t2i_scores": noisy},
+               "old": {}}
+    mean, low, high = report.paired_difference(results, "shifted", "ref", "t2i")
+    assert mean == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
+    mean, low, high = report.paired_difference(results, "noisy", "ref", "t2i")
+    assert low < mean < high and 0.2 < high - low < 0.8  # ~ 2 x 1.96 x 1.0 / sqrt(80)
+    assert report.paired_difference(results, "old", "ref", "t2i") is None

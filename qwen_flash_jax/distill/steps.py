@@ -47,7 +47,6 @@ class DistillSetup:
     cfg_rescale: float
     t_min: float
     t_max: float
-    mu: float
     ema_decay: float
     first_step_fm_weight: float
 

@@ -67,7 +67,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
                                     int(config.student.num_steps)),
         teacher_names=names, cfg_scale=float(config.guidance.cfg_scale),
         cfg_rescale=float(config.guidance.cfg_rescale), t_min=float(config.guidance.t_min),
-        t_max=float(config.guidance.t_max), mu=mu, ema_decay=float(config.student.ema_decay),
+        t_max=float(config.guidance.t_max), ema_decay=float(config.student.ema_decay),
         first_step_fm_weight=float(config.student.first_step_fm_weight))
     student = model.params
     fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
@@ -218,6 +218,7 @@ def run_evaluation(config, workdir, assets, model, state, teachers, mu, log):
                               edits_per_category=int(config.eval.edits_per_category), seed=int(config.eval.seed),
                               grid_dir=workdir, log=log)
     report.write_results(workdir, results, title=f"Distillation results: {workdir.name}",
-                         notes="NFE counts CFG's two forwards per teacher step; the student needs no CFG.")
+                         notes="NFE counts CFG's two forwards per teacher step; the student needs no CFG.",
+                         reference=contenders[1].name)  # the teacher's own 4-step sampling
     log((workdir / "results.md").read_text())
     return results

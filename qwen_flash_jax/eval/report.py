@@ -48,6 +48,10 @@ def evaluate(contenders: list[Contender], judge, *, size: int, prompts_per_categ
             # What the T2I score is made of (score = 1 + 4 compliance quality): which of the two limits a model.
             "t2i_terms": {cat: {k: float(np.mean(s[k])) for k in _T2I_TERMS} for cat, s in t2i_scores.items()},
             "edit": {cat: float(s["mean"]) for cat, s in edit_scores.items()},
+            # Per-sample scores in a fixed order (same prompts, sources and seeds for every contender), for
+            # paired comparisons between contenders.
+            "t2i_scores": {cat: [float(x) for x in s["per_sample"]] for cat, s in t2i_scores.items()},
+            "edit_scores": {cat: [float(x) for x in s["per_sample"]] for cat, s in edit_scores.items()},
         }
         for task in ("t2i", "edit"):
             results[c.name][f"{task}_average"] = float(np.mean(list(results[c.name][task].values())))
@@ -71,7 +75,27 @@ def _grids(directory, contenders, t2i, edits, t2i_images, edit_images, per_row: 
     save_grid(directory / "grid_edit.png", rows)
 
 
-def write_results(workdir, results: dict, *, title: str, notes: str = "", stem: str = "results") -> None:
+def paired_difference(results: dict, name: str, reference: str, task: str, resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float] | None:
+    """Mean per-sample score difference `name - reference` on `task` and its 95% bootstrap interval.
+
+    Both were scored on the same prompts and seeds, so the paired difference cancels most prompt-to-prompt
+    variance. Samples are resampled within each category (categories stay equally weighted, like the table's
+    average). None when per-sample scores are missing.
+    """
+    key = f"{task}_scores"
+    if key not in results[name] or key not in results[reference]:
+        return None
+    diffs = [np.asarray(results[name][key][c]) - np.asarray(results[reference][key][c]) for c in results[name][key]]
+    mean = float(np.mean([d.mean() for d in diffs]))
+    rng = np.random.default_rng(seed)
+    boot = np.mean([d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1) for d in diffs], axis=0)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return mean, float(low), float(high)
+
+
+def write_results(workdir, results: dict, *, title: str, notes: str = "", stem: str = "results",
+                  reference: str | None = None) -> None:
     """<stem>.json (machine-readable) and <stem>.md (tables in the paper's layout, with ranks); each file appears
     whole or not at all (a reader polling for results.json never sees half of one)."""
     workdir = pathlib.Path(workdir)
@@ -85,6 +109,20 @@ def write_results(workdir, results: dict, *, title: str, notes: str = "", stem: 
         for name, r in results.items():
             cells = " | ".join(f"{r[task][c]:.2f}" for c in cats)
             lines.append(f"| {name} | {r['nfe']} | {cells} | {avg[name]:.2f} | {ranks[name]} |")
+        lines.append("")
+    if reference in results:
+        lines += [f"## Paired differences against {reference}", "",
+                  "Mean per-sample score difference on the same prompts and seeds, with a 95% bootstrap interval "
+                  "(resampled within categories); an interval above 0 means better than the reference.", "",
+                  "| model | T2I difference | Edit difference |", "|---|---|---|"]
+        for name in results:
+            if name == reference:
+                continue
+            cells = []
+            for task in ("t2i", "edit"):
+                d = paired_difference(results, name, reference, task)
+                cells.append("n/a" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
         lines.append("")
     if notes:
         lines += [notes, ""]
