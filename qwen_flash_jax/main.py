@@ -5,7 +5,6 @@ Thin by design: parse `--config` (an ml_collections config file, `path[:arg]`, o
 (a bad config value, unreadable data) end with one `error: ...` line and exit status 2.
 """
 
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -25,16 +24,7 @@ def main(argv):
         jax.distributed.initialize()
     from qwen_flash_jax.train import jobs
 
-    from qwen_flash_jax.distill.trainer import NonFiniteError
-
-    try:
-        jobs.run(_CONFIG.value, _WORKDIR.value)
-    except jobs.USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    jobs.exit_on_failure(jobs.run, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

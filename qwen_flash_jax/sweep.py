@@ -18,7 +18,6 @@ from __future__ import annotations
 import ast
 import json
 import pathlib
-import sys
 import time
 
 from absl import app, flags
@@ -127,17 +126,9 @@ def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from qwen_flash_jax.distill.trainer import NonFiniteError
     from qwen_flash_jax.train import jobs
 
-    try:
-        run_suite(_SUITE.value, _WORKDIR.value, _VARIANT.value, tuple(_SET.value))
-    except jobs.USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    jobs.exit_on_failure(run_suite, _SUITE.value, _WORKDIR.value, _VARIANT.value, tuple(_SET.value))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,23 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def exit_on_failure(fn, *args):
+    """Runs a command-line job: a user mistake ends with one `error: ...` line and status 2, a run stopped by
+    non-finite steps with its message and status 1; anything else is a bug and keeps its traceback."""
+    import sys
+
+    from qwen_flash_jax.distill.trainer import NonFiniteError
+
+    try:
+        return fn(*args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def run(config, workdir) -> None:
     from qwen_flash_jax.data.pipeline import check_data_config
     from qwen_flash_jax.distill import trainer
