@@ -82,17 +82,30 @@ def row_dirname(label: str) -> str:
 
 
 def combine(rows: list[tuple[str, dict]]) -> dict:
-    """One results dict: the base teacher's rows (from the first row's results) and one student row per label."""
+    """One results dict: the base teacher's rows (from the first row's results, most steps first) and one student
+    row per label, categories in the world's order."""
     if not rows:
         raise ValueError("no results to combine")
     first = rows[0][1]
-    combined = {name: r for name, r in first.items() if name.startswith("teacher ")}
+    teachers = sorted((name for name in first if name.startswith("teacher ")), key=lambda n: -first[n]["nfe"])
+    combined = {name: first[name] for name in teachers}
     for label, results in rows:
         students = [name for name in results if name.startswith("student")]
         if len(students) != 1:
             raise ValueError(f"row {label!r}: expected one student in its results, found {students}")
         combined[f"student, {label}"] = results[students[0]]
-    return combined
+    return {name: _in_world_order(r) for name, r in combined.items()}
+
+
+def _in_world_order(result: dict) -> dict:
+    from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
+
+    out = dict(result)
+    for key, order in (("t2i", T2I_CATEGORIES), ("edit", EDIT_CATEGORIES)):
+        for field in (key, f"{key}_scores", f"{key}_fd"):
+            if field in out:
+                out[field] = {c: out[field][c] for c in order if c in out[field]}
+    return out
 
 
 def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print) -> dict:
@@ -116,7 +129,7 @@ def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print
     combined = combine(done)
     teachers = [name for name in combined if name.startswith("teacher ")]
     report.write_results(workdir, combined, title=f"{suite} sweep ({variant})", stem="table",
-                         reference=teachers[-1] if teachers else None,  # the teacher's own few-step sampling
+                         reference=teachers[-1] if teachers else None,  # fewest steps: the teacher's few-step sampling
                          notes=f"One distillation per student row ({', '.join(label for label, _ in rows)}); "
                                f"overrides: {list(overrides) or 'none'}. Per-row details in the row directories.")
     log((workdir / "table.md").read_text())

@@ -52,13 +52,15 @@ def test_run_suite_reruns_only_unfinished_rows_and_writes_the_table(tmp_path, mo
     monkeypatch.setattr(jobs, "run", fake_run)
     done = tmp_path / "5_5"
     done.mkdir()
-    (done / "results.json").write_text(json.dumps(_results(1.9)))
+    (done / "results.json").write_text(json.dumps(_results(1.9), sort_keys=True))  # any key order
     table = sweep.run_suite("ratio", tmp_path, log=lambda *_: None)
     assert ran == ["T2I_only", "9_1", "7_3"]  # 5:5 had finished before
     assert list(table) == ["teacher base (40 steps)", "teacher base (4 steps)", "student, T2I only",
                            "student, 9:1", "student, 7:3", "student, 5:5"]
     assert table["student, 5:5"]["t2i_average"] == 1.9
-    assert "| student, 5:5 | 4 | 1.90 | 1.90 | 2 |" in (tmp_path / "table.md").read_text()
+    text = (tmp_path / "table.md").read_text()
+    assert "| student, 5:5 | 4 | 1.90 | 1.90 | 2 |" in text
+    assert "Paired differences against teacher base (4 steps)" in text
     assert json.loads((tmp_path / "table.json").read_text()) == table
 
 

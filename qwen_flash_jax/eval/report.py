@@ -127,7 +127,7 @@ def write_results(workdir, results: dict, *, title: str, notes: str = "", stem: 
     if notes:
         lines += [notes, ""]
     _write_atomically(workdir / f"{stem}.md", "\n".join(lines))
-    _write_atomically(workdir / f"{stem}.json", json.dumps(results, indent=2, sort_keys=True))
+    _write_atomically(workdir / f"{stem}.json", json.dumps(results, indent=2))  # row and category order kept
 
 
 def _write_atomically(path: pathlib.Path, text: str) -> None:
