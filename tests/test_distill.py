@@ -85,6 +85,10 @@ def test_the_job_evaluates_the_student_and_writes_results_grids_and_probes(cache
     config = tiny_distill_config(cache)
     config.train.update(steps=2, sample_every=2)
     config.data.task_ratio = "1:1"
+    # Single-specialist guidance (configs/guidance.py:single): the base teacher that the student starts from,
+    # and that the evaluation compares against, guides nothing.
+    config.guidance.teachers = ("text",)
+    config.guidance.weights = (("*", ({"text": 1.0},) * config.student.num_steps),)
     workdir = tmp_path / "evaluated"
     lines = []
     results = trainer.distill(config, workdir, log=lines.append)

@@ -134,7 +134,9 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     ckpt.close()
     if not evaluate:
         return None
-    results = run_evaluation(config, workdir, assets, model, state, teachers, mu, log)
+    # The reference teacher is the one the student starts from, guiding or not (a single-specialist run has
+    # only the specialist in `teachers`).
+    results = run_evaluation(config, workdir, assets, model, state, base, mu, log)
     writer.flush()
     return results
 
@@ -189,7 +191,7 @@ def _make_probe(config, workdir, assets, model, mu, writer, log):
     return probe
 
 
-def run_evaluation(config, workdir, assets, model, state, teachers, mu, log):
+def run_evaluation(config, workdir, assets, model, state, base, mu, log):
     """Student (4 NFE) beside the base teacher at 4 and at `sampling.teacher_steps` steps, same prompts and seeds."""
     from qwen_flash_jax.eval.judge_io import load_or_train_judge
 
@@ -198,7 +200,6 @@ def run_evaluation(config, workdir, assets, model, state, teachers, mu, log):
     k = int(config.student.num_steps)
     n_teacher = int(config.sampling.teacher_steps)
     student = state.ema if config.student.ema_decay else state.student
-    base = teachers[config.student.init_from]
 
     def euler(params, steps):
         return report.Contender(f"teacher {config.student.init_from} ({steps} steps)", 2 * steps,
