@@ -96,7 +96,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
                                                every_steps=config.train.log_every)
     log(f"distill: {steps} student updates x {ratio} critic updates, {config.student.num_steps}-step student, "
         f"teachers {list(names)}, ratio {config.data.task_ratio}, T2I {dict(config.data.t2i_weights)}")
-    probe = _make_probe(config, workdir, assets, model, mu, writer, log)
+    gen = Generator(model, assets, mu)  # one sampler cache for the probes and the final evaluation
+    probe = _make_probe(config, workdir, gen, writer, log)
     if probe and int(state.step) == 0:
         probe(0, state)
     pending, started = [], time.perf_counter()
@@ -136,7 +137,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         return None
     # The reference teacher is the one the student starts from, guiding or not (a single-specialist run has
     # only the specialist in `teachers`).
-    results = run_evaluation(config, workdir, assets, model, state, base, mu, log)
+    results = run_evaluation(config, workdir, gen, state, base, log)
     writer.flush()
     return results
 
@@ -161,7 +162,7 @@ def _summarise(pending, state) -> dict[str, float]:
     return out
 
 
-def _make_probe(config, workdir, assets, model, mu, writer, log):
+def _make_probe(config, workdir, gen, writer, log):
     """Every `train.sample_every` student updates: 4-NFE sample grids in workdir/samples/step_N and toy-judge
     scores on a small validation set (eval.seed + 1, disjoint from the final evaluation's seeds), logged as
     `probe/*` scalars. None when sampling is off."""
@@ -170,7 +171,6 @@ def _make_probe(config, workdir, assets, model, mu, writer, log):
         return None
     from qwen_flash_jax.eval.judge_io import load_or_train_judge
 
-    gen = Generator(model, assets, mu)
     k = int(config.student.num_steps)
     judge = load_or_train_judge(assets_lib.cache_root(config) / "judge", size=int(config.data.image_size), log=log)
 
@@ -191,11 +191,10 @@ def _make_probe(config, workdir, assets, model, mu, writer, log):
     return probe
 
 
-def run_evaluation(config, workdir, assets, model, state, base, mu, log):
+def run_evaluation(config, workdir, gen, state, base, log):
     """Student (4 NFE) beside the base teacher at 4 and at `sampling.teacher_steps` steps, same prompts and seeds."""
     from qwen_flash_jax.eval.judge_io import load_or_train_judge
 
-    gen = Generator(model, assets, mu)
     cfg = float(config.sampling.cfg_scale)
     k = int(config.student.num_steps)
     n_teacher = int(config.sampling.teacher_steps)
