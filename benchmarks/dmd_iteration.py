@@ -42,7 +42,7 @@ def _flops(jitted, *args, **kwargs):
 def main(argv):
     del argv
     from qwen_flash_jax import config_lib, sampling
-    from qwen_flash_jax.distill import dmd
+    from qwen_flash_jax.distill import dmd, gan
     from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
     from qwen_flash_jax.distill.trainer import CONDITIONS
     from qwen_flash_jax.loading import build_transformer
@@ -76,11 +76,14 @@ def main(argv):
                          timesteps=tuple(float(t) for t in dmd.student_timesteps(K, 0.5)),
                          guidance=np.full((K, len(CONDITIONS), len(names)), 1.0 / len(names), np.float32),
                          teacher_names=names, cfg_scale=4.0, cfg_rescale=0.0, t_min=0.02, t_max=0.98,
-                         ema_decay=0.0, first_step_fm_weight=0.0)
+                         ema_decay=0.0, first_step_fm_weight=0.0, disc_opt=optim.adamw(1e-4, 100),
+                         gan_weight=float(config.student.gan_weight))
+    disc = gan.init_head(jax.random.key(1), model.config.inner_dim)
     state = DistillState(step=jnp.zeros((), jnp.int32), student=model.params, fake=model.params,
                          student_opt=setup.student_opt.init(model.params), fake_opt=setup.fake_opt.init(model.params),
                          ema=model.params, rng=jax.random.key_data(jax.random.key(0)),
-                         nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32))
+                         nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32),
+                         disc=disc, disc_opt=setup.disc_opt.init(disc))
     critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",))
     gen = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"))
 
@@ -102,8 +105,11 @@ def main(argv):
     t_fwd2 = _time(lambda: fwd2(model.params, jnp.concatenate([latents, latents])), repeats)
     t_fb = _time(lambda: fwd_bwd(model.params, latents), repeats)
     sim = (K - 1) / 2
-    critic_sum = (sim + 1) * t_fwd + t_fb  # backward sim + student forward + fake fwd/bwd
-    gen_sum = sim * t_fwd + t_fb + len(names) * t_fwd2 + t_fwd  # + teachers (CFG) + fake forward
+    gan_on = bool(setup.gan_weight)
+    # backward sim + student forward + fake fwd/bwd (on student and real samples with the GAN term)
+    critic_sum = (sim + 1) * t_fwd + (2 if gan_on else 1) * t_fb
+    # + teachers (CFG) + fake forward (and its backward to the sample with the GAN term)
+    gen_sum = sim * t_fwd + t_fb + len(names) * t_fwd2 + (t_fb if gan_on else t_fwd)
     passes = ratio * critic_sum + gen_sum
 
     flops = ratio * _flops(critic, state, te_params, batch, spec=spec) + _flops(

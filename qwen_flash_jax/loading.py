@@ -39,10 +39,10 @@ class TransformerModel:
     rules: sharding.Rules = ()
 
     def forward(self, params, layout: TokenLayout, hidden_states, encoder_hidden_states, timestep,
-                encoder_hidden_states_mask=None, kv_cache=None, kv_cache_mode=None):
+                encoder_hidden_states_mask=None, kv_cache=None, kv_cache_mode=None, return_features=False):
         model = nnx.merge(self.graphdef, params)
         return model(hidden_states, encoder_hidden_states, timestep, layout, encoder_hidden_states_mask,
-                     kv_cache=kv_cache, kv_cache_mode=kv_cache_mode)
+                     kv_cache=kv_cache, kv_cache_mode=kv_cache_mode, return_features=return_features)
 
     def apply(self, params, *, hidden_states, encoder_hidden_states, timestep, img_shapes, img_mask,
               encoder_hidden_states_mask=None, kv_cache=None, kv_cache_mode=None):

@@ -33,12 +33,22 @@ class Conditioning:
         return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), self, other)
 
 
+def _hidden(cond: Conditioning, z):
+    if cond.condition_latents.shape[1]:
+        return jnp.concatenate([cond.condition_latents.astype(z.dtype), z], axis=1)
+    return z  # T2I: no condition tokens
+
+
+def velocity_and_features(model, params, cond: Conditioning, z, t):
+    """(velocity (B, T, C) float32, trunk features of the target tokens (B, T, D)) in one forward."""
+    out, features = model.forward(params, cond.layout, _hidden(cond, z), cond.encoder_hidden_states, t,
+                                  cond.encoder_hidden_states_mask, return_features=True)
+    return out[:, -z.shape[1]:].astype(jnp.float32), features[:, -z.shape[1]:]
+
+
 def velocity(model, params, cond: Conditioning, z, t, kv_cache=None, kv_cache_mode=None):
     """Velocity for the packed noisy target `z` (B, T, C) at times `t` (B,). Returns (v, kv_cache or None)."""
-    if cond.condition_latents.shape[1]:
-        hidden = jnp.concatenate([cond.condition_latents.astype(z.dtype), z], axis=1)
-    else:  # T2I: no condition tokens
-        hidden = z
+    hidden = _hidden(cond, z)
     out = model.forward(params, cond.layout, hidden, cond.encoder_hidden_states, t,
                         cond.encoder_hidden_states_mask, kv_cache=kv_cache, kv_cache_mode=kv_cache_mode)
     if kv_cache_mode == "extract":

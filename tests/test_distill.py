@@ -103,3 +103,20 @@ def test_the_job_evaluates_the_student_and_writes_results_grids_and_probes(cache
                  "samples/step_000002/grid_edit.png"):
         assert (workdir / grid).stat().st_size > 500, grid
     assert sum(line.startswith("probe at step") for line in lines) == 2
+
+
+def test_with_the_gan_term_a_resumed_run_reproduces_the_uninterrupted_one(cache, tmp_path):
+    """The discriminator head and its optimiser are part of the checkpoint: the resumed critic continues exactly."""
+    config = tiny_distill_config(cache)
+    config.student.gan_weight = 10.0
+    config.train.steps = 4
+    config.data.task_ratio = "1:0"  # one task is enough here: half the compilations
+    straight, resumed = [], []
+    trainer.distill(config, tmp_path / "a", history=straight, **QUIET)
+    trainer.distill(config, tmp_path / "b", stop_at=3, **QUIET)
+    trainer.distill(config, tmp_path / "b", history=resumed, **QUIET)
+    assert resumed[0][0] == 3 and all(m["skipped"] == 0 for _, m in straight)
+    # The head's logit layer starts at zero and its first update is warm-up (lr 0): the GAN gradient reaches the
+    # student from step 2, and the head's accuracy (measured before each critic update) moves off 0 after that.
+    assert all(m["gan_grad_ratio"] > 0 for s, m in straight if s > 1) and straight[-1][1]["disc_accuracy"] > 0
+    assert [m for s, m in straight if s > 2] == [m for _, m in resumed]

@@ -85,3 +85,14 @@ def test_backward_simulation_runs_the_earlier_steps(setup):
     out = dmd.generate(model, model.params, cond, noise, times[:3], key)
     x0, _ = dmd.student_x0(model, model.params, cond, z, jnp.full((2,), times[2]))
     np.testing.assert_allclose(out, x0, rtol=1e-4, atol=1e-4)
+
+
+def test_student_timesteps_default_to_the_shifted_schedule_and_check_an_explicit_list():
+    np.testing.assert_array_equal(dmd.student_timesteps(4, 0.5), flow.sampling_sigmas(4, 0.5)[:-1])
+    np.testing.assert_allclose(dmd.student_timesteps(4, 0.5, (1.0, 0.75, 0.5, 0.25)), [1.0, 0.75, 0.5, 0.25])
+    with pytest.raises(ConfigError, match="3 entries, student.num_steps is 4"):
+        dmd.student_timesteps(4, 0.5, (1.0, 0.5, 0.25))
+    with pytest.raises(ConfigError, match="decrease strictly"):
+        dmd.student_timesteps(3, 0.5, (1.0, 0.5, 0.5))
+    with pytest.raises(ConfigError, match="decrease strictly"):
+        dmd.student_timesteps(2, 0.5, (1.0, 0.0))

@@ -20,9 +20,17 @@ from qwen_flash_jax import flow, sampling
 from qwen_flash_jax.models.config import ConfigError
 
 
-def student_timesteps(num_steps: int, mu: float) -> np.ndarray:
-    """The K input times of the few-step student: the shifted Euler schedule without its trailing 0."""
-    return flow.sampling_sigmas(num_steps, mu)[:-1]
+def student_timesteps(num_steps: int, mu: float, explicit=()) -> np.ndarray:
+    """The K input times of the few-step student: `explicit` if given (checked), else the shifted Euler schedule
+    without its trailing 0."""
+    if not len(explicit):
+        return flow.sampling_sigmas(num_steps, mu)[:-1]
+    times = np.asarray([float(t) for t in explicit], np.float32)
+    if len(times) != num_steps:
+        raise ConfigError(f"student.timesteps has {len(times)} entries, student.num_steps is {num_steps}")
+    if not (times[0] <= 1.0 and times[-1] > 0.0 and np.all(np.diff(times) < 0)):
+        raise ConfigError(f"student.timesteps must decrease strictly within (0, 1], got {list(explicit)}")
+    return times
 
 
 def student_x0(model, params, cond, z, t):

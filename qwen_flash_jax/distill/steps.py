@@ -3,7 +3,8 @@
 Both are pure functions of (state, frozen inputs, batch) compiled once per task layout. The generator step never
 differentiates through a teacher or the fake score: it takes the student sample's VJP, evaluates the frozen
 networks on the detached sample, and pulls the DMD gradient back through the VJP. A step whose loss or gradients
-are not finite leaves the state untouched and is counted.
+are not finite leaves the state untouched and is counted. With DMD2's GAN term on (`gan_weight > 0`), the critic
+also trains a discriminator head on the fake trunk and the generator adds its non-saturating loss (`gan.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from flax import struct
 
 from qwen_flash_jax import flow, sampling
-from qwen_flash_jax.distill import dmd
+from qwen_flash_jax.distill import dmd, gan
 from qwen_flash_jax.train import conditioning
 
 
@@ -31,6 +32,8 @@ class DistillState:
     rng: jax.Array  # raw key data
     nonfinite_total: jax.Array
     nonfinite_run: jax.Array  # consecutive skipped steps
+    disc: dict  # discriminator head on the fake trunk (untouched while the GAN term is off)
+    disc_opt: object
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,9 @@ class DistillSetup:
     t_max: float
     ema_decay: float
     first_step_fm_weight: float
+    disc_opt: object = None
+    gan_weight: float = 0.0  # generator's GAN loss weight; 0 = pure DMD (the paper's objective)
+    gan_critic_weight: float = 0.01  # weight of the head's classification loss in the critic update
 
 
 def _split(state):
@@ -84,12 +90,24 @@ def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec
     shape = batch["target_latents"].shape
     _, z, t = _student_input(setup, state, cond, shape[0], shape, k_noise, k_k, k_sim)
     x, _ = dmd.student_x0(setup.model, state.student, cond, z, t)
-    loss, grads = jax.value_and_grad(
-        lambda p: dmd.fake_score_loss(setup.model, p, cond, x, k_loss, setup.t_min, setup.t_max))(state.fake)
+
+    def losses(fake, disc):
+        if not setup.gan_weight:
+            fm = dmd.fake_score_loss(setup.model, fake, cond, x, k_loss, setup.t_min, setup.t_max)
+            return fm, (fm, {})
+        fm, cls, accuracy = gan.critic_losses(setup.model, fake, disc, cond, x, batch["target_latents"], k_loss,
+                                              setup.t_min, setup.t_max)
+        return fm + setup.gan_critic_weight * cls, (fm, {"critic_gan_loss": cls, "disc_accuracy": accuracy})
+
+    (_, (loss, extra)), (grads, disc_grads) = jax.value_and_grad(losses, argnums=(0, 1), has_aux=True)(
+        state.fake, state.disc)
     updates, fake_opt = setup.fake_opt.update(grads, state.fake_opt, state.fake)
     new = state.replace(fake=jax.tree.map(jnp.add, state.fake, updates), fake_opt=fake_opt, rng=rng)
-    ok = _finite(loss, grads)
-    return _guarded(state.replace(rng=rng), new, ok), {"fake_loss": loss, "skipped": ~ok}
+    if setup.gan_weight:
+        disc_updates, disc_opt = setup.disc_opt.update(disc_grads, state.disc_opt, state.disc)
+        new = new.replace(disc=jax.tree.map(jnp.add, state.disc, disc_updates), disc_opt=disc_opt)
+    ok = _finite(loss, grads, disc_grads, *extra.values())
+    return _guarded(state.replace(rng=rng), new, ok), {"fake_loss": loss, **extra, "skipped": ~ok}
 
 
 def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers: dict, batch, spec,
@@ -111,9 +129,15 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     x_t = flow.interpolate(x_sg, jax.random.normal(k_xi, shape, jnp.float32), t_dmd)
     weights = dmd.step_weights(setup.guidance, k, batch["category"] + condition_offset)
     x0_real = dmd.real_x0(setup.model, teachers, weights, cond, neg, x_t, t_dmd, setup.cfg_scale, setup.cfg_rescale)
-    v_fake, _ = sampling.velocity(setup.model, state.fake, cond, x_t, t_dmd)
+    if setup.gan_weight:
+        v_fake, grad_xt, gan_loss = gan.generator_grad(setup.model, state.fake, state.disc, cond, x_t, t_dmd)
+    else:
+        v_fake, _ = sampling.velocity(setup.model, state.fake, cond, x_t, t_dmd)
+        grad_xt, gan_loss = jnp.zeros_like(x_t), jnp.zeros(())
     x0_fake = flow.x0_from_velocity(x_t, v_fake, t_dmd)
     loss, grad_x = jax.value_and_grad(dmd.dmd_loss)(x_sg, x0_real, x0_fake)
+    gan_grad_x = setup.gan_weight * grad_xt * (1.0 - t_dmd)[:, None, None]  # x_t = (1 - t) x + t noise
+    grad_x = grad_x + gan_grad_x
 
     grad_v = jnp.zeros_like(v_student)
     fm_loss = jnp.zeros(())
@@ -131,8 +155,10 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     ema = (jax.tree.map(lambda e, s: setup.ema_decay * e + (1 - setup.ema_decay) * s, state.ema, student)
            if setup.ema_decay else student)
     new = state.replace(step=state.step + 1, student=student, student_opt=student_opt, ema=ema, rng=rng)
-    ok = _finite(loss, grads)
-    metrics = {"dmd_loss": loss, "fm_loss": fm_loss, "k": k, "skipped": ~ok,
+    ok = _finite(loss, gan_loss, grads)
+    metrics = {"dmd_loss": loss, "fm_loss": fm_loss, "k": k, "skipped": ~ok, "gan_loss": gan_loss,
+               "gan_grad_ratio": jnp.linalg.norm(gan_grad_x) / jnp.maximum(jnp.linalg.norm(grad_x - gan_grad_x),
+                                                                        1e-12),
                "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
     guarded = _guarded(state.replace(rng=rng), new, ok)
     return guarded.replace(step=state.step + 1), metrics

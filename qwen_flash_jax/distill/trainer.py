@@ -22,7 +22,7 @@ from clu import metric_writers, periodic_actions
 from qwen_flash_jax import config_lib, sharding
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
-from qwen_flash_jax.distill import dmd
+from qwen_flash_jax.distill import dmd, gan
 from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
 from qwen_flash_jax.eval import report
 from qwen_flash_jax.eval.generate import Generator
@@ -62,20 +62,25 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         model=model,
         student_opt=optim.from_config(config.optim, steps, float(config.student.learning_rate)),
         fake_opt=optim.from_config(config.optim, steps * ratio, float(config.fake_score.learning_rate)),
-        timesteps=tuple(float(t) for t in dmd.student_timesteps(int(config.student.num_steps), mu)),
+        timesteps=tuple(float(t) for t in dmd.student_timesteps(int(config.student.num_steps), mu,
+                                                                 tuple(config.student.timesteps))),
         guidance=dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS,
                                     int(config.student.num_steps)),
         teacher_names=names, cfg_scale=float(config.guidance.cfg_scale),
         cfg_rescale=float(config.guidance.cfg_rescale), t_min=float(config.guidance.t_min),
         t_max=float(config.guidance.t_max), ema_decay=float(config.student.ema_decay),
-        first_step_fm_weight=float(config.student.first_step_fm_weight))
+        first_step_fm_weight=float(config.student.first_step_fm_weight),
+        disc_opt=optim.from_config(config.optim, steps * ratio, float(config.fake_score.gan_head_learning_rate)),
+        gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight))
     student = model.params
     fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
+    disc = gan.init_head(jax.random.key(int(config.seed) + 2), model_cfg.inner_dim)
     state = place_on_mesh(DistillState(
         step=jnp.zeros((), jnp.int32), student=student, fake=fake,
         student_opt=setup.student_opt.init(student), fake_opt=setup.fake_opt.init(fake),
         ema=jax.tree.map(jnp.copy, student), rng=jax.random.key_data(jax.random.key(int(config.seed) + 1)),
-        nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32)), mesh)
+        nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32),
+        disc=disc, disc_opt=setup.disc_opt.init(disc)), mesh)
 
     iterator = iter(pipeline_lib.build_pipeline(config.data, assets.sources, assets.tokenizer, assets.codec))
     ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator, label="distill",
@@ -96,7 +101,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
                                                every_steps=config.train.log_every)
     log(f"distill: {steps} student updates x {ratio} critic updates, {config.student.num_steps}-step student, "
         f"teachers {list(names)}, ratio {config.data.task_ratio}, T2I {dict(config.data.t2i_weights)}")
-    gen = Generator(model, assets, mu)  # one sampler cache for the probes and the final evaluation
+    # One sampler cache for the probes and the final evaluation.
+    gen = Generator(model, assets, mu, student_timesteps=setup.timesteps)
     probe = _make_probe(config, workdir, gen, writer, log)
     if probe and int(state.step) == 0:
         probe(0, state)
@@ -108,7 +114,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         task, batch = next_batch()
         state, m_gen = generator(state, assets.text_encoder, teachers, batch, spec=assets.tasks[task],
                                  condition_offset=CONDITION_OFFSET[task])
-        pending.append({**m_gen, "fake_loss": m_critic["fake_loss"]})
+        pending.append({**m_gen, **{k: v for k, v in m_critic.items() if k != "skipped"}})
         done = step + 1
         progress(done)
         if done % config.train.log_every == 0 or done == steps:
@@ -152,6 +158,7 @@ def check_config(config) -> None:
     for name in dict.fromkeys((config.student.init_from, config.fake_score.init_from, *names)):
         teacher.check_source(config, name)
     dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
+    dmd.student_timesteps(int(config.student.num_steps), 0.0, tuple(config.student.timesteps))
 
 
 def _summarise(pending, state) -> dict[str, float]:

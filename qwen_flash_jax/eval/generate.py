@@ -27,6 +27,7 @@ class Generator:
     mu: float
     batch_size: int = 16
     use_kv_cache: bool = True
+    student_timesteps: tuple[float, ...] | None = None  # the student's input times; None: the shifted Euler list
 
     def t2i(self, params, captions, *, num_steps: int, cfg_scale: float = 1.0, seed: int = 0,
             student: bool = False) -> np.ndarray:
@@ -56,11 +57,18 @@ class Generator:
             noise = jax.random.normal(key, (self.batch_size, h * w, self.model.config.in_channels))
             z = self._sample(params, self.assets.text_encoder, jnp.asarray(np.stack(ids)),
                              jnp.asarray(np.stack(mask)), cond_latents, noise, key, spec=spec,
-                             sigmas=tuple(flow.sampling_sigmas(num_steps, self.mu).tolist()),
+                             sigmas=self._sigmas(num_steps, student),
                              cfg_scale=float(cfg_scale), student=student)
             images = codec.to_uint8(codec.decode(codec.unpack(np.asarray(z), h, w)))
             outputs.append(images[:n])
         return np.concatenate(outputs)
+
+    def _sigmas(self, num_steps: int, student: bool) -> tuple[float, ...]:
+        if student and self.student_timesteps is not None:
+            if len(self.student_timesteps) != num_steps:
+                raise ValueError(f"the student has {len(self.student_timesteps)} timesteps, asked for {num_steps}")
+            return (*(float(t) for t in self.student_timesteps), 0.0)
+        return tuple(flow.sampling_sigmas(num_steps, self.mu).tolist())
 
     @functools.cached_property
     def _sample(self):

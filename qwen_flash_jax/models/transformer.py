@@ -178,10 +178,12 @@ class QwenImageTransformer(nnx.Module):
         self.proj_out = Dense(d, patch * cfg.resolved_out_channels, ("embed", "latent"), zero_init=True, **kw)
 
     def __call__(self, hidden_states, encoder_hidden_states, timestep, layout: TokenLayout,
-                 encoder_hidden_states_mask=None, kv_cache=None, kv_cache_mode=None):
+                 encoder_hidden_states_mask=None, kv_cache=None, kv_cache_mode=None, return_features=False):
+        """`return_features`: also return the last block's hidden states (B, seq_len, D), before the output norm
+        (the trunk features a discriminator head reads; see `distill.gan`)."""
         cfg, constrain = self.cfg, self.constrain
         _check_call(cfg, hidden_states, encoder_hidden_states, timestep, layout, encoder_hidden_states_mask,
-                    kv_cache, kv_cache_mode)
+                    kv_cache, kv_cache_mode, return_features)
         batch = hidden_states.shape[0]
         dtype = cfg.jnp_dtype
         prefix = layout.prefix_len
@@ -235,6 +237,8 @@ class QwenImageTransformer(nnx.Module):
         out = self.proj_out(self.norm_out(x, temb, target_mask))
         if kv_cache_mode == "extract":
             return out, new_cache
+        if return_features:
+            return out, x
         return out
 
     def _run_blocks(self, x, modulation, rope, mask, kv_cache, *, extract, prefix):
@@ -312,12 +316,15 @@ def masked_attention(q, k, v, mask):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def _check_call(cfg, hidden_states, encoder_hidden_states, timestep, layout, enc_mask, kv_cache, mode):
+def _check_call(cfg, hidden_states, encoder_hidden_states, timestep, layout, enc_mask, kv_cache, mode,
+                return_features=False):
     if mode not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache_mode must be one of {KV_CACHE_MODES}, got {mode!r}")
     if mode is not None and not cfg.causal_condition:
         raise ValueError("the prefix KV cache requires causal_condition=True: only then are text and "
                          "condition-image activations independent of the timestep")
+    if return_features and mode is not None:
+        raise ValueError("return_features needs kv_cache_mode=None (the features span the whole sequence)")
     if (mode == "cached") != (kv_cache is not None):
         raise ValueError("pass kv_cache exactly when kv_cache_mode='cached'")
     batch, n_img, _ = hidden_states.shape

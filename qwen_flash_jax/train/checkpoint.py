@@ -12,6 +12,8 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
+from qwen_flash_jax.models.config import ConfigError
+
 
 class Checkpointer:
     def __init__(self, directory, *, keep: int = 2, every: int = 100, async_save: bool = True):
@@ -40,9 +42,18 @@ class Checkpointer:
         step = self._manager.latest_step() if step is None else step
         if step is None:
             return None
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except ValueError as e:
+            if "do not match" not in str(e) and "mismatch" not in str(e):
+                raise
+            # A workdir from another version of the code (or another config): resuming it would be wrong.
+            raise ConfigError(
+                f"the checkpoint at step {step} in {self.directory} holds a different train state than this run "
+                "builds (written by another version of the code or a different config); use a new --workdir, "
+                "or delete that directory to start over") from None
         return restored["state"], restored["data"], restored["meta"]
 
     def wait(self):
