@@ -48,3 +48,21 @@ def test_every_config_file_is_covered():
 def test_bad_config_names_are_clear_errors(spec, match):
     with pytest.raises(ConfigError, match=match):
         config_lib.load_config(spec)
+
+
+@pytest.mark.parametrize("section,values,match", [
+    ("student", {"gan_weight": -1.0}, "student.gan_weight must be >= 0"),
+    ("fake_score", {"gan_weight": -0.5}, "fake_score.gan_weight must be >= 0"),
+    ("fake_score", {"gan_head_learning_rate": 0.0}, "gan_head_learning_rate > 0"),
+    ("student", {"timesteps": (1.0, 0.5)}, "2 entries, student.num_steps is 4"),
+    ("student", {"timesteps": (1.0, 0.7, 0.7, 0.2)}, "decrease strictly"),
+])
+def test_bad_distillation_settings_are_clear_errors_before_any_work(section, values, match):
+    from qwen_flash_jax.distill import trainer
+
+    config = config_lib.load_config("configs/5to5.py:toy")
+    config[section].update(values)
+    if section == "fake_score":
+        config.student.gan_weight = 1.0  # the head's settings matter only with the GAN term on
+    with pytest.raises(ConfigError, match=match):
+        trainer.check_config(config)

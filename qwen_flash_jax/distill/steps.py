@@ -133,11 +133,14 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
         v_fake, grad_xt, gan_loss = gan.generator_grad(setup.model, state.fake, state.disc, cond, x_t, t_dmd)
     else:
         v_fake, _ = sampling.velocity(setup.model, state.fake, cond, x_t, t_dmd)
-        grad_xt, gan_loss = jnp.zeros_like(x_t), jnp.zeros(())
     x0_fake = flow.x0_from_velocity(x_t, v_fake, t_dmd)
     loss, grad_x = jax.value_and_grad(dmd.dmd_loss)(x_sg, x0_real, x0_fake)
-    gan_grad_x = setup.gan_weight * grad_xt * (1.0 - t_dmd)[:, None, None]  # x_t = (1 - t) x + t noise
-    grad_x = grad_x + gan_grad_x
+    gan_metrics = {}
+    if setup.gan_weight:
+        gan_grad_x = setup.gan_weight * grad_xt * (1.0 - t_dmd)[:, None, None]  # x_t = (1 - t) x + t noise
+        gan_metrics = {"gan_loss": gan_loss,
+                       "gan_grad_ratio": jnp.linalg.norm(gan_grad_x) / jnp.maximum(jnp.linalg.norm(grad_x), 1e-12)}
+        grad_x = grad_x + gan_grad_x
 
     grad_v = jnp.zeros_like(v_student)
     fm_loss = jnp.zeros(())
@@ -155,10 +158,8 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     ema = (jax.tree.map(lambda e, s: setup.ema_decay * e + (1 - setup.ema_decay) * s, state.ema, student)
            if setup.ema_decay else student)
     new = state.replace(step=state.step + 1, student=student, student_opt=student_opt, ema=ema, rng=rng)
-    ok = _finite(loss, gan_loss, grads)
-    metrics = {"dmd_loss": loss, "fm_loss": fm_loss, "k": k, "skipped": ~ok, "gan_loss": gan_loss,
-               "gan_grad_ratio": jnp.linalg.norm(gan_grad_x) / jnp.maximum(jnp.linalg.norm(grad_x - gan_grad_x),
-                                                                        1e-12),
+    ok = _finite(loss, grads, *gan_metrics.values())
+    metrics = {"dmd_loss": loss, "fm_loss": fm_loss, "k": k, "skipped": ~ok, **gan_metrics,
                "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
     guarded = _guarded(state.replace(rng=rng), new, ok)
     return guarded.replace(step=state.step + 1), metrics

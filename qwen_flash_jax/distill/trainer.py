@@ -159,6 +159,13 @@ def check_config(config) -> None:
         teacher.check_source(config, name)
     dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
     dmd.student_timesteps(int(config.student.num_steps), 0.0, tuple(config.student.timesteps))
+    for field in ("student.gan_weight", "fake_score.gan_weight"):
+        section, name = field.split(".")
+        if float(config[section][name]) < 0:
+            raise ConfigError(f"{field} must be >= 0 (0 turns the GAN term off), got {config[section][name]}")
+    if float(config.student.gan_weight) > 0 and float(config.fake_score.gan_head_learning_rate) <= 0:
+        raise ConfigError("student.gan_weight > 0 needs fake_score.gan_head_learning_rate > 0: the discriminator "
+                          "head starts from zero and would never learn")
 
 
 def _summarise(pending, state) -> dict[str, float]:
