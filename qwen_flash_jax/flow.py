@@ -59,10 +59,22 @@ def sampling_sigmas(num_steps: int, mu: float) -> np.ndarray:
     return np.append(shifted, 0.0).astype(np.float32)
 
 
-def sample_training_t(key, batch: int, mu: float, logit_normal_std: float = 1.0):
+def sample_training_t(key, batch: int, mu: float, logit_normal_std: float = 1.0, uniform_fraction: float = 0.0):
     """Training timesteps: logit-normal draws, then the same shift the sampler uses, so training and sampling
-    weight the noise levels alike."""
-    u = jax.nn.sigmoid(logit_normal_std * jax.random.normal(key, (batch,)))
+    weight the noise levels alike.
+
+    `uniform_fraction` of the draws are uniform in [0, 1] instead (before the shift). A logit-normal almost never
+    draws the noisy end (after the toy's shift, t > 0.97 about once in 800 draws), where the prompt is all the model
+    has to go on and where every sample starts; a small teacher trained so learns the prompt's attributes at t = 0.8
+    (from the image still visible there) but starts its samples from an untrained t = 1.
+    """
+    if uniform_fraction <= 0.0:
+        u = jax.nn.sigmoid(logit_normal_std * jax.random.normal(key, (batch,)))
+    else:
+        k_normal, k_pick, k_uniform = jax.random.split(key, 3)
+        u = jax.nn.sigmoid(logit_normal_std * jax.random.normal(k_normal, (batch,)))
+        u = jnp.where(jax.random.bernoulli(k_pick, uniform_fraction, (batch,)),
+                      jax.random.uniform(k_uniform, (batch,)), u)
     return shift_time(u, mu)
 
 

@@ -56,12 +56,16 @@ def test_bad_config_names_are_clear_errors(spec, match):
     ("fake_score", {"gan_head_learning_rate": 0.0}, "gan_head_learning_rate > 0"),
     ("student", {"timesteps": (1.0, 0.5)}, "2 entries, student.num_steps is 4"),
     ("student", {"timesteps": (1.0, 0.7, 0.7, 0.2)}, "decrease strictly"),
+    ("teachers.base.train", {"uniform_t_fraction": 1.5}, "uniform_t_fraction must lie in"),
 ])
 def test_bad_distillation_settings_are_clear_errors_before_any_work(section, values, match):
     from qwen_flash_jax.distill import trainer
 
     config = config_lib.load_config("configs/5to5.py:toy")
-    config[section].update(values)
+    node = config
+    for part in section.split("."):
+        node = node[part]
+    node.update(values)
     if section == "fake_score":
         config.student.gan_weight = 1.0  # the head's settings matter only with the GAN term on
     with pytest.raises(ConfigError, match=match):

@@ -2,6 +2,9 @@
 
 import json
 
+import jax
+import numpy as np
+
 import pytest
 
 from qwen_flash_jax import config_lib
@@ -51,3 +54,24 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(cache, tmp_path
     assert resumed[0][0] == 5  # restarted after the last complete checkpoint (step 4)
     assert dict(straight)[12] == dict(resumed)[12]
     assert [m for s, m in straight if s > 4] == [m for _, m in resumed]
+
+
+def test_feature_layers_share_one_encoder_cache_entry_and_must_match_the_model(cache):
+    from qwen_flash_jax.models.config import ConfigError
+    from qwen_flash_jax.train import assets as assets_lib
+
+    config = tiny_config(cache)
+    assert tuple(config.text_encoder.feature_layers) == (0, -1) and config.model.context_in_dim == 128
+    both = assets_lib.build_assets(config, log=lambda *_: None)
+    config.text_encoder.feature_layers = (-1,)
+    config.model.context_in_dim = 64
+    last = assets_lib.build_assets(config, log=lambda *_: None)
+    assert both.text_encoder.config.feature_layers == (0, -1) and last.text_encoder.config.feature_layers == (-1,)
+    for a, b in zip(jax.tree.leaves(both.text_encoder.state), jax.tree.leaves(last.text_encoder.state)):
+        np.testing.assert_array_equal(a, b)  # the same pretrained weights, read from one cache entry
+    config.model.context_in_dim = 128
+    with pytest.raises(ConfigError, match="1 feature layers"):
+        assets_lib.build_assets(config, log=lambda *_: None)
+    config.text_encoder.feature_layers = (0, 5)
+    with pytest.raises(ConfigError, match="feature_layers"):
+        assets_lib.build_assets(config, log=lambda *_: None)

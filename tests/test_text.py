@@ -5,6 +5,8 @@ stub processor (our tokenizer, expanding `<|image_pad|>` as the toy world does) 
 encoder), and its `_get_qwen_prompt_embeds` must agree with `encode_prompts`.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -304,3 +306,30 @@ def test_pretraining_lowers_the_loss_and_save_load(tokenizer, captions, tmp_path
     batch = P.tokenize_prompts(loaded_tok, ["a white ring in the centre"])
     np.testing.assert_array_equal(np.asarray(enc.encode(loaded, batch["input_ids"], batch["attention_mask"])),
                                   np.asarray(enc.encode(trained, batch["input_ids"], batch["attention_mask"])))
+
+
+def test_feature_layers_concatenate_normalised_states(tokenizer, params):
+    batch = P.tokenize_prompts(tokenizer, ["a red circle in the centre", "a blue star"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    last = np.asarray(enc.encode(params, ids, mask))
+    model = enc._model(params)
+    np.testing.assert_allclose(last, np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), rtol=1e-5, atol=1e-5)
+
+    two = enc.TextEncoderParams(dataclasses.replace(params.config, feature_layers=(0, -1)), params.state)
+    assert two.config.output_size == 2 * params.config.hidden_size
+    features = np.asarray(enc.encode(two, ids, mask))
+    assert features.shape == ids.shape + (two.config.output_size,)
+    embeddings = np.asarray(params.state["embed"][...])[ids]
+
+    def rms_normalise(x):
+        return x / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + 1e-6)
+
+    d = params.config.hidden_size
+    np.testing.assert_allclose(features[..., :d], rms_normalise(embeddings), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(features[..., d:], rms_normalise(last), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layers", [(), (3,), (-4,)])
+def test_feature_layers_out_of_range_are_rejected(tokenizer, layers):
+    with pytest.raises(ValueError, match="feature_layers"):
+        enc.TextEncoderConfig.for_tokenizer(tokenizer, num_layers=2, feature_layers=layers)

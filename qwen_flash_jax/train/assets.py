@@ -55,9 +55,10 @@ def build_assets(config, log: Callable[[str], None] = print) -> Assets:
         raise ConfigError(f"codec gives {channels} latent channels but model.in_channels={config.model.in_channels}")
     sources = _sources(config, log)
     tokenizer, te_params = _toy_text_encoder(config, log)
-    if te_params.config.hidden_size != config.model.context_in_dim:
-        raise ConfigError(f"text encoder width {te_params.config.hidden_size} != model.context_in_dim "
-                          f"{config.model.context_in_dim}")
+    if te_params.config.output_size != config.model.context_in_dim:
+        raise ConfigError(f"text encoder output width {te_params.config.output_size} (hidden_size "
+                          f"{te_params.config.hidden_size} x {len(te_params.config.feature_layers)} feature layers) "
+                          f"!= model.context_in_dim {config.model.context_in_dim}")
     prompts = pipeline_lib.PromptEncoder(tokenizer, int(config.data.max_prompt_tokens))
     return Assets(sources, tokenizer, te_params, codec, prompts,
                   task_specs(prompts, codec, int(config.data.image_size)))
@@ -86,10 +87,13 @@ def _sources(config, log):
 
 def _toy_text_encoder(config, log):
     te = config.text_encoder
-    key = config_hash(te, config.data.image_size, "v1")
+    # Which layers make the features does not change the pretrained weights: one cache entry serves every choice.
+    feature_layers = tuple(int(i) for i in te.get("feature_layers", (-1,)))
+    weights_fields = {k: v for k, v in te.to_dict().items() if k != "feature_layers"}
+    key = config_hash(weights_fields, config.data.image_size, "v1")
     path = cache_root(config) / "text_encoder" / key
     if path.exists():
-        return _load_encoder(path)
+        return _load_encoder(path, feature_layers)
     log(f"training the toy tokenizer and text encoder ({te.pretrain_steps} steps) -> {path}")
     texts = world_texts(int(config.data.image_size), per_category=300, seed=12345)
     tokenizer = train_tokenizer(texts, vocab_size=int(te.vocab_size))
@@ -99,12 +103,16 @@ def _toy_text_encoder(config, log):
         condition_channels=int(config.model.in_channels))
     params = text_encoder.pretrain_text_encoder(tokenizer, texts, te_config, steps=int(te.pretrain_steps), seed=0)
     text_encoder.save(path, params, tokenizer)
-    return _load_encoder(path)
+    return _load_encoder(path, feature_layers)
 
 
-def _load_encoder(path):
+def _load_encoder(path, feature_layers):
     params, tokenizer = text_encoder.load(path)
-    return tokenizer, params
+    try:
+        te_config = dataclasses.replace(params.config, feature_layers=feature_layers)
+    except ValueError as e:
+        raise ConfigError(f"text_encoder.feature_layers: {e}") from e
+    return tokenizer, text_encoder.TextEncoderParams(te_config, params.state)
 
 
 def world_texts(size: int, per_category: int, seed: int) -> list[str]:

@@ -54,7 +54,7 @@ def task_specs(prompts: PromptEncoder, codec, image_size: int) -> dict[str, Task
 def encode(te_params, spec: TaskSpec, input_ids, attention_mask, condition_latents=None) -> Conditioning:
     """Runs the text encoder and assembles the Conditioning (call inside jit)."""
     cond = None if condition_latents is None else (condition_latents,)
-    hidden = text_encoder._model(te_params)(input_ids, attention_mask, cond, spec.condition_shapes)
+    hidden = text_encoder._model(te_params).features(input_ids, attention_mask, cond, spec.condition_shapes)
     batch = input_ids.shape[0]
     if condition_latents is None:
         condition_latents = jnp.zeros((batch, 0, 1), jnp.float32)

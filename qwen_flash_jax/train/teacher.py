@@ -89,7 +89,8 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
                                   label=f"teacher {name}", log=log)
 
     mu = target_mu(config)
-    step_fn = _make_step(model, optimizer, mu, float(train_cfg.caption_dropout), float(train_cfg.ema_decay))
+    step_fn = _make_step(model, optimizer, mu, float(train_cfg.caption_dropout), float(train_cfg.ema_decay),
+                         float(train_cfg.get("uniform_t_fraction", 0.0)))
     batch_sharding = sharding.batch_sharding(mesh, rules)
     writer = metric_writers.create_default_writer(str(workdir / "logs"), just_logging=jax.process_index() > 0)
     progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=config.train.log_every)
@@ -126,7 +127,7 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
     return state.ema
 
 
-def _make_step(model, optimizer, mu: float, caption_dropout: float, ema_decay: float):
+def _make_step(model, optimizer, mu: float, caption_dropout: float, ema_decay: float, uniform_t_fraction: float = 0.0):
     def train_step(state: TeacherState, te_params, batch, *, spec):
         key = jax.random.wrap_key_data(state.rng)
         key, k_t, k_eps, k_drop = jax.random.split(key, 4)
@@ -134,7 +135,7 @@ def _make_step(model, optimizer, mu: float, caption_dropout: float, ema_decay: f
                                                caption_dropout)
         cond = conditioning.encode(te_params, spec, ids, mask, batch.get("condition_latents"))
         x = batch["target_latents"]
-        t = flow.sample_training_t(k_t, x.shape[0], mu)
+        t = flow.sample_training_t(k_t, x.shape[0], mu, uniform_fraction=uniform_t_fraction)
         eps = jax.random.normal(k_eps, x.shape, x.dtype)
         z = flow.interpolate(x, eps, t)
 
@@ -224,6 +225,9 @@ def ensure_teacher(config, name: str, *, log=print, assets=None):
     """Parameters of teacher `name`: from `teachers.<name>.path`, the cache, or trained now (parents first)."""
     check_source(config, name)
     spec = config.teachers[name]
+    fraction = float(spec.train.get("uniform_t_fraction", 0.0))
+    if not 0.0 <= fraction <= 1.0:
+        raise config_lib.ConfigError(f"teachers.{name}.train.uniform_t_fraction must lie in [0, 1], got {fraction}")
     if spec.path:
         return _restore_standalone(config, spec.path)
     directory = cache_dir(config, name)
@@ -258,6 +262,9 @@ def check_source(config, name: str) -> None:
     if name not in config.teachers:
         raise config_lib.ConfigError(f"unknown teacher {name!r}; the config defines {sorted(config.teachers.keys())}")
     spec = config.teachers[name]
+    fraction = float(spec.train.get("uniform_t_fraction", 0.0))
+    if not 0.0 <= fraction <= 1.0:
+        raise config_lib.ConfigError(f"teachers.{name}.train.uniform_t_fraction must lie in [0, 1], got {fraction}")
     if spec.path:
         if not (pathlib.Path(spec.path) / "params").exists():
             raise config_lib.ConfigError(f"teachers.{name}.path={spec.path!r} holds no teacher checkpoint "
