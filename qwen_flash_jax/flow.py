@@ -68,13 +68,11 @@ def sample_training_t(key, batch: int, mu: float, logit_normal_std: float = 1.0,
     has to go on and where every sample starts; a small teacher trained so learns the prompt's attributes at t = 0.8
     (from the image still visible there) but starts its samples from an untrained t = 1.
     """
-    if uniform_fraction <= 0.0:
-        u = jax.nn.sigmoid(logit_normal_std * jax.random.normal(key, (batch,)))
-    else:
-        k_normal, k_pick, k_uniform = jax.random.split(key, 3)
-        u = jax.nn.sigmoid(logit_normal_std * jax.random.normal(k_normal, (batch,)))
-        u = jnp.where(jax.random.bernoulli(k_pick, uniform_fraction, (batch,)),
-                      jax.random.uniform(k_uniform, (batch,)), u)
+    if uniform_fraction <= 0.0:  # the key used as before, so earlier runs reproduce bit for bit
+        return shift_time(jax.nn.sigmoid(logit_normal_std * jax.random.normal(key, (batch,))), mu)
+    k_normal, k_pick, k_uniform = jax.random.split(key, 3)
+    u = jnp.where(jax.random.bernoulli(k_pick, uniform_fraction, (batch,)), jax.random.uniform(k_uniform, (batch,)),
+                  jax.nn.sigmoid(logit_normal_std * jax.random.normal(k_normal, (batch,))))
     return shift_time(u, mu)
 
 
