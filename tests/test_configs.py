@@ -70,3 +70,19 @@ def test_bad_distillation_settings_are_clear_errors_before_any_work(section, val
         config.student.gan_weight = 1.0  # the head's settings matter only with the GAN term on
     with pytest.raises(ConfigError, match=match):
         trainer.check_config(config)
+
+
+@pytest.mark.parametrize("job", ["distill", "teacher"])
+@pytest.mark.parametrize("values,match", [({"text_encoder.feature_layers": (0, 5)}, "feature_layers must be"),
+                                          ({"model.context_in_dim": 64}, "2 feature layers")])
+def test_bad_text_encoder_features_stop_before_the_workdir_exists(job, values, match, tmp_path):
+    from qwen_flash_jax.train import jobs
+
+    config = config_lib.load_config("configs/5to5.py:toy")
+    config.job, config.teacher_name = job, "base"
+    for key, value in values.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    with pytest.raises(ConfigError, match=match):
+        jobs.run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -53,12 +53,9 @@ def build_assets(config, log: Callable[[str], None] = print) -> Assets:
     channels = codec.latent_shape(config.data.image_size, config.data.image_size)[2]
     if channels != config.model.in_channels:
         raise ConfigError(f"codec gives {channels} latent channels but model.in_channels={config.model.in_channels}")
+    check_text_encoder(config)
     sources = _sources(config, log)
     tokenizer, te_params = _toy_text_encoder(config, log)
-    if te_params.config.output_size != config.model.context_in_dim:
-        raise ConfigError(f"text encoder output width {te_params.config.output_size} (hidden_size "
-                          f"{te_params.config.hidden_size} x {len(te_params.config.feature_layers)} feature layers) "
-                          f"!= model.context_in_dim {config.model.context_in_dim}")
     prompts = pipeline_lib.PromptEncoder(tokenizer, int(config.data.max_prompt_tokens))
     return Assets(sources, tokenizer, te_params, codec, prompts,
                   task_specs(prompts, codec, int(config.data.image_size)))
@@ -85,6 +82,22 @@ def _sources(config, log):
     raise ConfigError(f"data.source must be 'toy_world' or 'jsonl', got {d.source!r}")
 
 
+def check_text_encoder(config) -> None:
+    """The toy encoder's feature layers and width against the model, from the config alone (before any work)."""
+    te = config.text_encoder
+    if te.kind != "toy":
+        return
+    layers = tuple(int(i) for i in te.get("feature_layers", (-1,)))
+    depth = int(te.num_layers)
+    if not layers or any(not -depth - 1 <= i <= depth for i in layers):
+        raise ConfigError(f"text_encoder.feature_layers must be a non-empty list of indices in [{-depth - 1}, "
+                          f"{depth}], got {list(layers)}")
+    width = int(te.hidden_size) * len(layers)
+    if width != int(config.model.context_in_dim):
+        raise ConfigError(f"text encoder output width {width} (hidden_size {te.hidden_size} x {len(layers)} feature "
+                          f"layers) != model.context_in_dim {config.model.context_in_dim}")
+
+
 def _toy_text_encoder(config, log):
     te = config.text_encoder
     # Which layers make the features does not change the pretrained weights: one cache entry serves every choice.
@@ -108,10 +121,7 @@ def _toy_text_encoder(config, log):
 
 def _load_encoder(path, feature_layers):
     params, tokenizer = text_encoder.load(path)
-    try:
-        te_config = dataclasses.replace(params.config, feature_layers=feature_layers)
-    except ValueError as e:
-        raise ConfigError(f"text_encoder.feature_layers: {e}") from e
+    te_config = dataclasses.replace(params.config, feature_layers=feature_layers)  # checked by check_text_encoder
     return tokenizer, text_encoder.TextEncoderParams(te_config, params.state)
 
 

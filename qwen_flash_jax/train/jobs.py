@@ -39,8 +39,11 @@ def run(config, workdir) -> None:
     from qwen_flash_jax.distill import trainer
     from qwen_flash_jax.train import teacher
 
+    from qwen_flash_jax.train.assets import check_text_encoder
+
     workdir = pathlib.Path(workdir)
     # Validate first: a bad config must not leave a half-made workdir behind.
+    check_text_encoder(config)
     if config.job == "teacher":
         check_data_config(config.data)
         teacher.check_source(config, config.teacher_name)
