@@ -120,3 +120,25 @@ def test_with_the_gan_term_a_resumed_run_reproduces_the_uninterrupted_one(cache,
     # student from step 2, and the head's accuracy (measured before each critic update) moves off 0 after that.
     assert all(m["gan_grad_ratio"] > 0 for s, m in straight if s > 1) and straight[-1][1]["disc_accuracy"] > 0
     assert [m for s, m in straight if s > 2] == [m for _, m in resumed]
+
+
+def test_fake_score_warmup_runs_before_the_first_student_update_and_resumes_exactly(cache, straight_run, tmp_path):
+    """Warm-up critic updates happen at step 0 only: the first generator update already sees a trained fake score
+    (its DMD loss differs from the plain run's), and a resumed run still repeats the uninterrupted one."""
+    config = tiny_distill_config(cache)
+    config.fake_score.warmup_updates = 3
+    config.train.steps = 4
+    straight, resumed = [], []
+    trainer.distill(config, tmp_path / "a", history=straight, **QUIET)
+    trainer.distill(config, tmp_path / "b", stop_at=3, **QUIET)
+    trainer.distill(config, tmp_path / "b", history=resumed, **QUIET)
+    assert straight[0][1]["dmd_loss"] != straight_run[0][1]["dmd_loss"]
+    assert resumed[0][0] == 3 and [m for s, m in straight if s > 2] == [m for _, m in resumed]
+
+
+def test_a_negative_fake_score_warmup_is_a_config_error(cache, tmp_path):
+    config = tiny_distill_config(cache)
+    config.fake_score.warmup_updates = -1
+    with pytest.raises(trainer.ConfigError, match="warmup_updates"):
+        trainer.distill(config, tmp_path / "w", **QUIET)
+    assert not (tmp_path / "w").exists()

@@ -57,11 +57,12 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
 
     steps = int(config.train.steps)
     ratio = int(config.fake_score.updates_per_student)
+    warmup = int(config.fake_score.warmup_updates)
     mu = teacher.target_mu(config)
     setup = DistillSetup(
         model=model,
         student_opt=optim.from_config(config.optim, steps, float(config.student.learning_rate)),
-        fake_opt=optim.from_config(config.optim, steps * ratio, float(config.fake_score.learning_rate)),
+        fake_opt=optim.from_config(config.optim, steps * ratio + warmup, float(config.fake_score.learning_rate)),
         timesteps=tuple(float(t) for t in dmd.student_timesteps(int(config.student.num_steps), mu,
                                                                  tuple(config.student.timesteps))),
         guidance=dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS,
@@ -70,7 +71,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         cfg_rescale=float(config.guidance.cfg_rescale), t_min=float(config.guidance.t_min),
         t_max=float(config.guidance.t_max), ema_decay=float(config.student.ema_decay),
         first_step_fm_weight=float(config.student.first_step_fm_weight),
-        disc_opt=optim.from_config(config.optim, steps * ratio, float(config.fake_score.gan_head_learning_rate)),
+        disc_opt=optim.from_config(config.optim, steps * ratio + warmup,
+                                   float(config.fake_score.gan_head_learning_rate)),
         gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight))
     student = model.params
     fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
@@ -108,7 +110,10 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         probe(0, state)
     pending, started = [], time.perf_counter()
     for step in range(int(state.step), steps):
-        for _ in range(ratio):
+        # Before the first student update the fake score gets `warmup` extra updates: it starts as the teacher's
+        # score, and only once it has learned the student's own (blurrier) samples does the DMD gradient point
+        # past the CFG direction. No checkpoint precedes step 1, so a resumed run repeats the warm-up exactly.
+        for _ in range(ratio + (warmup if step == 0 else 0)):
             task, batch = next_batch()
             state, m_critic = critic(state, assets.text_encoder, batch, spec=assets.tasks[task])
         task, batch = next_batch()
@@ -159,6 +164,8 @@ def check_config(config) -> None:
         teacher.check_source(config, name)
     dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
     dmd.student_timesteps(int(config.student.num_steps), 0.0, tuple(config.student.timesteps))
+    if int(config.fake_score.warmup_updates) < 0:
+        raise ConfigError(f"fake_score.warmup_updates must be >= 0, got {config.fake_score.warmup_updates}")
     for field in ("student.gan_weight", "fake_score.gan_weight"):
         section, name = field.split(".")
         if float(config[section][name]) < 0:
