@@ -133,8 +133,8 @@ def get_config(arg=None):
         init_from="base",
         learning_rate=1e-4 if toy else 2e-6,
         updates_per_student=3 if toy else 5,  # critic-to-student update ratio (DMD2's two time-scale rule)
-        # Critic-only updates before the first student update, so the fake score has learned the student's samples
-        # before it steers them (it starts as the teacher's score, which sees no difference yet).
+        # Critic-only updates before the first student update (the fake score starts as the teacher's score, so the
+        # first DMD gradients are only the CFG direction). toy: 300 changes neither task (README, Measured).
         warmup_updates=0,
         # Weight of the discriminator's classification loss in the critic update (used when student.gan_weight > 0).
         # It also trains the fake trunk: at 1.0 it pulled the trunk off the student's score (toy fake-score loss

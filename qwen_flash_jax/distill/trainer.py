@@ -111,8 +111,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     pending, started = [], time.perf_counter()
     for step in range(int(state.step), steps):
         # Before the first student update the fake score gets `warmup` extra updates: it starts as the teacher's
-        # score, and only once it has learned the student's own (blurrier) samples does the DMD gradient point
-        # past the CFG direction. No checkpoint precedes step 1, so a resumed run repeats the warm-up exactly.
+        # score, so the first DMD gradients are only the CFG direction. No checkpoint precedes step 1, so a resumed
+        # run repeats the warm-up exactly.
         for _ in range(ratio + (warmup if step == 0 else 0)):
             task, batch = next_batch()
             state, m_critic = critic(state, assets.text_encoder, batch, spec=assets.tasks[task])
