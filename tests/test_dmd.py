@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from qwen_flash_jax import flow, sampling
@@ -32,8 +33,6 @@ def test_dmd_loss_moves_a_generator_onto_the_target_distribution():
     """With exact real and fake scores (Gaussians), following dmd_loss at uniform DMD noise levels matches the
     generator's mean and spread to the target's, including shrinking and widening it: the loss's sign and its
     per-sample normalisation carry no bias of their own."""
-    import optax
-
     target_mean, target_std = jnp.array([1.5, -0.5, 0.0, 2.0]), jnp.array([0.5, 1.5, 0.2, 1.0])
     params = {"mean": jnp.zeros(4), "log_std": jnp.zeros(4)}  # the generator x = mean + exp(log_std) z
     opt = optax.adam(0.02)
