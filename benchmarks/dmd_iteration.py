@@ -1,6 +1,10 @@
 """Cost of one DMD iteration against the sum of the passes it is made of, and its FLOP/s against a large matmul.
 
     python benchmarks/dmd_iteration.py [--config=configs/5to5.py:toy] [--repeats=5]
+    # an accelerator: a larger model in bfloat16 against a bfloat16 matmul of the chip's size
+    python benchmarks/dmd_iteration.py --config.model.dtype=bfloat16 --config.model.num_layers=8 \
+        --config.model.num_attention_heads=12 --config.model.attention_head_dim=128 \
+        --config.model.axes_dims_rope='(16,56,56)' --config.data.image_size=128 --matmul_size=8192 --matmul_dtype=bfloat16
 
 One iteration = `fake_score.updates_per_student` critic updates + one generator update, on the toy config's
 model and batch (random weights: cost does not depend on values). The "sum of passes" counts what the iteration
@@ -15,12 +19,16 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/5to5.py:toy", "Config file.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median is reported).")
+_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that sets the reference rate.")
+_MATMUL_DTYPE = flags.DEFINE_enum("matmul_dtype", "float32", ["float32", "bfloat16"],
+                                  "The reference matmul's dtype: the model's matmul dtype (config.model.dtype).")
 
 
 def _time(fn, repeats):
@@ -33,10 +41,33 @@ def _time(fn, repeats):
     return statistics.median(times)
 
 
-def _flops(jitted, *args, **kwargs):
-    cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
+def _matmul_flops(fn, *args):
+    """2 * M * N * K summed over the matmuls (dot_general) of fn's jaxpr, scans counted `length` times.
+
+    Counted from the traced program, so the number is the same on every backend (a GPU's compiled cost analysis
+    counts library matmuls as zero, XLA's counts a loop body once); elementwise work is left out.
+    """
+
+    def count(jaxpr):
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                lhs, rhs = (v.aval.shape for v in eqn.invars)
+                (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+                rhs_free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+                total += 2.0 * np.prod(lhs) * np.prod(rhs_free)
+                continue
+            inner = 0.0
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, jax_core.ClosedJaxpr):
+                        inner = max(inner, count(sub.jaxpr)) if eqn.primitive.name == "cond" else inner + count(sub.jaxpr)
+                    elif isinstance(sub, jax_core.Jaxpr):
+                        inner += count(sub)
+            total += inner * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def main(argv):
@@ -44,7 +75,7 @@ def main(argv):
     from qwen_flash_jax import config_lib, sampling
     from qwen_flash_jax.distill import dmd, gan
     from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
-    from qwen_flash_jax.distill.trainer import CONDITIONS
+    from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
     from qwen_flash_jax.loading import build_transformer
     from qwen_flash_jax.text import encoder as text_encoder
     from qwen_flash_jax.text.tokenizer import train_tokenizer
@@ -74,7 +105,7 @@ def main(argv):
     ratio = int(config.fake_score.updates_per_student)
     setup = DistillSetup(model=model, student_opt=optim.adamw(1e-4, 100), fake_opt=optim.adamw(1e-4, 100),
                          timesteps=tuple(float(t) for t in dmd.student_timesteps(K, 0.5)),
-                         guidance=np.full((K, len(CONDITIONS), len(names)), 1.0 / len(names), np.float32),
+                         guidance=np.full((K, len(T2I_CATEGORIES) + len(EDIT_CATEGORIES), len(names)), 1.0 / len(names), np.float32),
                          teacher_names=names, cfg_scale=4.0, cfg_rescale=0.0, t_min=0.02, t_max=0.98,
                          ema_decay=0.0, first_step_fm_weight=0.0, disc_opt=optim.adamw(1e-4, 100),
                          gan_weight=float(config.student.gan_weight))
@@ -112,20 +143,34 @@ def main(argv):
     gen_sum = sim * t_fwd + t_fb + len(names) * t_fwd2 + (t_fb if gan_on else t_fwd)
     passes = ratio * critic_sum + gen_sum
 
-    flops = ratio * _flops(critic, state, te_params, batch, spec=spec) + _flops(
-        gen, state, te_params, teachers, batch, spec=spec, condition_offset=0)
-    n = 2048
-    a = jax.random.normal(jax.random.key(1), (n, n))
+    # Useful FLOPs of the iteration: the passes above, weighted as in `passes` (a loop over a traced k has no
+    # static FLOP count of its own).
+    f_fwd = _matmul_flops(fwd, model.params, latents)
+    f_fwd2 = _matmul_flops(fwd2, model.params, jnp.concatenate([latents, latents]))
+    f_fb = _matmul_flops(fwd_bwd, model.params, latents)
+    critic_flops = (sim + 1) * f_fwd + (2 if gan_on else 1) * f_fb
+    gen_flops = sim * f_fwd + f_fb + len(names) * f_fwd2 + (f_fb if gan_on else f_fwd)
+    flops = ratio * critic_flops + gen_flops
+    n = _MATMUL_SIZE.value
+    a = jax.random.normal(jax.random.key(1), (n, n), _MATMUL_DTYPE.value)
     matmul = jax.jit(lambda x: x @ x)
     t_mm = _time(lambda: matmul(a), repeats)
     mm_rate = 2 * n**3 / t_mm
-    print(f"config {config.variant}: batch {batch_size}, {K}-step student, {ratio} critic updates, teachers {names}")
+    params = sum(x.size for x in jax.tree.leaves(model.params))
+    print(f"device {jax.devices()[0].device_kind}; config {config.variant}: {params / 1e6:.1f}M parameters, "
+          f"{config.model.dtype} matmuls, batch {batch_size}, {h * w} image tokens, {K}-step student, "
+          f"{ratio} critic updates, teachers {names}")
     print(f"passes: forward {t_fwd * 1e3:.1f} ms, CFG forward (2x batch) {t_fwd2 * 1e3:.1f} ms, "
           f"forward+backward {t_fb * 1e3:.1f} ms")
     print(f"DMD iteration {t_iter * 1e3:.1f} ms vs sum of its passes {passes * 1e3:.1f} ms: "
           f"ratio {t_iter / passes:.2f}")
-    print(f"DMD iteration {flops / t_iter / 1e9:.1f} GFLOP/s (XLA cost analysis, expected k) vs "
-          f"{n}^3 matmul {mm_rate / 1e9:.1f} GFLOP/s: {flops / t_iter / mm_rate:.2f} of matmul peak")
+    rate = lambda f, t: f"{f / t / 1e9:.1f} GFLOP/s = {f / t / mm_rate:.2f} of the matmul"  # noqa: E731
+    print(f"{n}^3 {_MATMUL_DTYPE.value} matmul: {mm_rate / 1e9:.1f} GFLOP/s")
+    print(f"forward {rate(f_fwd, t_fwd)}; forward+backward {rate(f_fb, t_fb)}")
+    print(f"DMD iteration (matmul FLOPs of its passes, expected k): {rate(flops, t_iter)}")
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        print(f"peak device memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":

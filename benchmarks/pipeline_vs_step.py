@@ -1,6 +1,6 @@
 """Input pipeline throughput against what the training step consumes, measured side by side in one run.
 
-    python benchmarks/pipeline_vs_step.py [--config=configs/teacher.py:toy] [--batches=40] [--cache_dir=...]
+    python benchmarks/pipeline_vs_step.py [--config=configs/teacher.py:toy] [--batches=40] [--config.cache_dir=...]
 
 Prints batches/s of the grain pipeline alone, batches/s of the jitted teacher train step alone (fed one cached
 batch per task), and their ratio; the pipeline must never be the bottleneck (ratio > 1).
