@@ -1,8 +1,9 @@
 """Qwen-Image 2.x single-stream transformer (diffusers `QwenImage21Transformer2DModel`) as Flax NNX modules.
 
 Numerics follow diffusers; the differences are structural:
-  * the 32 blocks are one module with stacked parameters (leading `layers` axis) run under `jax.lax.scan`, with a
-    config-selected remat policy, so compile time does not grow with depth;
+  * the 32 blocks are one module with stacked parameters (leading `layers` axis) run under `jax.lax.scan` (or, with
+    `scan_layers=False`, a loop over layer slices), with a config-selected remat policy, so compile time does not
+    grow with depth;
   * everything derived from the token layout (gathers, RoPE tables, the block-causal mask) is a host constant from a
     hashable `TokenLayout`, so the forward traces once per layout;
   * the block-causal attention is one masked attention over the whole sequence (diffusers runs one SDPA call per
@@ -259,7 +260,13 @@ class QwenImageTransformer(nnx.Module):
                         "dots_with_no_batch_dims_saveable":
                             jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
             body = jax.checkpoint(body, policy=saveable, prevent_cse=False)
-        return jax.lax.scan(body, x, (block_state, kv_cache))
+        if self.cfg.scan_layers:
+            return jax.lax.scan(body, x, (block_state, kv_cache))
+        outputs = []
+        for i in range(self.cfg.num_layers):
+            x, out_kv = body(x, jax.tree.map(lambda a: a[i], (block_state, kv_cache)))
+            outputs.append(out_kv)
+        return x, (jax.tree.map(lambda *a: jnp.stack(a), *outputs) if extract else None)
 
 
 def _make_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:

@@ -215,7 +215,9 @@ def cache_dir(config, name: str) -> pathlib.Path:
     spec = config.teachers[name]
     parent = cache_dir(config, spec.init_from).name if spec.init_from else ""
     d = config.data
-    key = assets_lib.config_hash(config.model, config.text_encoder, config.codec, spec.train.to_dict(),
+    # How the blocks run (scanned or unrolled) changes no number, so it stays out of the key.
+    model = {k: v for k, v in config.model.to_dict().items() if k != "scan_layers"}
+    key = assets_lib.config_hash(model, config.text_encoder, config.codec, spec.train.to_dict(),
                                  [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens],
                                  config.seed, config.mesh.to_dict(), parent, "v1")
     return assets_lib.cache_root(config) / "teachers" / f"{name}-{key}"
