@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from qwen_flash_jax.distill import trainer
@@ -140,5 +141,23 @@ def test_a_negative_fake_score_warmup_is_a_config_error(cache, tmp_path):
     config = tiny_distill_config(cache)
     config.fake_score.warmup_updates = -1
     with pytest.raises(trainer.ConfigError, match="warmup_updates"):
+        trainer.distill(config, tmp_path / "w", **QUIET)
+    assert not (tmp_path / "w").exists()
+
+
+def test_predicted_renoising_trains_and_a_bad_mode_is_a_config_error(cache, straight_run, tmp_path):
+    """`student.renoise="predicted"` changes the student's inputs at steps k > 0 (Euler steps instead of fresh
+    noise), so the run's DMD losses differ from the default run's once such a step is drawn; an unknown mode stops
+    the job before it creates its workdir."""
+    config = tiny_distill_config(cache)
+    config.student.renoise = "predicted"
+    config.train.steps = 4
+    history = []
+    trainer.distill(config, tmp_path / "p", history=history, **QUIET)
+    assert all(m["skipped"] == 0 and np.isfinite(m["dmd_loss"]) for _, m in history)
+    later = [(m, ref) for (_, m), (_, ref) in zip(history, straight_run) if m["k"] > 0 and ref["k"] == m["k"]]
+    assert later and all(m["dmd_loss"] != ref["dmd_loss"] for m, ref in later)
+    config.student.renoise = "ddim"
+    with pytest.raises(trainer.ConfigError, match="student.renoise"):
         trainer.distill(config, tmp_path / "w", **QUIET)
     assert not (tmp_path / "w").exists()

@@ -117,12 +117,32 @@ def test_backward_simulation_runs_the_earlier_steps(setup):
     z = noise
     for j in range(2):
         x0, _ = dmd.student_x0(model, model.params, cond, z, jnp.full((2,), times[j]))
-        z = dmd.renoise(x0, jax.random.normal(jax.random.fold_in(key, j), z.shape), times[j + 1])
+        z = flow.interpolate(x0, jax.random.normal(jax.random.fold_in(key, j), z.shape), times[j + 1])
     np.testing.assert_allclose(sim(2), z, rtol=1e-5, atol=1e-5)
     # Few-step generation is the same recursion carried to the last step.
     out = dmd.generate(model, model.params, cond, noise, times[:3], key)
     x0, _ = dmd.student_x0(model, model.params, cond, z, jnp.full((2,), times[2]))
     np.testing.assert_allclose(out, x0, rtol=1e-4, atol=1e-4)
+
+
+def test_predicted_renoising_makes_the_student_the_euler_sampler(setup):
+    """With the noise its velocity implies, each student step is an Euler step: the student at initialisation
+    samples exactly as the teacher's Euler sampler (without CFG) over the same times, and its backward simulation
+    reaches the Euler iterate. With fresh noise the samples differ."""
+    model, _, cond, _, noise = setup
+    times = dmd.student_timesteps(4, 0.5)
+    key = jax.random.key(3)
+    out = dmd.generate(model, model.params, cond, noise, times, key, "predicted")
+    sigmas = np.append(times, 0.0)
+    euler = sampling.euler_sample(model, model.params, noise, cond, sigmas, use_kv_cache=False)
+    np.testing.assert_allclose(out, euler, rtol=1e-4, atol=1e-4)
+    z2 = sampling.euler_sample(model, model.params, noise, cond, sigmas[:3], use_kv_cache=False)
+    sim = dmd.backward_simulation(model, model.params, cond, noise, 2, times, key, "predicted")
+    np.testing.assert_allclose(sim, z2, rtol=1e-4, atol=1e-4)
+    fresh = dmd.generate(model, model.params, cond, noise, times, key, "fresh")
+    assert float(jnp.max(jnp.abs(fresh - euler))) > 1e-2
+    with pytest.raises(ConfigError, match="student.renoise must be one of"):
+        dmd.check_renoise("ddim")
 
 
 def test_student_timesteps_default_to_the_shifted_schedule_and_check_an_explicit_list():

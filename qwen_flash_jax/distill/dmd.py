@@ -2,7 +2,8 @@
 
 Notation follows the paper: the student G maps noise (and the condition) to a clean sample in K steps over a
 shifted timestep list t_0 = 1 > t_1 > ... > t_{K-1}; at each step it predicts x0 = z - t v and, if more steps
-follow, re-noises it with fresh noise to the next t. The generator's gradient is the difference of a *fake* score
+follow, re-noises it to the next t: with fresh noise (DMD2, `renoise="fresh"`) or with the noise its own velocity
+implies (`"predicted"`, which makes each step an Euler step of the student's flow). The generator's gradient is the difference of a *fake* score
 (an auxiliary network trained on the student's own samples) and a *real* score (frozen teachers with CFG),
 evaluated at a re-noised student sample; in x0 form: grad = (x0_fake - x0_real) / mean|x - x0_real|.
 
@@ -39,34 +40,50 @@ def student_x0(model, params, cond, z, t):
     return flow.x0_from_velocity(z, v, t), v
 
 
-def renoise(x0, noise, t):
-    return flow.interpolate(x0, noise, t)
+RENOISE_MODES = ("fresh", "predicted")
 
 
-def backward_simulation(model, params, cond, noise, k, timesteps, key):
+def check_renoise(mode: str) -> str:
+    if mode not in RENOISE_MODES:
+        raise ConfigError(f"student.renoise must be one of {RENOISE_MODES}, got {mode!r}")
+    return mode
+
+
+def renoise(x0, z, v, t, t_next, key, mode: str = "fresh"):
+    """The next step's input from the student's x0 at (z, t). "fresh": x0 with new Gaussian noise (DMD2).
+    "predicted": x0 with the noise the student's velocity implies, eps = z + (1 - t) v, i.e. an Euler step
+    z + (t_next - t) v, so the first step's noise is carried to the end as in the teacher's ODE sampler."""
+    if mode == "predicted":
+        eps = z + (1.0 - t)[:, None, None] * v
+    else:
+        eps = jax.random.normal(key, z.shape, z.dtype)
+    return flow.interpolate(x0, eps, t_next)
+
+
+def backward_simulation(model, params, cond, noise, k, timesteps, key, mode: str = "fresh"):
     """The noisy input of student step k, reached by running steps 0..k-1 without gradients (DMD2's backward
-    simulation). `k` may be traced; each re-noising draws fresh noise."""
+    simulation). `k` may be traced; the re-noising between steps follows `mode` (see `renoise`)."""
     times = jnp.asarray(timesteps, jnp.float32)
     batch = noise.shape[0]
 
     def body(j, z):
-        x0, _ = student_x0(model, params, cond, z, jnp.full((batch,), times[j]))
-        fresh = jax.random.normal(jax.random.fold_in(key, j), z.shape, z.dtype)
-        return renoise(x0, fresh, times[j + 1])
+        t = jnp.full((batch,), times[j])
+        x0, v = student_x0(model, params, cond, z, t)
+        return renoise(x0, z, v, t, times[j + 1], jax.random.fold_in(key, j), mode)
 
     return jax.lax.stop_gradient(jax.lax.fori_loop(0, k, body, noise.astype(jnp.float32)))
 
 
-def generate(model, params, cond, noise, timesteps, key):
-    """Few-step sampling (inference): x0 predictions re-noised with fresh noise between steps (K NFEs)."""
+def generate(model, params, cond, noise, timesteps, key, mode: str = "fresh"):
+    """Few-step sampling (inference), K NFEs: x0 predictions re-noised between steps as in training (`renoise`)."""
     batch = noise.shape[0]
     z = noise.astype(jnp.float32)
     x0 = z
     for j, t in enumerate(np.asarray(timesteps)):
-        x0, _ = student_x0(model, params, cond, z, jnp.full((batch,), float(t)))
+        t = jnp.full((batch,), float(t))
+        x0, v = student_x0(model, params, cond, z, t)
         if j + 1 < len(timesteps):
-            fresh = jax.random.normal(jax.random.fold_in(key, j), z.shape, z.dtype)
-            z = renoise(x0, fresh, float(timesteps[j + 1]))
+            z = renoise(x0, z, v, t, float(timesteps[j + 1]), jax.random.fold_in(key, j), mode)
     return x0
 
 

@@ -55,6 +55,7 @@ class DistillSetup:
     disc_opt: object = None
     gan_weight: float = 0.0  # generator's GAN loss weight; 0 = pure DMD (the paper's objective)
     gan_critic_weight: float = 0.01  # weight of the head's classification loss in the critic update
+    renoise: str = "fresh"  # how the student re-noises between its steps (dmd.renoise)
 
 
 def _split(state):
@@ -67,7 +68,8 @@ def _student_input(setup, state, cond, batch_size, shape, key_noise, key_k, key_
     """Draws the student step k and its noisy input by backward simulation."""
     k = jax.random.randint(key_k, (), 0, len(setup.timesteps))
     noise = jax.random.normal(key_noise, shape, jnp.float32)
-    z = dmd.backward_simulation(setup.model, state.student, cond, noise, k, setup.timesteps, key_sim)
+    z = dmd.backward_simulation(setup.model, state.student, cond, noise, k, setup.timesteps, key_sim,
+                                setup.renoise)
     t = jnp.full((batch_size,), jnp.asarray(setup.timesteps)[k])
     return k, z, t
 

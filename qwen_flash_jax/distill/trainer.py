@@ -73,7 +73,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         first_step_fm_weight=float(config.student.first_step_fm_weight),
         disc_opt=optim.from_config(config.optim, steps * ratio + warmup,
                                    float(config.fake_score.gan_head_learning_rate)),
-        gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight))
+        gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight),
+        renoise=dmd.check_renoise(str(config.student.renoise)))
     student = model.params
     fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
     disc = gan.init_head(jax.random.key(int(config.seed) + 2), model_cfg.inner_dim)
@@ -104,7 +105,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     log(f"distill: {steps} student updates x {ratio} critic updates, {config.student.num_steps}-step student, "
         f"teachers {list(names)}, ratio {config.data.task_ratio}, T2I {dict(config.data.t2i_weights)}")
     # One sampler cache for the probes and the final evaluation.
-    gen = Generator(model, assets, mu, student_timesteps=setup.timesteps)
+    gen = Generator(model, assets, mu, student_timesteps=setup.timesteps, student_renoise=setup.renoise)
     probe = _make_probe(config, workdir, gen, writer, log)
     if probe and int(state.step) == 0:
         probe(0, state)
@@ -164,6 +165,7 @@ def check_config(config) -> None:
         teacher.check_source(config, name)
     dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
     dmd.student_timesteps(int(config.student.num_steps), 0.0, tuple(config.student.timesteps))
+    dmd.check_renoise(str(config.student.renoise))
     if int(config.fake_score.warmup_updates) < 0:
         raise ConfigError(f"fake_score.warmup_updates must be >= 0, got {config.fake_score.warmup_updates}")
     for field in ("student.gan_weight", "fake_score.gan_weight"):

@@ -28,6 +28,7 @@ class Generator:
     batch_size: int = 16
     use_kv_cache: bool = True
     student_timesteps: tuple[float, ...] | None = None  # the student's input times; None: the shifted Euler list
+    student_renoise: str = "fresh"  # how the student re-noises between steps (distill.dmd.renoise)
 
     def t2i(self, params, captions, *, num_steps: int, cfg_scale: float = 1.0, seed: int = 0,
             student: bool = False) -> np.ndarray:
@@ -75,7 +76,8 @@ class Generator:
         def sample(params, te_params, ids, mask, cond_latents, noise, key, *, spec, sigmas, cfg_scale, student):
             cond = conditioning.encode(te_params, spec, ids, mask, cond_latents)
             if student:
-                return dmd.generate(self.model, params, cond, noise, sigmas[:-1], jax.random.fold_in(key, 1))
+                return dmd.generate(self.model, params, cond, noise, sigmas[:-1], jax.random.fold_in(key, 1),
+                                    self.student_renoise)
             neg_ids, neg_mask = conditioning.empty_prompt(spec, ids.shape[0])
             neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, cond_latents)
             return sampling.euler_sample(self.model, params, noise, cond, np.asarray(sigmas), neg_cond=neg,
