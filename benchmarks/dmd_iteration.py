@@ -4,7 +4,8 @@
     # an accelerator: a larger model in bfloat16 against a bfloat16 matmul of the chip's size
     python benchmarks/dmd_iteration.py --config.model.dtype=bfloat16 --config.model.num_layers=8 \
         --config.model.num_attention_heads=12 --config.model.attention_head_dim=128 \
-        --config.model.axes_dims_rope='(16,56,56)' --config.data.image_size=128 --matmul_size=8192 --matmul_dtype=bfloat16
+        --config.model.axes_dims_rope='(16,56,56)' --config.data.image_size=128 --config.data.max_prompt_tokens=320 \
+        --matmul_size=8192 --matmul_dtype=bfloat16
 
 One iteration = `fake_score.updates_per_student` critic updates + one generator update, on the toy config's
 model and batch (random weights: cost does not depend on values). The "sum of passes" counts what the iteration
@@ -61,7 +62,8 @@ def _matmul_flops(fn, *args):
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (tuple, list)) else (value,):
                     if isinstance(sub, jax_core.ClosedJaxpr):
-                        inner = max(inner, count(sub.jaxpr)) if eqn.primitive.name == "cond" else inner + count(sub.jaxpr)
+                        sub_flops = count(sub.jaxpr)
+                        inner = max(inner, sub_flops) if eqn.primitive.name == "cond" else inner + sub_flops
                     elif isinstance(sub, jax_core.Jaxpr):
                         inner += count(sub)
             total += inner * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
@@ -105,7 +107,8 @@ def main(argv):
     ratio = int(config.fake_score.updates_per_student)
     setup = DistillSetup(model=model, student_opt=optim.adamw(1e-4, 100), fake_opt=optim.adamw(1e-4, 100),
                          timesteps=tuple(float(t) for t in dmd.student_timesteps(K, 0.5)),
-                         guidance=np.full((K, len(T2I_CATEGORIES) + len(EDIT_CATEGORIES), len(names)), 1.0 / len(names), np.float32),
+                         guidance=np.full((K, len(T2I_CATEGORIES) + len(EDIT_CATEGORIES), len(names)),
+                                          1.0 / len(names), np.float32),
                          teacher_names=names, cfg_scale=4.0, cfg_rescale=0.0, t_min=0.02, t_max=0.98,
                          ema_decay=0.0, first_step_fm_weight=0.0, disc_opt=optim.adamw(1e-4, 100),
                          gan_weight=float(config.student.gan_weight))

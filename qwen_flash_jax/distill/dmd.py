@@ -3,9 +3,10 @@
 Notation follows the paper: the student G maps noise (and the condition) to a clean sample in K steps over a
 shifted timestep list t_0 = 1 > t_1 > ... > t_{K-1}; at each step it predicts x0 = z - t v and, if more steps
 follow, re-noises it to the next t: with fresh noise (DMD2, `renoise="fresh"`) or with the noise its own velocity
-implies (`"predicted"`, which makes each step an Euler step of the student's flow). The generator's gradient is the difference of a *fake* score
-(an auxiliary network trained on the student's own samples) and a *real* score (frozen teachers with CFG),
-evaluated at a re-noised student sample; in x0 form: grad = (x0_fake - x0_real) / mean|x - x0_real|.
+implies (`"predicted"`, which makes each step an Euler step of the student's flow). The generator's gradient is
+the difference of a *fake* score (an auxiliary network trained on the student's own samples) and a *real* score
+(frozen teachers with CFG), evaluated at a re-noised student sample; in x0 form:
+grad = (x0_fake - x0_real) / mean|x - x0_real|.
 
 Step-wise multi-teacher guidance (eq. 5-7): the real x0 is sum_m lambda[k, m](c) x0_m, with k the student step
 that produced the sample and c the condition (task and category); weights come from a config table and sum to 1.
