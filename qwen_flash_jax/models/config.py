@@ -58,8 +58,8 @@ class TransformerConfig:
     dtype: str = "float32"  # activation / matmul dtype; norms, softmax and RoPE always run in float32
     remat_policy: str = "none"
     # Run the stacked blocks under `lax.scan` (compile time independent of depth) or as an unrolled Python loop over
-    # layer slices. Same parameters, same numbers; on a CPU the scanned backward spends much of its time filling and
-    # copying stacked residual buffers, so a shallow model trains faster unrolled.
+    # layer slices. Same parameters, same function (up to float rounding); on a CPU the scanned backward spends much
+    # of its time filling and copying stacked residual buffers, so a shallow model trains faster unrolled.
     scan_layers: bool = True
 
     def __post_init__(self):

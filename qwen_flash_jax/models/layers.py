@@ -25,7 +25,7 @@ class Dense(nnx.Module):
 
     def __call__(self, x):
         # As one 2-D matmul: the kernel's gradient is then a plain (in, rows) x (rows, out) product; contracting
-        # over (batch, seq) at once ran 1.6x slower on XLA's CPU backend. Same numbers either way.
+        # over (batch, seq) at once ran 1.6x slower on XLA's CPU backend. Same function either way.
         y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

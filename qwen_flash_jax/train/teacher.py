@@ -215,7 +215,7 @@ def cache_dir(config, name: str) -> pathlib.Path:
     spec = config.teachers[name]
     parent = cache_dir(config, spec.init_from).name if spec.init_from else ""
     d = config.data
-    # How the blocks run (scanned or unrolled) changes no number, so it stays out of the key.
+    # How the blocks run (scanned or unrolled) changes only float rounding, so it stays out of the key.
     model = {k: v for k, v in config.model.to_dict().items() if k != "scan_layers"}
     key = assets_lib.config_hash(model, config.text_encoder, config.codec, spec.train.to_dict(),
                                  [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens],
