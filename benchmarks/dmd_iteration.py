@@ -140,20 +140,20 @@ def main(argv):
     t_fb = _time(lambda: fwd_bwd(model.params, latents), repeats)
     sim = (K - 1) / 2
     gan_on = bool(setup.gan_weight)
-    # backward sim + student forward + fake fwd/bwd (on student and real samples with the GAN term)
-    critic_sum = (sim + 1) * t_fwd + (2 if gan_on else 1) * t_fb
-    # + teachers (CFG) + fake forward (and its backward to the sample with the GAN term)
-    gen_sum = sim * t_fwd + t_fb + len(names) * t_fwd2 + (t_fb if gan_on else t_fwd)
-    passes = ratio * critic_sum + gen_sum
 
-    # Useful FLOPs of the iteration: the passes above, weighted as in `passes` (a loop over a traced k has no
-    # static FLOP count of its own).
+    def iteration_total(fwd_, fwd2_, fb_):
+        """One iteration's passes at the expected k, weighting either their times or their FLOPs."""
+        # backward sim + student forward + fake fwd/bwd (on student and real samples with the GAN term)
+        critic_total = (sim + 1) * fwd_ + (2 if gan_on else 1) * fb_
+        # + teachers (CFG) + fake forward (and its backward to the sample with the GAN term)
+        gen_total = sim * fwd_ + fb_ + len(names) * fwd2_ + (fb_ if gan_on else fwd_)
+        return ratio * critic_total + gen_total
+
+    passes = iteration_total(t_fwd, t_fwd2, t_fb)
+    # Useful FLOPs of the iteration (a loop over a traced k has no static FLOP count of its own).
     f_fwd = _matmul_flops(fwd, model.params, latents)
-    f_fwd2 = _matmul_flops(fwd2, model.params, jnp.concatenate([latents, latents]))
     f_fb = _matmul_flops(fwd_bwd, model.params, latents)
-    critic_flops = (sim + 1) * f_fwd + (2 if gan_on else 1) * f_fb
-    gen_flops = sim * f_fwd + f_fb + len(names) * f_fwd2 + (f_fb if gan_on else f_fwd)
-    flops = ratio * critic_flops + gen_flops
+    flops = iteration_total(f_fwd, _matmul_flops(fwd2, model.params, jnp.concatenate([latents, latents])), f_fb)
     n = _MATMUL_SIZE.value
     a = jax.random.normal(jax.random.key(1), (n, n), _MATMUL_DTYPE.value)
     matmul = jax.jit(lambda x: x @ x)

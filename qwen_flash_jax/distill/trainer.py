@@ -74,7 +74,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         disc_opt=optim.from_config(config.optim, steps * ratio + warmup,
                                    float(config.fake_score.gan_head_learning_rate)),
         gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight),
-        renoise=dmd.check_renoise(str(config.student.renoise)))
+        renoise=str(config.student.renoise))
     student = model.params
     fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
     disc = gan.init_head(jax.random.key(int(config.seed) + 2), model_cfg.inner_dim)
