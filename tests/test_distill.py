@@ -90,11 +90,14 @@ def test_the_job_evaluates_the_student_and_writes_results_grids_and_probes(cache
     # and that the evaluation compares against, guides nothing.
     config.guidance.teachers = ("text",)
     config.guidance.weights = (("*", ({"text": 1.0},) * config.student.num_steps),)
+    # Student times off the teacher's shifted schedule: the teacher is also evaluated on the student's times.
+    config.student.timesteps = (1.0, 0.8, 0.5, 0.2)
     workdir = tmp_path / "evaluated"
     lines = []
     results = trainer.distill(config, workdir, log=lines.append)
 
-    assert list(results) == ["teacher base (2 steps)", "teacher base (4 steps)", "student (4 steps)"]
+    assert list(results) == ["teacher base (2 steps)", "teacher base (4 steps)",
+                             "teacher base (4 steps, student's times)", "student (4 steps)"]
     for name, r in results.items():
         for task in ("t2i", "edit"):
             assert 1.0 <= r[f"{task}_average"] <= 5.0, (name, task, r)
@@ -145,12 +148,13 @@ def test_a_negative_fake_score_warmup_is_a_config_error(cache, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_predicted_renoising_trains_and_a_bad_mode_is_a_config_error(cache, straight_run, tmp_path):
-    """`student.renoise="predicted"` changes the student's inputs at steps k > 0 (Euler steps instead of fresh
-    noise), so the run's DMD losses differ from the default run's once such a step is drawn; an unknown mode stops
-    the job before it creates its workdir."""
+def test_both_renoising_modes_train_and_a_bad_mode_is_a_config_error(cache, straight_run, tmp_path):
+    """The re-noising mode changes the student's inputs at steps k > 0 (fresh noise instead of the toy default's
+    Euler steps), so the run's DMD losses differ from the default run's once such a step is drawn; an unknown mode
+    stops the job before it creates its workdir."""
     config = tiny_distill_config(cache)
-    config.student.renoise = "predicted"
+    assert config.student.renoise == "predicted"
+    config.student.renoise = "fresh"
     config.train.steps = 4
     history = []
     trainer.distill(config, tmp_path / "p", history=history, **QUIET)
@@ -161,3 +165,64 @@ def test_predicted_renoising_trains_and_a_bad_mode_is_a_config_error(cache, stra
     with pytest.raises(trainer.ConfigError, match="student.renoise"):
         trainer.distill(config, tmp_path / "w", **QUIET)
     assert not (tmp_path / "w").exists()
+
+
+def _regression_config(cache):
+    config = tiny_distill_config(cache)
+    config.student.update(renoise="predicted", regression_weight=1.0, regression_batches=2)
+    return config
+
+
+def test_regression_onto_teacher_pairs_resumes_exactly_and_needs_predicted_renoising(cache, tmp_path):
+    """The pair bank is rebuilt deterministically on resume and indexed by the update, so an interrupted run with
+    the regression term repeats the uninterrupted one's losses exactly; with fresh re-noising the term is a config
+    error before any work."""
+    config = _regression_config(cache)
+    straight, interrupted, resumed = [], [], []
+    trainer.distill(config, tmp_path / "a", history=straight, **QUIET)
+    assert all(m["skipped"] == 0 and m["regression_loss"] > 0 for _, m in straight)
+    trainer.distill(config, tmp_path / "b", history=interrupted, stop_at=3, **QUIET)
+    trainer.distill(config, tmp_path / "b", history=resumed, **QUIET)
+    assert [m for s, m in straight if s > 2] == [m for _, m in resumed]
+    config.student.renoise = "fresh"
+    with pytest.raises(trainer.ConfigError, match="renoise='predicted'"):
+        trainer.distill(config, tmp_path / "w", **QUIET)
+    assert not (tmp_path / "w").exists()
+
+
+def test_regression_pulls_the_student_onto_the_teachers_samples(cache, tmp_path):
+    """A 1-step student (so every update regresses the same pairs from the same noise) with the regression term
+    dominating DMD: its distance to the teacher's multi-step samples falls, per task."""
+    config = _regression_config(cache)
+    config.student.update(num_steps=1, timesteps=(), regression_weight=100.0, learning_rate=1e-3)
+    config.guidance.weights = (("*", ({"base": 1.0},)),)
+    config.train.update(steps=12, checkpoint_every=100)
+    history = []
+    trainer.distill(config, tmp_path / "r", history=history, **QUIET)
+    losses = [m["regression_loss"] for _, m in history]
+    # 1:1 ratio: updates alternate between the T2I and the edit bank batch.
+    for task_losses in (losses[0::2], losses[1::2]):
+        assert task_losses[-1] < 0.7 * task_losses[0], task_losses
+
+
+def test_the_teacher_sampled_on_given_timesteps(cache):
+    """`Generator`'s explicit teacher timesteps: the shifted schedule given explicitly reproduces the default
+    sampler exactly, other times give other samples."""
+    from qwen_flash_jax import config_lib, flow
+    from qwen_flash_jax.eval.generate import Generator
+    from qwen_flash_jax.loading import from_params
+    from qwen_flash_jax.train import assets as assets_lib
+    from qwen_flash_jax.train import teacher
+
+    config = tiny_distill_config(cache)
+    assets = assets_lib.build_assets(config, log=lambda *_: None)
+    params = teacher.ensure_teacher(config, "base", log=lambda *_: None, assets=assets)
+    mu = teacher.target_mu(config)
+    gen = Generator(from_params(config_lib.transformer_config(config), params), assets, mu, batch_size=2)
+    captions = ["a red sky over a lake", "a portrait with glasses"]
+    default = gen.t2i(params, captions, num_steps=4, cfg_scale=2.0)
+    explicit = gen.t2i(params, captions, num_steps=4, cfg_scale=2.0,
+                       timesteps=tuple(flow.sampling_sigmas(4, mu)[:-1].tolist()))
+    other = gen.t2i(params, captions, num_steps=4, cfg_scale=2.0, timesteps=(1.0, 0.8, 0.5, 0.2))
+    np.testing.assert_array_equal(explicit, default)
+    assert np.abs(other.astype(int) - default.astype(int)).mean() > 1.0

@@ -29,7 +29,8 @@ def student_timesteps(num_steps: int, mu: float, explicit=()) -> np.ndarray:
         return flow.sampling_sigmas(num_steps, mu)[:-1]
     times = np.asarray([float(t) for t in explicit], np.float32)
     if len(times) != num_steps:
-        raise ConfigError(f"student.timesteps has {len(times)} entries, student.num_steps is {num_steps}")
+        raise ConfigError(f"student.timesteps has {len(times)} entries, student.num_steps is {num_steps} "
+                          f"(student.timesteps=() takes the shifted schedule of any length)")
     if not (times[0] <= 1.0 and times[-1] > 0.0 and np.all(np.diff(times) < 0)):
         raise ConfigError(f"student.timesteps must decrease strictly within (0, 1], got {list(explicit)}")
     return times

@@ -4,7 +4,8 @@ Both are pure functions of (state, frozen inputs, batch) compiled once per task 
 differentiates through a teacher or the fake score: it takes the student sample's VJP, evaluates the frozen
 networks on the detached sample, and pulls the DMD gradient back through the VJP. A step whose loss or gradients
 are not finite leaves the state untouched and is counted. With DMD2's GAN term on (`gan_weight > 0`), the critic
-also trains a discriminator head on the fake trunk and the generator adds its non-saturating loss (`gan.py`).
+also trains a discriminator head on the fake trunk and the generator adds its non-saturating loss (`gan.py`);
+with the regression term on (`regression_weight > 0`) the generator also regresses onto teacher pairs (`pairs.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flax import struct
 
 from qwen_flash_jax import flow, sampling
 from qwen_flash_jax.distill import dmd, gan
+from qwen_flash_jax.distill import pairs as pairs_lib
 from qwen_flash_jax.train import conditioning
 
 
@@ -56,6 +58,7 @@ class DistillSetup:
     gan_weight: float = 0.0  # generator's GAN loss weight; 0 = pure DMD (the paper's objective)
     gan_critic_weight: float = 0.01  # weight of the head's classification loss in the critic update
     renoise: str = "fresh"  # how the student re-noises between its steps (dmd.renoise)
+    regression_weight: float = 0.0  # weight of the regression onto teacher ODE pairs (pairs.py); 0 = off
 
 
 def _split(state):
@@ -113,7 +116,7 @@ def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec
 
 
 def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers: dict, batch, spec,
-                   condition_offset: int):
+                   condition_offset: int, pairs=None):
     rng, (k_noise, k_k, k_sim, k_t, k_xi) = _split(state)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     cond_latents = batch.get("condition_latents")
@@ -154,14 +157,27 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
         fm_loss = jnp.mean(jnp.square(diff))
         grad_v = setup.first_step_fm_weight * 2.0 * diff / diff.size
     (grads,) = pullback((grad_x, grad_v))
+    reg_loss = jnp.zeros(())
+    if setup.regression_weight and pairs is not None:
+        # DMD1's regression onto teacher ODE pairs, at the same student step k along the student's own
+        # (predicted-noise) trajectory from the pair's noise (pairs.py says why the target is the same at every k).
+        cond_p = conditioning.encode(te_params, spec, pairs["input_ids"], pairs["attention_mask"],
+                                     pairs.get("condition_latents"))
+        z_p = dmd.backward_simulation(setup.model, state.student, cond_p, pairs["noise"], k, setup.timesteps,
+                                      k_sim, setup.renoise)
+        reg_loss, reg_grads = jax.value_and_grad(
+            lambda p: pairs_lib.regression_loss(dmd.student_x0(setup.model, p, cond_p, z_p, t)[0],
+                                                pairs["target"]))(state.student)
+        grads = jax.tree.map(lambda g, r: g + setup.regression_weight * r, grads, reg_grads)
 
     updates, student_opt = setup.student_opt.update(grads, state.student_opt, state.student)
     student = jax.tree.map(jnp.add, state.student, updates)
     ema = (jax.tree.map(lambda e, s: setup.ema_decay * e + (1 - setup.ema_decay) * s, state.ema, student)
            if setup.ema_decay else student)
     new = state.replace(step=state.step + 1, student=student, student_opt=student_opt, ema=ema, rng=rng)
-    ok = _finite(loss, grads, *gan_metrics.values())
-    metrics = {"dmd_loss": loss, "fm_loss": fm_loss, "k": k, "skipped": ~ok, **gan_metrics,
+    ok = _finite(loss, grads, reg_loss, *gan_metrics.values())
+    metrics = {"dmd_loss": loss, "fm_loss": fm_loss, "regression_loss": reg_loss, "k": k, "skipped": ~ok,
+               **gan_metrics,
                "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
     guarded = _guarded(state.replace(rng=rng), new, ok)
     return guarded.replace(step=state.step + 1), metrics

@@ -23,6 +23,7 @@ from qwen_flash_jax import config_lib, sharding
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from qwen_flash_jax.distill import dmd, gan
+from qwen_flash_jax.distill import pairs as pairs_lib
 from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
 from qwen_flash_jax.eval import report
 from qwen_flash_jax.eval.generate import Generator
@@ -74,7 +75,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         disc_opt=optim.from_config(config.optim, steps * ratio + warmup,
                                    float(config.fake_score.gan_head_learning_rate)),
         gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight),
-        renoise=str(config.student.renoise))
+        renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight))
     student = model.params
     fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
     disc = gan.init_head(jax.random.key(int(config.seed) + 2), model_cfg.inner_dim)
@@ -93,6 +94,10 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     generator = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"),
                         donate_argnums=(0,))
     batch_sharding = sharding.batch_sharding(mesh, rules)
+    bank = {}
+    if setup.regression_weight:
+        bank = pairs_lib.build_pair_bank(config, assets, model, base, mu,
+                                         lambda b: pipeline_lib.to_global(b, batch_sharding), log=log)
 
     def next_batch():
         batch = next(iterator)
@@ -119,7 +124,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
             state, m_critic = critic(state, assets.text_encoder, batch, spec=assets.tasks[task])
         task, batch = next_batch()
         state, m_gen = generator(state, assets.text_encoder, teachers, batch, spec=assets.tasks[task],
-                                 condition_offset=CONDITION_OFFSET[task])
+                                 condition_offset=CONDITION_OFFSET[task], pairs=pairs_lib.bank_batch(bank, task, step))
         pending.append({**m_gen, **{k: v for k, v in m_critic.items() if k != "skipped"}})
         done = step + 1
         progress(done)
@@ -166,6 +171,15 @@ def check_config(config) -> None:
     dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
     dmd.student_timesteps(int(config.student.num_steps), 0.0, tuple(config.student.timesteps))
     dmd.check_renoise(str(config.student.renoise))
+    if float(config.student.regression_weight) < 0:
+        raise ConfigError(f"student.regression_weight must be >= 0 (0 turns it off), got "
+                          f"{config.student.regression_weight}")
+    if float(config.student.regression_weight) > 0:
+        if str(config.student.renoise) != "predicted":
+            raise ConfigError("student.regression_weight > 0 needs student.renoise='predicted': with fresh noise "
+                              "between steps the student's sample is no function of its first noise")
+        if int(config.student.regression_batches) < 1:
+            raise ConfigError(f"student.regression_batches must be >= 1, got {config.student.regression_batches}")
     if int(config.fake_score.warmup_updates) < 0:
         raise ConfigError(f"fake_score.warmup_updates must be >= 0, got {config.fake_score.warmup_updates}")
     for field in ("student.gan_weight", "fake_score.gan_weight"):
@@ -223,14 +237,20 @@ def run_evaluation(config, workdir, gen, state, base, log):
     n_teacher = int(config.sampling.teacher_steps)
     student = state.ema if config.student.ema_decay else state.student
 
-    def euler(params, steps):
-        return report.Contender(f"teacher {config.student.init_from} ({steps} steps)", 2 * steps,
-                                lambda c: gen.t2i(params, c, num_steps=steps, cfg_scale=cfg),
-                                lambda s, i: gen.edit(params, s, i, num_steps=steps, cfg_scale=cfg))
+    def euler(params, steps, timesteps=None, label=""):
+        kw = dict(num_steps=steps, cfg_scale=cfg, timesteps=timesteps)
+        return report.Contender(f"teacher {config.student.init_from} ({steps} steps{label})", 2 * steps,
+                                lambda c: gen.t2i(params, c, **kw), lambda s, i: gen.edit(params, s, i, **kw))
 
     contenders = [
         euler(base, n_teacher),
         euler(base, k),
+    ]
+    default_times = tuple(float(t) for t in dmd.student_timesteps(k, gen.mu))
+    if not np.allclose(gen.student_timesteps, default_times):
+        # The teacher's own sampler on the student's timesteps: how much of the student's lead is the schedule.
+        contenders.append(euler(base, k, gen.student_timesteps, ", student's times"))
+    contenders += [
         report.Contender(f"student ({k} steps)", k, lambda c: gen.t2i(student, c, num_steps=k, student=True),
                          lambda s, i: gen.edit(student, s, i, num_steps=k, student=True)),
     ]

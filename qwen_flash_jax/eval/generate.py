@@ -31,14 +31,16 @@ class Generator:
     student_renoise: str = "fresh"  # how the student re-noises between steps (distill.dmd.renoise)
 
     def t2i(self, params, captions, *, num_steps: int, cfg_scale: float = 1.0, seed: int = 0,
-            student: bool = False) -> np.ndarray:
-        return self._run(params, "t2i", captions, None, num_steps, cfg_scale, seed, student)
+            student: bool = False, timesteps=None) -> np.ndarray:
+        return self._run(params, "t2i", captions, None, num_steps, cfg_scale, seed, student, timesteps)
 
     def edit(self, params, sources: np.ndarray, instructions, *, num_steps: int, cfg_scale: float = 1.0,
-             seed: int = 0, student: bool = False) -> np.ndarray:
-        return self._run(params, "edit", instructions, sources, num_steps, cfg_scale, seed, student)
+             seed: int = 0, student: bool = False, timesteps=None) -> np.ndarray:
+        return self._run(params, "edit", instructions, sources, num_steps, cfg_scale, seed, student, timesteps)
 
-    def _run(self, params, task, texts, sources, num_steps, cfg_scale, seed, student):
+    def _run(self, params, task, texts, sources, num_steps, cfg_scale, seed, student, timesteps=None):
+        """`timesteps`: the input times of a teacher's Euler steps (decreasing; 0 is appended); None = the shifted
+        schedule of `num_steps` steps."""
         spec = self.assets.tasks[task]
         codec = self.assets.codec
         h, w = spec.latent_hw
@@ -58,13 +60,17 @@ class Generator:
             noise = jax.random.normal(key, (self.batch_size, h * w, self.model.config.in_channels))
             z = self._sample(params, self.assets.text_encoder, jnp.asarray(np.stack(ids)),
                              jnp.asarray(np.stack(mask)), cond_latents, noise, key, spec=spec,
-                             sigmas=self._sigmas(num_steps, student),
+                             sigmas=self._sigmas(num_steps, student, timesteps),
                              cfg_scale=float(cfg_scale), student=student)
             images = codec.to_uint8(codec.decode(codec.unpack(np.asarray(z), h, w)))
             outputs.append(images[:n])
         return np.concatenate(outputs)
 
-    def _sigmas(self, num_steps: int, student: bool) -> tuple[float, ...]:
+    def _sigmas(self, num_steps: int, student: bool, timesteps=None) -> tuple[float, ...]:
+        if timesteps is not None and not student:
+            if len(timesteps) != num_steps:
+                raise ValueError(f"{len(timesteps)} timesteps given for {num_steps} steps")
+            return (*(float(t) for t in timesteps), 0.0)
         if student and self.student_timesteps is not None:
             if len(self.student_timesteps) != num_steps:
                 raise ValueError(f"the student has {len(self.student_timesteps)} timesteps, asked for {num_steps}")
