@@ -242,18 +242,13 @@ def run_evaluation(config, workdir, gen, state, base, log):
         return report.Contender(f"teacher {config.student.init_from} ({steps} steps{label})", 2 * steps,
                                 lambda c: gen.t2i(params, c, **kw), lambda s, i: gen.edit(params, s, i, **kw))
 
-    contenders = [
-        euler(base, n_teacher),
-        euler(base, k),
-    ]
-    default_times = tuple(float(t) for t in dmd.student_timesteps(k, gen.mu))
-    if not np.allclose(gen.student_timesteps, default_times):
-        # The teacher's own sampler on the student's timesteps: how much of the student's lead is the schedule.
+    contenders = [euler(base, n_teacher), euler(base, k)]
+    if not np.allclose(gen.student_timesteps, dmd.student_timesteps(k, gen.mu)):
+        # The teacher's own sampler on the student's times: how much of the student's lead is the schedule.
         contenders.append(euler(base, k, gen.student_timesteps, ", student's times"))
-    contenders += [
+    contenders.append(
         report.Contender(f"student ({k} steps)", k, lambda c: gen.t2i(student, c, num_steps=k, student=True),
-                         lambda s, i: gen.edit(student, s, i, num_steps=k, student=True)),
-    ]
+                         lambda s, i: gen.edit(student, s, i, num_steps=k, student=True)))
     judge = load_or_train_judge(assets_lib.cache_root(config) / "judge", size=int(config.data.image_size),
                                 log=log)
     results = report.evaluate(contenders, judge, size=int(config.data.image_size),
