@@ -15,59 +15,50 @@ same pairs without extra iterator state.
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_flash_jax import flow, sampling
 from qwen_flash_jax.data import pipeline as pipeline_lib
-from qwen_flash_jax.train import conditioning
 
 BANK_SEED_OFFSET = 1
 
 
-def build_pair_bank(config, assets, model, teacher_params, mu: float, to_device, *,
-                    log=print) -> dict[str, list[dict]]:
+def build_pair_bank(config, gen, teacher_params, to_device, *, log=print) -> dict[str, list[dict]]:
     """{task: [batch, ...]} with each batch's pipeline fields plus "noise" and "target", as device arrays.
 
-    `to_device` places a process-local numpy batch on the mesh (the trainer's `pipeline.to_global`), so the bank
-    is sharded like the training batches and never gathered to one host."""
+    `gen` is the run's `eval.generate.Generator` (its compiled teacher sampler is reused). `to_device` places a
+    process-local numpy batch on the mesh (the trainer's `pipeline.to_global`), so the bank is sharded like the
+    training batches and never gathered to one host."""
     num_batches = int(config.student.regression_batches)
     data = config.data.copy_and_resolve_references()
     with data.unlocked():
         data.seed = int(data.seed) + BANK_SEED_OFFSET
+    assets = gen.assets
     iterator = iter(pipeline_lib.build_pipeline(data, assets.sources, assets.tokenizer, assets.codec))
-    sigmas = tuple(float(s) for s in flow.sampling_sigmas(int(config.sampling.teacher_steps), mu))
-    cfg = float(config.sampling.cfg_scale)
-
-    @functools.partial(jax.jit, static_argnames=("spec",))
-    def teacher_sample(params, te_params, batch, key, spec):
-        cond = conditioning.encode(te_params, spec, batch["input_ids"], batch["attention_mask"],
-                                   batch.get("condition_latents"))
-        neg_ids, neg_mask = conditioning.empty_prompt(spec, batch["input_ids"].shape[0])
-        neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, batch.get("condition_latents"))
-        noise = jax.random.normal(key, batch["target_latents"].shape, jnp.float32)
-        target = sampling.euler_sample(model, params, noise, cond, np.asarray(sigmas), neg_cond=neg,
-                                       cfg_scale=cfg)
-        return noise, target
-
+    steps, cfg = int(config.sampling.teacher_steps), float(config.sampling.cfg_scale)
+    key = jax.random.key(int(config.seed) + 3)
     bank: dict[str, list[dict]] = {}
     started = time.perf_counter()
-    key = jax.random.key(int(config.seed) + 3)
     for i in range(num_batches):
         batch = next(iterator)
         task = batch.pop("task")
-        arrays = to_device(batch)
-        noise, target = teacher_sample(teacher_params, assets.text_encoder, arrays, jax.random.fold_in(key, i),
-                                       spec=assets.tasks[task])
-        entry = {k: v for k, v in arrays.items() if k != "target_latents"}
-        entry["noise"], entry["target"] = noise, jax.block_until_ready(target)
+        # Noise drawn per process for its own rows, then placed with the batch (one global array, any host count).
+        key_i = jax.random.fold_in(key, i)
+        if jax.process_count() > 1:
+            key_i = jax.random.fold_in(key_i, jax.process_index())
+        batch["noise"] = np.asarray(jax.random.normal(key_i, batch["target_latents"].shape, jnp.float32))
+        del batch["target_latents"]
+        entry = to_device(batch)
+        entry["target"] = gen.teacher_latents(teacher_params, assets.tasks[task], entry["input_ids"],
+                                              entry["attention_mask"], entry.get("condition_latents"),
+                                              entry["noise"], num_steps=steps, cfg_scale=cfg)
         bank.setdefault(task, []).append(entry)
+    jax.block_until_ready(bank)
     log(f"regression pairs: {num_batches} batches ({', '.join(f'{t} {len(b)}' for t, b in bank.items())}) of "
-        f"{len(sigmas) - 1}-step teacher samples with CFG {cfg} in {time.perf_counter() - started:.0f}s")
+        f"{steps}-step teacher samples with CFG {cfg} in {time.perf_counter() - started:.0f}s")
     return bank
 
 

@@ -94,10 +94,6 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     generator = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"),
                         donate_argnums=(0,))
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    bank = {}
-    if setup.regression_weight:
-        bank = pairs_lib.build_pair_bank(config, assets, model, base, mu,
-                                         lambda b: pipeline_lib.to_global(b, batch_sharding), log=log)
 
     def next_batch():
         batch = next(iterator)
@@ -109,8 +105,12 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
                                                every_steps=config.train.log_every)
     log(f"distill: {steps} student updates x {ratio} critic updates, {config.student.num_steps}-step student, "
         f"teachers {list(names)}, ratio {config.data.task_ratio}, T2I {dict(config.data.t2i_weights)}")
-    # One sampler cache for the probes and the final evaluation.
+    # One sampler cache for the regression bank, the probes and the final evaluation.
     gen = Generator(model, assets, mu, student_timesteps=setup.timesteps, student_renoise=setup.renoise)
+    bank = {}
+    if setup.regression_weight:
+        bank = pairs_lib.build_pair_bank(config, gen, base, lambda b: pipeline_lib.to_global(b, batch_sharding),
+                                         log=log)
     probe = _make_probe(config, workdir, gen, writer, log)
     if probe and int(state.step) == 0:
         probe(0, state)

@@ -66,6 +66,14 @@ class Generator:
             outputs.append(images[:n])
         return np.concatenate(outputs)
 
+    def teacher_latents(self, params, spec, input_ids, attention_mask, condition_latents, noise, *, num_steps: int,
+                        cfg_scale: float):
+        """A teacher's Euler sample as packed latents (on device) from given tokens and noise: the sampler of `t2i`
+        and `edit` without tokenising, padding or decoding (the regression bank, distill/pairs.py)."""
+        return self._sample(params, self.assets.text_encoder, input_ids, attention_mask, condition_latents, noise,
+                            jax.random.key(0), spec=spec, sigmas=self._sigmas(num_steps, False),
+                            cfg_scale=float(cfg_scale), student=False)
+
     def _sigmas(self, num_steps: int, student: bool, timesteps=None) -> tuple[float, ...]:
         if timesteps is not None and not student:
             if len(timesteps) != num_steps:
