@@ -128,6 +128,9 @@ def get_config(arg=None):
         # implies ("predicted": Euler steps, the teacher's own sampler at initialisation). toy: predicted, +0.10
         # T2I over fresh noise at the same times.
         renoise="predicted" if toy else "fresh",
+        # How often each student step k is the one a critic / generator update trains on (its x0 is the sample the
+        # fake score learns and DMD compares); () = uniform (DMD2). E.g. (0, 0, 0, 1): the final samples only.
+        step_probs=(),
         init_from="base",
         # toy: 1e-4 collapses modes within 100 updates, 2e-5 erodes edits; 1e-5 with 3 critic updates holds both.
         learning_rate=1e-5 if toy else 2e-6,
@@ -209,6 +212,9 @@ def get_config(arg=None):
 
     c.train = ml_collections.ConfigDict(dict(
         steps=300 if toy else 2000,
+        # Distillation replicate: offsets the student's RNG and the data order, not the teachers (`seed` and
+        # `data.seed` are in the toy teachers' cache key; this is not), so replicates share their teachers.
+        seed=0,
         log_every=25 if toy else 50,
         checkpoint_every=50 if toy else 250,
         sample_every=100 if toy else 500,  # student sample grids + small validation scores (0 = off)

@@ -62,3 +62,25 @@ def teacher_run_config(config, name: str) -> ml_collections.ConfigDict:
     for field in ("task_ratio", "t2i_weights", "edit_weights", "batch_size"):
         run.data[field] = train[field]
     return run
+
+
+# Seeds a distillation replicate (`train.seed`) adds, scaled so that replicates never reuse a neighbour's streams.
+REPLICATE_STRIDE = 100_003
+
+
+def distill_seed(config) -> int:
+    """The base of a distillation run's RNG seeds: `seed`, offset by the replicate `train.seed`.
+
+    `seed` and `data.seed` are part of the toy teachers' cache key, so changing them retrains the teachers;
+    `train.seed` stays out of that key, so replicates of one distillation share their teachers. 0 reproduces runs
+    made before the field existed."""
+    return int(config.seed) + REPLICATE_STRIDE * int(config.train.get("seed", 0))
+
+
+def distill_data_config(config, offset: int = 0) -> ml_collections.ConfigDict:
+    """`config.data` with the shuffle seed of this replicate (+ `offset` for a second, independent stream); the
+    toy world itself stays the one `data.seed` made."""
+    data = config.data.copy_and_resolve_references()
+    with data.unlocked():
+        data.seed = int(data.seed) + REPLICATE_STRIDE * int(config.train.get("seed", 0)) + offset
+    return data

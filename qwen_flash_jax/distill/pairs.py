@@ -7,7 +7,7 @@ reproduces the teacher's sampler exactly predicts y(n) at every one of its steps
 With fresh noise between steps the student's output is no function of n, so the term needs predicted
 re-noising (checked in `trainer.check_config`).
 
-The bank is drawn once per run from its own pipeline (seed `data.seed + 1`, so the training stream is
+The bank is drawn once per run from its own pipeline (the run's shuffle seed + 1, so the training stream is
 untouched), `student.regression_batches` batches split between the tasks by the T2I:Edit ratio, and the
 generator step at update s uses the bank batch `s mod n` of its task: deterministic, so a resumed run sees the
 same pairs without extra iterator state.
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_flash_jax import config_lib
 from qwen_flash_jax.data import pipeline as pipeline_lib
 
 BANK_SEED_OFFSET = 1
@@ -33,13 +34,11 @@ def build_pair_bank(config, gen, teacher_params, to_device, *, log=print) -> dic
     process-local numpy batch on the mesh (the trainer's `pipeline.to_global`), so the bank is sharded like the
     training batches and never gathered to one host."""
     num_batches = int(config.student.regression_batches)
-    data = config.data.copy_and_resolve_references()
-    with data.unlocked():
-        data.seed = int(data.seed) + BANK_SEED_OFFSET
+    data = config_lib.distill_data_config(config, offset=BANK_SEED_OFFSET)
     assets = gen.assets
     iterator = iter(pipeline_lib.build_pipeline(data, assets.sources, assets.tokenizer, assets.codec))
     steps, cfg = int(config.sampling.teacher_steps), float(config.sampling.cfg_scale)
-    key = jax.random.key(int(config.seed) + 3)
+    key = jax.random.key(config_lib.distill_seed(config) + 3)
     bank: dict[str, list[dict]] = {}
     started = time.perf_counter()
     for i in range(num_batches):

@@ -59,6 +59,7 @@ class DistillSetup:
     gan_critic_weight: float = 0.01  # weight of the head's classification loss in the critic update
     renoise: str = "fresh"  # how the student re-noises between its steps (dmd.renoise)
     regression_weight: float = 0.0  # weight of the regression onto teacher ODE pairs (pairs.py); 0 = off
+    step_probs: tuple[float, ...] = ()  # distribution of the trained student step k; () = uniform (DMD2)
 
 
 def _split(state):
@@ -69,7 +70,10 @@ def _split(state):
 
 def _student_input(setup, state, cond, batch_size, shape, key_noise, key_k, key_sim):
     """Draws the student step k and its noisy input by backward simulation."""
-    k = jax.random.randint(key_k, (), 0, len(setup.timesteps))
+    if setup.step_probs:
+        k = jax.random.choice(key_k, len(setup.timesteps), p=jnp.asarray(setup.step_probs, jnp.float32))
+    else:  # uniform; kept as randint so that runs made before `step_probs` existed reproduce bit for bit
+        k = jax.random.randint(key_k, (), 0, len(setup.timesteps))
     noise = jax.random.normal(key_noise, shape, jnp.float32)
     z = dmd.backward_simulation(setup.model, state.student, cond, noise, k, setup.timesteps, key_sim,
                                 setup.renoise)

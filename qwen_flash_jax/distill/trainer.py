@@ -75,18 +75,21 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         disc_opt=optim.from_config(config.optim, steps * ratio + warmup,
                                    float(config.fake_score.gan_head_learning_rate)),
         gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight),
-        renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight))
+        renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight),
+        step_probs=dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs)))
     student = model.params
     fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
-    disc = gan.init_head(jax.random.key(int(config.seed) + 2), model_cfg.inner_dim)
+    seed = config_lib.distill_seed(config)
+    disc = gan.init_head(jax.random.key(seed + 2), model_cfg.inner_dim)
     state = place_on_mesh(DistillState(
         step=jnp.zeros((), jnp.int32), student=student, fake=fake,
         student_opt=setup.student_opt.init(student), fake_opt=setup.fake_opt.init(fake),
-        ema=jax.tree.map(jnp.copy, student), rng=jax.random.key_data(jax.random.key(int(config.seed) + 1)),
+        ema=jax.tree.map(jnp.copy, student), rng=jax.random.key_data(jax.random.key(seed + 1)),
         nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32),
         disc=disc, disc_opt=setup.disc_opt.init(disc)), mesh)
 
-    iterator = iter(pipeline_lib.build_pipeline(config.data, assets.sources, assets.tokenizer, assets.codec))
+    iterator = iter(pipeline_lib.build_pipeline(config_lib.distill_data_config(config), assets.sources,
+                                                assets.tokenizer, assets.codec))
     ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator, label="distill",
                                   log=log)
 
@@ -171,6 +174,7 @@ def check_config(config) -> None:
     dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
     dmd.student_timesteps(int(config.student.num_steps), 0.0, tuple(config.student.timesteps))
     dmd.check_renoise(str(config.student.renoise))
+    dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs))
     if float(config.student.regression_weight) < 0:
         raise ConfigError(f"student.regression_weight must be >= 0 (0 turns it off), got "
                           f"{config.student.regression_weight}")
