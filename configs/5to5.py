@@ -131,6 +131,10 @@ def get_config(arg=None):
         # How often each student step k is the one a critic / generator update trains on (its x0 is the sample the
         # fake score learns and DMD compares); () = uniform (DMD2). E.g. (0, 0, 0, 1): the final samples only.
         step_probs=(),
+        # False: DMD2's backward simulation, the generator's gradient reaches only step k's network call. True: it
+        # also flows back through the steps before k (the whole sample is differentiated; costs k more backward
+        # passes).
+        trajectory_grad=False,
         init_from="base",
         # toy: 1e-4 collapses modes within 100 updates, 2e-5 erodes edits; 1e-5 with 3 critic updates holds both.
         learning_rate=1e-5 if toy else 2e-6,

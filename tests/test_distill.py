@@ -226,3 +226,40 @@ def test_the_teacher_sampled_on_given_timesteps(cache):
     other = gen.t2i(params, captions, num_steps=4, cfg_scale=2.0, timesteps=(1.0, 0.8, 0.5, 0.2))
     np.testing.assert_array_equal(explicit, default)
     assert np.abs(other.astype(int) - default.astype(int)).mean() > 1.0
+
+
+def test_a_replicate_seed_changes_the_distillation_but_not_the_teachers(cache, straight_run, tmp_path):
+    """`train.seed` draws other noise, steps and batches (the losses differ from the first update on) while the
+    teachers' cache key, and so the teachers, stay the same."""
+    from qwen_flash_jax.train import teacher
+
+    config = tiny_distill_config(cache)
+    config.train.update(steps=2, seed=1)
+    assert all(teacher.cache_dir(config, n) == teacher.cache_dir(tiny_distill_config(cache), n)
+               for n in config.teachers)
+    history = []
+    trainer.distill(config, tmp_path / "r", history=history, **QUIET)
+    assert all(m["skipped"] == 0 for _, m in history)
+    assert [m["dmd_loss"] for _, m in history] != [m["dmd_loss"] for _, m in straight_run[:2]]
+    assert history[0][1]["fake_loss"] != straight_run[0][1]["fake_loss"]
+
+
+def test_final_step_training_with_the_trajectory_gradient(cache, tmp_path):
+    """`step_probs=(0, 0, 0, 1)` trains only the last step's samples (k is always K - 1). `trajectory_grad`
+    differentiates the whole sample: the first update sees the same sample and DMD loss, but a different gradient,
+    so the runs part from the second update on."""
+    config = tiny_distill_config(cache)
+    config.train.steps = 2
+    config.data.task_ratio = "1:0"
+    config.student.step_probs = (0, 0, 0, 1)
+    runs = {}
+    for trajectory in (False, True):
+        config.student.trajectory_grad = trajectory
+        runs[trajectory] = []
+        trainer.distill(config, tmp_path / str(trajectory), history=runs[trajectory], **QUIET)
+    (_, a1), (_, a2) = runs[False]
+    (_, b1), (_, b2) = runs[True]
+    assert all(m["k"] == 3 and m["skipped"] == 0 for m in (a1, a2, b1, b2))
+    np.testing.assert_allclose(b1["dmd_loss"], a1["dmd_loss"], rtol=1e-5)
+    assert abs(b1["grad_norm"] - a1["grad_norm"]) > 1e-3 * a1["grad_norm"]
+    assert b2["dmd_loss"] != a2["dmd_loss"]

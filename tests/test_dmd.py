@@ -154,3 +154,36 @@ def test_student_timesteps_default_to_the_shifted_schedule_and_check_an_explicit
         dmd.student_timesteps(3, 0.5, (1.0, 0.5, 0.5))
     with pytest.raises(ConfigError, match="decrease strictly"):
         dmd.student_timesteps(2, 0.5, (1.0, 0.0))
+
+
+@pytest.mark.parametrize("mode", ["fresh", "predicted"])
+def test_differentiable_simulation_reaches_the_same_input_and_passes_gradients_back(setup, mode):
+    """`trajectory_grad`'s simulation: the same step-k input as the backward simulation, but its gradient in the
+    parameters is non-zero for k > 0 (the earlier steps are differentiated), where the backward simulation's is 0."""
+    model, _, cond, _, noise = setup
+    times = dmd.student_timesteps(4, 0.5)
+    key = jax.random.key(7)
+
+    def total(params, k, differentiable):
+        simulate = dmd.differentiable_simulation if differentiable else dmd.backward_simulation
+        return jnp.sum(jnp.square(simulate(model, params, cond, noise, k, times, key, mode)))
+
+    for k in (0, 2, 3):
+        z_diff = jax.jit(lambda k: dmd.differentiable_simulation(model, model.params, cond, noise, k, times, key,
+                                                                 mode))(k)
+        z_sim = dmd.backward_simulation(model, model.params, cond, noise, k, times, key, mode)
+        np.testing.assert_allclose(z_diff, z_sim, rtol=1e-5, atol=1e-5)
+        norms = {}
+        for differentiable in (False, True):
+            grads = jax.grad(total)(model.params, k, differentiable)
+            norms[differentiable] = float(optax.global_norm(grads))
+        assert norms[False] == 0.0
+        assert (norms[True] > 0.0) == (k > 0), (k, norms)
+
+
+def test_student_step_probs_are_checked_and_normalised():
+    assert dmd.student_step_probs(4, ()) == ()
+    assert dmd.student_step_probs(4, (0, 0, 1, 3)) == (0.0, 0.0, 0.25, 0.75)
+    for bad in ((1, 1, 1), (1, -1, 1, 1), (0, 0, 0, 0)):
+        with pytest.raises(ConfigError, match="student.step_probs must be 4 non-negative"):
+            dmd.student_step_probs(4, bad)

@@ -88,6 +88,24 @@ def backward_simulation(model, params, cond, noise, k, timesteps, key, mode: str
     return jax.lax.stop_gradient(jax.lax.fori_loop(0, k, body, noise.astype(jnp.float32)))
 
 
+def differentiable_simulation(model, params, cond, noise, k, timesteps, key, mode: str = "fresh"):
+    """`backward_simulation` without the stop-gradient: the same input of step k, differentiable in `params`
+    through every step before k. A traced trip count cannot be reverse-differentiated, so each k has its own
+    unrolled branch and `lax.switch` runs the taken one."""
+    times = np.asarray(timesteps, np.float32)
+    batch = noise.shape[0]
+
+    def prefix(n, params):
+        z = noise.astype(jnp.float32)
+        for j in range(n):
+            t = jnp.full((batch,), times[j])
+            x0, v = student_x0(model, params, cond, z, t)
+            z = renoise(x0, z, v, t, float(times[j + 1]), jax.random.fold_in(key, j), mode)
+        return z
+
+    return jax.lax.switch(k, [lambda p, n=n: prefix(n, p) for n in range(len(times))], params)
+
+
 def generate(model, params, cond, noise, timesteps, key, mode: str = "fresh"):
     """Few-step sampling (inference), K NFEs: x0 predictions re-noised between steps as in training (`renoise`)."""
     batch = noise.shape[0]

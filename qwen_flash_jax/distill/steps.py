@@ -60,6 +60,7 @@ class DistillSetup:
     renoise: str = "fresh"  # how the student re-noises between its steps (dmd.renoise)
     regression_weight: float = 0.0  # weight of the regression onto teacher ODE pairs (pairs.py); 0 = off
     step_probs: tuple[float, ...] = ()  # distribution of the trained student step k; () = uniform (DMD2)
+    trajectory_grad: bool = False  # differentiate the generator's sample through the steps before k too
 
 
 def _split(state):
@@ -68,16 +69,22 @@ def _split(state):
     return jax.random.key_data(key), subkeys
 
 
-def _student_input(setup, state, cond, batch_size, shape, key_noise, key_k, key_sim):
-    """Draws the student step k and its noisy input by backward simulation."""
+def _student_step(setup, batch_size, shape, key_noise, key_k):
+    """Draws the student step k, its time and the first step's noise."""
     if setup.step_probs:
         k = jax.random.choice(key_k, len(setup.timesteps), p=jnp.asarray(setup.step_probs, jnp.float32))
     else:  # uniform; kept as randint so that runs made before `step_probs` existed reproduce bit for bit
         k = jax.random.randint(key_k, (), 0, len(setup.timesteps))
     noise = jax.random.normal(key_noise, shape, jnp.float32)
+    t = jnp.full((batch_size,), jnp.asarray(setup.timesteps)[k])
+    return k, noise, t
+
+
+def _student_input(setup, state, cond, batch_size, shape, key_noise, key_k, key_sim):
+    """Draws the student step k and its noisy input by backward simulation."""
+    k, noise, t = _student_step(setup, batch_size, shape, key_noise, key_k)
     z = dmd.backward_simulation(setup.model, state.student, cond, noise, k, setup.timesteps, key_sim,
                                 setup.renoise)
-    t = jnp.full((batch_size,), jnp.asarray(setup.timesteps)[k])
     return k, z, t
 
 
@@ -128,9 +135,14 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     neg_ids, neg_mask = conditioning.empty_prompt(spec, ids.shape[0])
     neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, cond_latents)
     shape = batch["target_latents"].shape
-    k, z, t = _student_input(setup, state, cond, shape[0], shape, k_noise, k_k, k_sim)
-
-    (x, v_student), pullback = jax.vjp(lambda p: dmd.student_x0(setup.model, p, cond, z, t), state.student)
+    if setup.trajectory_grad:
+        k, z, t = _student_step(setup, shape[0], shape, k_noise, k_k)  # z: the first step's noise
+        sample = lambda p: dmd.student_x0(setup.model, p, cond, dmd.differentiable_simulation(  # noqa: E731
+            setup.model, p, cond, z, k, setup.timesteps, k_sim, setup.renoise), t)
+    else:
+        k, z, t = _student_input(setup, state, cond, shape[0], shape, k_noise, k_k, k_sim)
+        sample = lambda p: dmd.student_x0(setup.model, p, cond, z, t)  # noqa: E731
+    (x, v_student), pullback = jax.vjp(sample, state.student)
 
     # Re-noise the detached sample and compare the fake score with the step-wise multi-teacher real score.
     x_sg = jax.lax.stop_gradient(x)

@@ -76,7 +76,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
                                    float(config.fake_score.gan_head_learning_rate)),
         gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight),
         renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight),
-        step_probs=dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs)))
+        step_probs=dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs)),
+        trajectory_grad=bool(config.student.trajectory_grad))
     student = model.params
     fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
     seed = config_lib.distill_seed(config)
