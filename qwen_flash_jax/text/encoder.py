@@ -27,6 +27,10 @@ the slots carry the image. `condition_proj` is not trained by the language-model
 images); as a fixed random projection it still passes the image information on, and the frozen encoder is only a
 feature extractor for the distillation system.
 
+The real model. For text-only input this decoder is Qwen3-VL's language model; `qwen_flash_jax.text.qwen3_vl`
+loads a Hugging Face Qwen3-VL checkpoint into it (with `condition_channels=0`: no `condition_proj`, no images) and
+its module doc says why the two agree (M-RoPE with equal position streams, transformers' positions under padding).
+
 Parameters live in `TextEncoderParams`, a pytree of the config (static) and the `nnx.State` of `nnx.Param`s, each
 with logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`) for `qwen_flash_jax.sharding`.
 """
@@ -68,7 +72,8 @@ class TextEncoderConfig:
     mlp_dim: int = 128
     rope_theta: float = 10000.0
     eps: float = 1e-6
-    # Toy-world extras: the latent channels of condition images, and the id of `<|image_pad|>` (None: no images).
+    # Toy-world extras: the latent channels of condition images (0: no `condition_proj`, as in the real Qwen3-VL,
+    # whose images come from a vision tower), and the id of `<|image_pad|>` (None: no images).
     condition_channels: int = 48
     image_pad_id: int | None = None
     feature_layers: tuple[int, ...] = (-1,)  # residual-stream states concatenated into the output (see above)
@@ -79,6 +84,8 @@ class TextEncoderConfig:
                                           for i in self.feature_layers):
             raise ValueError(f"feature_layers must be a non-empty list of indices in "
                              f"[{-self.num_layers - 1}, {self.num_layers}], got {list(self.feature_layers)}")
+        if self.condition_channels < 0:
+            raise ValueError(f"condition_channels must be >= 0, got {self.condition_channels}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
@@ -175,8 +182,10 @@ class TextEncoder(nnx.Module):
         self.embed = nnx.Param(std * jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32),
                                out_sharding=("vocab", "embed"), eager_sharding=False)
         # Scaled so that projected latents (roughly unit variance) land at the scale of the token embeddings.
-        self.condition_proj = Dense(cfg.condition_channels, d, (None, "embed"), rngs=rngs, init_scale=1.0 / d,
-                                    **_F32)
+        # None for condition_channels=0 (the real model's layout). The toy keeps it, drawn at the same point of the
+        # rng sequence as before, so its parameters are unchanged.
+        self.condition_proj = (Dense(cfg.condition_channels, d, (None, "embed"), rngs=rngs, init_scale=1.0 / d,
+                                     **_F32) if cfg.condition_channels else None)
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(d, cfg.eps, "embed", param_dtype=jnp.float32)
         self.cfg = cfg
@@ -232,6 +241,9 @@ class TextEncoder(nnx.Module):
         cfg = self.cfg
         if cfg.image_pad_id is None:
             raise ValueError("condition images need TextEncoderConfig.image_pad_id (see for_tokenizer)")
+        if self.condition_proj is None:
+            raise ValueError("this text encoder has no condition projection (condition_channels=0): condition "
+                             "images would need the Qwen3-VL vision tower, which is not ported")
         if condition_shapes is None or len(condition_shapes) != len(condition_latents):
             raise ValueError("pass one (h, w) in condition_shapes per condition latent")
         batch = input_ids.shape[0]
