@@ -24,9 +24,11 @@ import numpy as np
 
 from qwen_flash_jax.errors import CheckpointError
 
-__all__ = ["CheckpointError", "TensorInfo", "SafetensorsFile", "SafetensorsCheckpoint", "INDEX_FILE"]
+__all__ = ["CheckpointError", "TensorInfo", "SafetensorsFile", "SafetensorsCheckpoint", "INDEX_FILE", "INDEX_FILES"]
 
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+# The shard indices a directory may hold: diffusers' name, then transformers' (a text encoder saved by it).
+INDEX_FILES = (INDEX_FILE, "model.safetensors.index.json")
 
 # safetensors dtype name -> numpy dtype (explicitly little-endian: that is the on-disk byte order).
 DTYPES = {
@@ -163,7 +165,7 @@ class SafetensorsFile:
 class SafetensorsCheckpoint:
     """All tensors of a (possibly sharded) checkpoint, addressed by key.
 
-    `path` is a single `.safetensors` file or a directory holding either `INDEX_FILE` (whose `weight_map` names
+    `path` is a single `.safetensors` file or a directory holding either an index (`INDEX_FILES`; its `weight_map` names
     each key's shard) or, without an index, one or more `*.safetensors` files. Every shard header is parsed and
     validated on open; a key found in two shards, or not in the shard the index names, is an error.
     """
@@ -178,7 +180,7 @@ class SafetensorsCheckpoint:
             raise
 
     def _open(self, path: Path):
-        index_path = path / INDEX_FILE
+        index_path = next((path / name for name in INDEX_FILES if (path / name).is_file()), path / INDEX_FILE)
         weight_map = None
         if path.is_file():
             shard_paths = [path]
@@ -191,7 +193,7 @@ class SafetensorsCheckpoint:
         elif path.is_dir():
             shard_paths = sorted(path.glob("*.safetensors"))
             if not shard_paths:
-                raise CheckpointError(f"{path}: no *.safetensors files (and no {INDEX_FILE})")
+                raise CheckpointError(f"{path}: no *.safetensors files (and no {' or '.join(INDEX_FILES)})")
         else:
             raise CheckpointError(f"{path}: no such file or directory")
 

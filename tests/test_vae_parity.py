@@ -14,6 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from qwen_flash_jax.models.config import ConfigError  # noqa: E402
 from qwen_flash_jax.models import vae as vae_lib  # noqa: E402
+from qwen_flash_jax.models import vae_io  # noqa: E402
 
 F32_TOLERANCE = 1e-4  # max abs error relative to the reference output's max magnitude
 # bf16 params and activations against the float32 reference, measured on the "residual" config with 3 input seeds:
@@ -91,7 +92,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(saved):
-    return {name: vae_lib.load_vae(path) for name, (_, path) in saved.items()}
+    return {name: vae_io.load_vae(path) for name, (_, path) in saved.items()}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -121,7 +122,7 @@ def test_float32_decode_matches_diffusers(saved, loaded, name):
 
 def test_bfloat16_within_measured_tolerance(saved):
     reference, path = saved["residual"]
-    ours = vae_lib.load_vae(path, dtype="bfloat16", param_dtype="bfloat16")
+    ours = vae_io.load_vae(path, dtype="bfloat16", param_dtype="bfloat16")
     images, latents = _inputs(ours.config, 3)
     with torch.no_grad():
         ref_mean = _from_torch(reference.encode(_to_torch(images)).latent_dist.mean)
@@ -140,7 +141,7 @@ def test_pipeline_latent_transforms_match_diffusers(saved, loaded):
     from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import QwenImage21Pipeline
 
     reference, ours = saved["residual"][0], loaded["residual"]
-    codec = vae_lib.VAECodec(ours, rgb=False)
+    codec = vae_io.VAECodec(ours, rgb=False)
     z, s = ours.config.z_dim, codec.scale_factor
     assert codec.latent_shape(SIZE, SIZE) == (4, 4, z)
 
@@ -167,7 +168,7 @@ def test_pipeline_latent_transforms_match_diffusers(saved, loaded):
         expected = _from_torch(reference.decode(x).sample)
     images = codec.decode(codec.unpack(tokens, 4, 4))
     assert _rel_err(images, expected) <= F32_TOLERANCE
-    assert vae_lib.VAECodec(ours).decode(codec.unpack(tokens, 4, 4)).shape[-1] == 3  # rgb=True drops alpha
+    assert vae_io.VAECodec(ours).decode(codec.unpack(tokens, 4, 4)).shape[-1] == 3  # rgb=True drops alpha
 
 
 def test_config_and_parameter_tree_match_diffusers(saved):
@@ -180,12 +181,12 @@ def test_config_and_parameter_tree_match_diffusers(saved):
     from qwen_flash_jax import sharding
 
     reference, path = saved["residual"]
-    config = vae_lib.read_vae_config(path)
+    config = vae_io.read_vae_config(path)
     assert config == vae_lib.VAEConfig(**CONFIGS["residual"])
     assert (config.spatial_compression, config.image_channels) == (8, 4)
     assert vae_lib.VAEConfig(**CONFIGS["plain_patch2"]).spatial_compression == 8
 
-    paths, shapes = vae_lib.expected_tensors(config)
+    paths, shapes = vae_io.expected_tensors(config)
     state_dict = reference.state_dict()
     assert shapes == {k: tuple(v.shape) for k, v in state_dict.items()}
     assert sorted(set(shapes) - set(paths)) == sorted(k for k in state_dict if ".time_conv." in k)
@@ -240,23 +241,23 @@ MUTATIONS = {
 def test_bad_checkpoint_is_one_clear_config_error(saved, tmp_path, case):
     mutate, message = MUTATIONS[case]
     with pytest.raises(ConfigError, match=message) as info:
-        vae_lib.load_vae(_write_variant(saved, tmp_path, mutate))
+        vae_io.load_vae(_write_variant(saved, tmp_path, mutate))
     assert "\n" not in str(info.value)
 
 
 def test_bad_directory_is_one_clear_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        vae_lib.load_vae(tmp_path / "absent")
+        vae_io.load_vae(tmp_path / "absent")
     with pytest.raises(ConfigError, match="has no config.json"):
-        vae_lib.load_vae(tmp_path)
+        vae_io.load_vae(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", "base_dim": 96}))
     with pytest.raises(ConfigError, match="describes a AutoencoderKLWan"):
-        vae_lib.load_vae(tmp_path)
+        vae_io.load_vae(tmp_path)
     config = {"_class_name": vae_lib.DIFFUSERS_CLASS_NAME, **CONFIGS["residual"]}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"no \*.safetensors files") as info:
-        vae_lib.load_vae(tmp_path)
+        vae_io.load_vae(tmp_path)
     assert "\n" not in str(info.value)
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "latents_std"}))
     with pytest.raises(ConfigError, match="no latents_std"):
-        vae_lib.load_vae(tmp_path)
+        vae_io.load_vae(tmp_path)

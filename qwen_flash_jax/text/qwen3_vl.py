@@ -45,11 +45,11 @@ from flax import nnx
 
 from qwen_flash_jax.errors import CheckpointError
 from qwen_flash_jax.models.config import ConfigError
-from qwen_flash_jax.safetensors_reader import SafetensorsFile
+from qwen_flash_jax.safetensors_reader import SafetensorsCheckpoint
 from qwen_flash_jax.text.encoder import TextEncoder, TextEncoderConfig, TextEncoderParams
 
 CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"  # transformers' name (the repo's reader knows diffusers' only)
+INDEX_FILE = "model.safetensors.index.json"  # transformers' shard index (SafetensorsCheckpoint reads it)
 DTYPES = ("float32", "bfloat16")
 # Where the language model sits, by the class that saved the checkpoint: Qwen3VLForConditionalGeneration,
 # Qwen3VLModel, Qwen3VLTextModel. The first whose embedding is present wins.
@@ -214,16 +214,15 @@ def load_text_encoder(path: str | os.PathLike, dtype: str = "float32") -> TextEn
     path = Path(path)
     target = np.dtype(jnp.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
     try:
-        shards = _open_shards(path)
+        checkpoint = SafetensorsCheckpoint(path)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     try:
-        owner = {name: shard for shard in shards for name in shard.tensors}
-        keys = _check_keys(path, owner, config)
+        keys = _check_keys(path, checkpoint.tensors, config)
         _, abstract = nnx.split(nnx.eval_shape(lambda: TextEncoder(config, rngs=nnx.Rngs(0))))
         nested: dict = {}
         for key, (leaf_path, transpose, _) in keys.items():
-            tensor = owner[key].read(key)
+            tensor = checkpoint.read(key)
             value = np.asarray(tensor.T if transpose else tensor, dtype=target)
             del tensor
             node = nested
@@ -234,70 +233,26 @@ def load_text_encoder(path: str | os.PathLike, dtype: str = "float32") -> TextEn
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     finally:
-        for shard in shards:
-            shard.close()
+        checkpoint.close()
     nnx.replace_by_pure_dict(abstract, nested)
     return TextEncoderParams(config, abstract)
 
 
-def _open_shards(path: Path) -> list[SafetensorsFile]:
-    """The checkpoint's safetensors files: those the index names, else every *.safetensors in `path`."""
-    index_path = path / INDEX_FILE
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{index_path}: cannot read index: {e}") from None
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index_path}: index has no valid 'weight_map'")
-        names = sorted(set(weight_map.values()))
-        for name in names:
-            # The index is data: it must not point outside the checkpoint directory.
-            if Path(name).name != name:
-                raise CheckpointError(f"{index_path}: shard name {name!r} is not a plain file name")
-            if not (path / name).is_file():
-                raise CheckpointError(f"{index_path}: shard file {name!r} does not exist")
-        shard_paths = [path / name for name in names]
-    else:
-        weight_map = None
-        shard_paths = sorted(path.glob("*.safetensors"))
-        if not shard_paths:
-            raise CheckpointError(f"{path}: no *.safetensors files (and no {INDEX_FILE})")
-    shards: list[SafetensorsFile] = []
-    try:
-        seen: dict[str, str] = {}
-        for shard_path in shard_paths:
-            shards.append(SafetensorsFile(shard_path))  # parses and validates the header
-            for name in shards[-1].tensors:
-                if name in seen:
-                    raise CheckpointError(f"{path}: tensor {name!r} is in two shards: {seen[name]} and "
-                                          f"{shard_path.name}")
-                seen[name] = shard_path.name
-        for name, shard_name in (weight_map or {}).items():
-            if seen.get(name) != shard_name:
-                raise CheckpointError(f"{index_path}: tensor {name!r} is not in its shard {shard_name!r}")
-    except BaseException:
-        for shard in shards:
-            shard.close()
-        raise
-    return shards
-
-
-def _check_keys(path: Path, owner: dict, config: TextEncoderConfig) -> dict:
-    """The key map for the checkpoint's layout; every language-model tensor present, known and of its shape."""
-    prefix = next((p for p in LM_PREFIXES if p + "embed_tokens.weight" in owner), None)
+def _check_keys(path: Path, tensors: dict, config: TextEncoderConfig) -> dict:
+    """The key map for the checkpoint's layout; every language-model tensor in `tensors` (the checkpoint's
+    {key: TensorInfo}) present, known and of its shape."""
+    prefix = next((p for p in LM_PREFIXES if p + "embed_tokens.weight" in tensors), None)
     if prefix is None:
         raise ConfigError(f"{path}: no language-model embedding (looked for "
                           f"{', '.join(p + 'embed_tokens.weight' for p in LM_PREFIXES)}); is this a Qwen3-VL "
                           "checkpoint?")
     keys = key_map(config, prefix)
-    missing = [k for k in keys if k not in owner]
+    missing = [k for k in keys if k not in tensors]
     # Anything else under the language model's prefix would be silently dropped (biases, extra layers...).
     if prefix:
-        lm_names = {k for k in owner if k.startswith(prefix)}
+        lm_names = {k for k in tensors if k.startswith(prefix)}
     else:  # a bare Qwen3VLTextModel: its own keys only
-        lm_names = {k for k in owner if k.split(".", 1)[0] in ("embed_tokens", "layers", "norm")}
+        lm_names = {k for k in tensors if k.split(".", 1)[0] in ("embed_tokens", "layers", "norm")}
     unexpected = sorted(lm_names - set(keys))
     problems = []
     if missing:
@@ -307,8 +262,8 @@ def _check_keys(path: Path, owner: dict, config: TextEncoderConfig) -> dict:
     if problems:
         raise ConfigError(f"{path}: checkpoint does not match its config (num_hidden_layers={config.num_layers}): "
                           + "; ".join(problems))
-    bad = [f"{k} has shape {owner[k].tensors[k].shape}, expected {shape}"
-           for k, (_, _, shape) in keys.items() if owner[k].tensors[k].shape != shape]
+    bad = [f"{k} has shape {tensors[k].shape}, expected {shape}"
+           for k, (_, _, shape) in keys.items() if tuple(tensors[k].shape) != tuple(shape)]
     if bad:
         raise ConfigError(f"{path}: {len(bad)} tensors have the wrong shape: " + "; ".join(bad[:_MAX_LISTED]))
     return keys
