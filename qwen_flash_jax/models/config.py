@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -136,3 +137,21 @@ class TransformerConfig:
         if unknown:
             raise ConfigError(f"model config has unknown fields {unknown}")
         return cls(**data)
+
+
+def read_config_json(directory, what: str) -> tuple[dict, Any]:
+    """(the dict in `directory`/config.json, its path) of a Hugging Face model directory; `what` names the
+    directory in the one-line ConfigError a missing directory or file, or unreadable JSON, raises."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"{what} {directory} does not exist or is not a directory")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{what} {directory} has no config.json")
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{config_path}: cannot read: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_path}: not a JSON object")
+    return data, config_path

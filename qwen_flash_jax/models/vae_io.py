@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_flash_jax.errors import CheckpointError
-from qwen_flash_jax.models.config import ConfigError
+from qwen_flash_jax.models.config import ConfigError, read_config_json
 from qwen_flash_jax.models.vae import (QwenImageVAE, Resample, VAEConfig, denormalize_latents, normalize_latents,
                                        pack_latents, unpack_latents)
 
@@ -97,18 +96,7 @@ def _from_torch(path: tuple, array: np.ndarray) -> np.ndarray:
 
 def read_vae_config(path, **runtime) -> VAEConfig:
     """A diffusers VAE directory's config.json as a `VAEConfig` (runtime fields from `runtime`)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"VAE directory {path} does not exist or is not a directory")
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise ConfigError(f"{path} has no {CONFIG_FILE} (expected a diffusers VAE directory)")
-    try:
-        data = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{config_path}: cannot read: {_one_line(e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{config_path}: not a JSON object")
+    data, config_path = read_config_json(path, "VAE directory")
     try:
         return VAEConfig.from_diffusers_config(data, **runtime)
     except (TypeError, ValueError) as e:  # ConfigError included; TypeError: a field of the wrong type

@@ -35,7 +35,6 @@ a corrupt safetensors file) are `ConfigError`s with a one-line message naming th
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -44,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_flash_jax.errors import CheckpointError
-from qwen_flash_jax.models.config import ConfigError
+from qwen_flash_jax.models.config import ConfigError, read_config_json
 from qwen_flash_jax.safetensors_reader import SafetensorsCheckpoint
 from qwen_flash_jax.text.encoder import TextEncoder, TextEncoderConfig, TextEncoderParams
 
@@ -153,16 +152,7 @@ def _rope_theta(text: dict) -> float:
 
 def read_config(path: str | os.PathLike) -> TextEncoderConfig:
     """The encoder config of the checkpoint directory `path` (its config.json)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"Qwen3-VL checkpoint {path} does not exist or is not a directory")
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise ConfigError(f"Qwen3-VL checkpoint {path} has no {CONFIG_FILE}")
-    try:
-        data = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{config_path}: cannot read: {e}") from None
+    data, config_path = read_config_json(path, "Qwen3-VL checkpoint")
     try:
         return config_from_hf(data)
     except ConfigError as e:
