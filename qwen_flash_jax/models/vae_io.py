@@ -23,6 +23,7 @@ from flax import nnx
 
 from qwen_flash_jax.errors import CheckpointError
 from qwen_flash_jax.models.config import ConfigError, read_config_json
+from qwen_flash_jax.models.hf_keys import unflatten
 from qwen_flash_jax.models.vae import (QwenImageVAE, Resample, VAEConfig, denormalize_latents, normalize_latents,
                                        pack_latents, unpack_latents)
 
@@ -162,17 +163,7 @@ def load_vae(path, *, dtype: str = "float32", param_dtype: str = "float32") -> V
         except CheckpointError as e:
             raise ConfigError(_one_line(e)) from None
     graphdef = nnx.split(_abstract_module(config))[0]
-    return VAEModel(config, graphdef, _unflatten(leaves))
-
-
-def _unflatten(flat: dict[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
+    return VAEModel(config, graphdef, unflatten(leaves))
 
 
 def _some(keys: list[str]) -> str:
