@@ -31,7 +31,8 @@ def main(argv):
     assets = assets_lib.build_assets(run, log=lambda *_: None)
     n = _BATCHES.value
 
-    iterator = iter(pipeline_lib.build_pipeline(run.data, assets.sources, assets.tokenizer, assets.codec))
+    iterator = iter(pipeline_lib.build_pipeline(run.data, assets.sources, assets.tokenizer, assets.codec,
+                                                  condition_pixels=assets.condition_pixels))
     next(iterator)
     start = time.perf_counter()
     batches = [next(iterator) for _ in range(n)]

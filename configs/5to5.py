@@ -74,6 +74,8 @@ def get_config(arg=None):
         task_ratio="5:5",
         batch_size=16 if toy else 64,  # global batch
         max_prompt_tokens=80 if toy else 512,
+        # Edit prompts also hold the condition image's slots (one per 2x2 latents: 1024 at 1024 px); 0 = as T2I.
+        edit_prompt_tokens=0 if toy else 1536,
         seed=0,
     ))
 
@@ -226,6 +228,11 @@ def get_config(arg=None):
     ))
 
     c.eval = ml_collections.ConfigDict(dict(
+        # "toy": score on the toy world's benchmarks with the toy judge. "none": write sample grids of student and
+        # teachers on the first `unjudged_samples` prompts per task of the training data, unscored (full scale: the
+        # VLM judges score T2I-Bench / Editing-Bench offline).
+        judge="toy" if toy else "none",
+        unjudged_samples=8,
         # toy: 96 / 48 narrow the paired 95% intervals to about +-0.05 (at 24 / 16 they were +-0.1, wide enough to
         # hide a real -0.04 behind a noisy +0.01); the whole evaluation still takes about a minute.
         prompts_per_category=96 if toy else 600,

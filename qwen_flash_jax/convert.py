@@ -46,14 +46,13 @@ from pathlib import Path
 import numpy as np
 
 from qwen_flash_jax.checkpoint_io import CONFIG_FILE, PARAMS_DIR
-from qwen_flash_jax.errors import CheckpointError
+from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, some_of
 from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import ConfigError, TransformerConfig
 from qwen_flash_jax.safetensors_reader import SafetensorsCheckpoint
 
 DTYPES = ("bfloat16", "float32", "float16")
 CHUNK_BYTE_SIZE = 64 << 20
-_MAX_LISTED = 5  # how many offending keys an error message names
 
 
 # --- validation (nothing is written until all of this passed) ------------------------------------------------------
@@ -87,9 +86,9 @@ def check_checkpoint(ckpt: SafetensorsCheckpoint, config: TransformerConfig) -> 
     unexpected = sorted(present - set(expected))
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} of {len(expected)} tensors: {_some(missing)}")
+        problems.append(f"missing {len(missing)} of {len(expected)} tensors: {some_of(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors: {_some(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected tensors: {some_of(unexpected)}")
     if problems:
         raise CheckpointError(
             f"checkpoint does not match its config (num_layers={config.num_layers}): " + "; ".join(problems)
@@ -100,12 +99,8 @@ def check_checkpoint(ckpt: SafetensorsCheckpoint, config: TransformerConfig) -> 
         if got != want:
             bad.append(f"{key} has shape {got}, expected {want}")
     if bad:
-        raise CheckpointError(f"{len(bad)} tensors have the wrong shape: " + "; ".join(bad[:_MAX_LISTED]))
+        raise CheckpointError(f"{len(bad)} tensors have the wrong shape: " + "; ".join(bad[:MAX_LISTED]))
 
-
-def _some(keys: list[str]) -> str:
-    listed = ", ".join(keys[:_MAX_LISTED])
-    return listed + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
 
 Plan = list[tuple[tuple[str, ...], tuple[int, ...], list[tuple[str, hf_keys.ParamSpec]]]]

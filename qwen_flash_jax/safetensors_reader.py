@@ -230,6 +230,22 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"checkpoint has no tensor {name!r}")
         return self._owner[name].read(name)
 
+    def read_nested(self, plan: dict, dtype) -> dict:
+        """{key: (path, transform)} -> a nested dict holding at each path the key's tensor, transformed (a numpy
+        function: transpose, reshape ...) and cast to `dtype`, as a device array. One tensor in host memory at a
+        time, for checkpoints larger than a host's spare memory."""
+        import jax.numpy as jnp
+
+        nested: dict = {}
+        for key, (path, transform) in plan.items():
+            value = np.asarray(transform(self.read(key)), dtype=dtype)
+            node = nested
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = jnp.asarray(value)
+            del value
+        return nested
+
     @property
     def nbytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())

@@ -88,6 +88,21 @@ def test_batches_have_fixed_shapes(sources, tokenizer):
     assert (np.diff(m, axis=1) <= 0).all()
 
 
+def test_edit_prompts_get_their_own_length_and_can_carry_the_condition_pixels(sources, tokenizer):
+    config = _config(task_ratio="1:1", edit_prompt_tokens=192)
+    it = iter(pipeline.build_pipeline(config, sources, tokenizer, SpaceToDepthCodec(patch=4), process_index=0,
+                                      process_count=1, condition_pixels=True))
+    t2i, edit = next(it), next(it)
+    assert t2i["input_ids"].shape == (4, 160) and edit["input_ids"].shape == edit["attention_mask"].shape == (4, 192)
+    assert "condition_pixels" not in t2i and edit["condition_pixels"].dtype == np.uint8
+    assert edit["condition_pixels"].shape == (4, SIZE, SIZE, 3)
+    # The pixels are the source image whose latents are the condition latents.
+    latents = SpaceToDepthCodec(patch=4).encode(edit["condition_pixels"])
+    np.testing.assert_array_equal(latents.reshape(4, -1, 48), edit["condition_latents"])
+    with pytest.raises(pipeline.PromptTooLongError, match="data.edit_prompt_tokens is 20"):
+        next(iter(_build(sources, tokenizer, task_ratio="0:1", edit_prompt_tokens=20)))
+
+
 def test_category_weights_select_categories(sources, tokenizer):
     it = iter(_build(sources, tokenizer, task_ratio="1:0", t2i_weights=dict(portrait=1.0)))
     cats = np.concatenate([next(it)["category"] for _ in range(5)])

@@ -93,7 +93,8 @@ def test_config_mapping(params):
     assert (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim) == (
         300, 64, 2, 4, 2, 16, 128)
     assert c.rope_theta == 5e6 and c.eps == 1e-6 and c.feature_layers == (-1,) and c.output_size == 64
-    assert c.condition_channels == 0 and c.image_pad_id is None  # text path only: no image slots
+    assert c.condition_channels == 0  # no toy condition projection: images go through the vision tower
+    assert c.image_pad_id == 290 and c.mrope_section == (4, 2, 2)  # image_token_id, rope mrope_section
 
 
 def test_text_path_matches_transformers_as_the_pipeline_calls_it(checkpoint, params):
@@ -221,9 +222,10 @@ def test_wrong_shape_and_unsupported_config_are_config_errors(checkpoint, tmp_pa
         qwen3_vl.load_text_encoder(tmp_path / "other")
 
 
-def test_condition_images_are_refused_without_the_vision_tower(params):
+def test_toy_condition_latents_are_refused_by_the_real_encoder(params):
     ids, mask = _batch()
-    with pytest.raises(ValueError, match="image_pad_id"):
+    ids[:, -1] = 290  # one <|image_pad|> slot per prompt
+    with pytest.raises(ValueError, match="no condition projection"):
         enc.encode(params, ids, mask, [np.zeros((3, 4, 48), np.float32)], [(2, 2)])
 
 

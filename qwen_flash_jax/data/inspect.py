@@ -26,6 +26,7 @@ def inspect(config, batches: int, out: str, log=print) -> dict:
         raise ValueError("--batches must be at least 1")
     assets = build_assets(config, log=lambda *_: None)
     iterator = iter(pipeline.build_pipeline(config.data, assets.sources, assets.tokenizer, assets.codec,
+                                            condition_pixels=assets.condition_pixels,
                                             process_index=0, process_count=1))
     totals = collections.Counter()
     log(f"ratio {config.data.task_ratio}, global batch {config.data.batch_size}")

@@ -16,6 +16,7 @@ codec. A T2I batch and an edit batch therefore each have one static layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import grain
@@ -37,10 +38,16 @@ class PromptTooLongError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PromptEncoder:
-    """Templates, tokenizes and right-pads one prompt to a fixed length (runs inside grain workers)."""
+    """Templates, tokenizes and right-pads one prompt to a fixed length (runs inside grain workers): `max_tokens`
+    for T2I prompts, `max_edit_tokens` (0: the same) for edit prompts, which also hold the image slots."""
 
     tokenizer: Any
     max_tokens: int
+    max_edit_tokens: int = 0
+
+    @classmethod
+    def from_config(cls, tokenizer, data_config) -> "PromptEncoder":
+        return cls(tokenizer, int(data_config.max_prompt_tokens), int(data_config.get("edit_prompt_tokens", 0)))
 
     @property
     def drop_idx(self) -> int:
@@ -52,13 +59,15 @@ class PromptEncoder:
 
     def __call__(self, text: str, condition_slots=()) -> tuple[np.ndarray, np.ndarray]:
         ids = prompt_lib.tokenize_prompts(self.tokenizer, [text], condition_slots)["input_ids"][0]
-        if len(ids) > self.max_tokens:
+        length, field = ((self.max_edit_tokens, "data.edit_prompt_tokens") if condition_slots and self.max_edit_tokens
+                         else (self.max_tokens, "data.max_prompt_tokens"))
+        if len(ids) > length:
             raise PromptTooLongError(
-                f"prompt {text[:60]!r} takes {len(ids)} tokens with the template and image slots; "
-                f"data.max_prompt_tokens is {self.max_tokens}")
-        input_ids = np.full(self.max_tokens, self.tokenizer.pad_token_id, np.int32)
+                f"prompt {text[:60]!r} takes {len(ids)} tokens with the template and {sum(condition_slots)} image "
+                f"slots; {field} is {length}")
+        input_ids = np.full(length, self.tokenizer.pad_token_id, np.int32)
         input_ids[: len(ids)] = ids
-        mask = np.zeros(self.max_tokens, np.int32)
+        mask = np.zeros(length, np.int32)
         mask[: len(ids)] = 1
         return input_ids, mask
 
@@ -71,6 +80,7 @@ class Preprocess:
     prompts: PromptEncoder
     codec: Any
     image_size: int
+    condition_pixels: bool = False  # edits also carry the condition image's uint8 pixels (Qwen3-VL's vision input)
 
     def __call__(self, record: dict) -> dict[str, np.ndarray]:
         category = np.int32(CATEGORIES[self.task].index(record["category"]))
@@ -83,13 +93,21 @@ class Preprocess:
             input_ids, mask = self.prompts(record["instruction"], [source.shape[0] // 4])
             target = record["target"] if record["target"] is not None else record["source"]
             out = {"condition_latents": source, "target_latents": self._latents(target)}
+            if self.condition_pixels:
+                out["condition_pixels"] = np.asarray(record["source"], np.uint8)
         return {**out, "input_ids": input_ids, "attention_mask": mask, "category": category}
 
     def _latents(self, image) -> np.ndarray:
         if image is None:  # prompt-only records (real T2I prompt sets): DMD needs no target image
-            image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+            return self._blank_latents
         latents = self.codec.encode(np.asarray(image)[None])
         return np.asarray(self.codec.pack(latents)[0], np.float32)
+
+    @functools.cached_property
+    def _blank_latents(self) -> np.ndarray:
+        """A black image's latents, encoded once (a VAE pass per prompt-only record would be wasted work)."""
+        image = np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
+        return np.asarray(self.codec.pack(self.codec.encode(image))[0], np.float32)
 
 
 def task_stream(task: str, sources: dict, weights: dict[str, float], *, batch_size: int, preprocess: Preprocess,
@@ -116,20 +134,21 @@ def check_data_config(data_config) -> None:
 
 
 def build_pipeline(data_config, sources: dict, tokenizer, codec, *, process_index: int | None = None,
-                   process_count: int | None = None) -> grain.IterDataset:
-    """The interleaved T2I/edit batch stream of this process (per-process batch = global batch / processes)."""
+                   process_count: int | None = None, condition_pixels: bool = False) -> grain.IterDataset:
+    """The interleaved T2I/edit batch stream of this process (per-process batch = global batch / processes).
+    `condition_pixels`: edit examples also carry the condition image (for a text encoder with a vision tower)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     ratio = mixing.parse_ratio(data_config.task_ratio)
     if data_config.batch_size % process_count:
         raise ConfigError(f"data.batch_size={data_config.batch_size} must divide over {process_count} processes")
-    prompts = PromptEncoder(tokenizer, int(data_config.max_prompt_tokens))
+    prompts = PromptEncoder.from_config(tokenizer, data_config)
     streams = {}
     for task, share in zip(mixing.TASKS, ratio):
         if share == 0:
             continue
         weights = dict(data_config[f"{task}_weights"])
-        preprocess = Preprocess(task, prompts, codec, int(data_config.image_size))
+        preprocess = Preprocess(task, prompts, codec, int(data_config.image_size), condition_pixels)
         streams[task] = task_stream(task, sources.get(task, {}), weights,
                                     batch_size=data_config.batch_size // process_count, preprocess=preprocess,
                                     seed=int(data_config.seed), process_index=process_index,

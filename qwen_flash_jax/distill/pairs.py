@@ -23,6 +23,7 @@ import numpy as np
 
 from qwen_flash_jax import config_lib
 from qwen_flash_jax.data import pipeline as pipeline_lib
+from qwen_flash_jax.train import conditioning
 
 BANK_SEED_OFFSET = 1
 
@@ -36,7 +37,8 @@ def build_pair_bank(config, gen, teacher_params, to_device, *, log=print) -> dic
     num_batches = int(config.student.regression_batches)
     data = config_lib.distill_data_config(config, offset=BANK_SEED_OFFSET)
     assets = gen.assets
-    iterator = iter(pipeline_lib.build_pipeline(data, assets.sources, assets.tokenizer, assets.codec))
+    iterator = iter(pipeline_lib.build_pipeline(data, assets.sources, assets.tokenizer, assets.codec,
+                                                condition_pixels=assets.condition_pixels))
     steps, cfg = int(config.sampling.teacher_steps), float(config.sampling.cfg_scale)
     key = jax.random.key(config_lib.distill_seed(config) + 3)
     bank: dict[str, list[dict]] = {}
@@ -52,7 +54,7 @@ def build_pair_bank(config, gen, teacher_params, to_device, *, log=print) -> dic
         del batch["target_latents"]
         entry = to_device(batch)
         entry["target"] = gen.teacher_latents(teacher_params, assets.tasks[task], entry["input_ids"],
-                                              entry["attention_mask"], entry.get("condition_latents"),
+                                              entry["attention_mask"], conditioning.image_inputs(entry),
                                               entry["noise"], num_steps=steps, cfg_scale=cfg)
         bank.setdefault(task, []).append(entry)
     jax.block_until_ready(bank)

@@ -102,7 +102,7 @@ def _guarded(state, new_state, ok):
 def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec):
     rng, (k_noise, k_k, k_sim, k_loss, _) = _split(state)
     cond = conditioning.encode(te_params, spec, batch["input_ids"], batch["attention_mask"],
-                               batch.get("condition_latents"))
+                               **conditioning.image_inputs(batch))
     shape = batch["target_latents"].shape
     _, z, t = _student_input(setup, state, cond, shape[0], shape, k_noise, k_k, k_sim)
     x, _ = dmd.student_x0(setup.model, state.student, cond, z, t)
@@ -130,10 +130,10 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
                    condition_offset: int, pairs=None):
     rng, (k_noise, k_k, k_sim, k_t, k_xi) = _split(state)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    cond_latents = batch.get("condition_latents")
-    cond = conditioning.encode(te_params, spec, ids, mask, cond_latents)
+    images = conditioning.image_inputs(batch)
+    cond = conditioning.encode(te_params, spec, ids, mask, **images)
     neg_ids, neg_mask = conditioning.empty_prompt(spec, ids.shape[0])
-    neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, cond_latents)
+    neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, **images)
     shape = batch["target_latents"].shape
     if setup.trajectory_grad:
         k, z, t = _student_step(setup, shape[0], shape, k_noise, k_k)  # z: the first step's noise
@@ -178,7 +178,7 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
         # DMD1's regression onto teacher ODE pairs, at the same student step k along the student's own
         # (predicted-noise) trajectory from the pair's noise (pairs.py says why the target is the same at every k).
         cond_p = conditioning.encode(te_params, spec, pairs["input_ids"], pairs["attention_mask"],
-                                     pairs.get("condition_latents"))
+                                     **conditioning.image_inputs(pairs))
         z_p = dmd.backward_simulation(setup.model, state.student, cond_p, pairs["noise"], k, setup.timesteps,
                                       k_sim, setup.renoise)
         reg_loss, reg_grads = jax.value_and_grad(

@@ -90,7 +90,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         disc=disc, disc_opt=setup.disc_opt.init(disc)), mesh)
 
     iterator = iter(pipeline_lib.build_pipeline(config_lib.distill_data_config(config), assets.sources,
-                                                assets.tokenizer, assets.codec))
+                                                assets.tokenizer, assets.codec,
+                                                condition_pixels=assets.condition_pixels))
     ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator, label="distill",
                                   log=log)
 
@@ -163,9 +164,40 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     return results
 
 
+def _sample_prompts(config, sources: dict, count: int):
+    """Up to `count` T2I captions and (source, instruction) edits for unjudged sample grids: the first records of
+    each category the run trains on, in turn (deterministic; captions only, the student needs no image)."""
+    from qwen_flash_jax.data import mixing
+
+    ratio = mixing.parse_ratio(config.data.task_ratio)
+    picked = {"t2i": [], "edit": []}
+    for task, share in zip(mixing.TASKS, ratio):
+        cats = [c for c, w in dict(config.data[f"{task}_weights"]).items() if w > 0 and c in sources.get(task, {})]
+        for i in range(count):
+            if not share or not cats or len(picked[task]) == count:
+                break
+            source = sources[task][cats[i % len(cats)]]
+            if i // len(cats) < len(source):
+                picked[task].append(source[i // len(cats)])
+    captions = [r["caption"] for r in picked["t2i"]]
+    size = int(config.data.image_size)
+    edits = [(_fit(r["source"], size), r["instruction"]) for r in picked["edit"]]
+    return captions, edits
+
+
+def _fit(image, size: int):
+    image = np.asarray(image)
+    if image.shape[:2] != (size, size):
+        raise ConfigError(f"an edit source of shape {image.shape} is not {size}x{size} (data.image_size)")
+    return image
+
+
 def check_config(config) -> None:
     """Everything a user can get wrong, checked before any work starts (one clear ConfigError)."""
     pipeline_lib.check_data_config(config.data)
+    check_batch_fits_mesh(config)
+    if config.eval.get("judge", "toy") not in ("toy", "none"):
+        raise ConfigError(f"eval.judge must be 'toy' or 'none', got {config.eval.judge!r}")
     for role in (config.student.init_from, config.fake_score.init_from):
         if role not in config.teachers:
             raise ConfigError(f"student/fake_score init_from={role!r} is not a teacher of this config")
@@ -196,6 +228,17 @@ def check_config(config) -> None:
                           "head starts from zero and would never learn")
 
 
+def check_batch_fits_mesh(config) -> None:
+    """The global batch must split evenly over the mesh axes that shard the batch."""
+    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
+    spec = sharding.batch_sharding(mesh, sharding.normalise_rules(config.mesh.rules)).spec[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    ways = int(np.prod([mesh.shape[a] for a in axes]))
+    if int(config.data.batch_size) % ways:
+        raise ConfigError(f"data.batch_size={config.data.batch_size} does not split over the {ways} devices of the "
+                          f"mesh axes {list(axes)} that shard the batch; use a multiple of {ways}")
+
+
 def _summarise(pending, state) -> dict[str, float]:
     fetched = jax.device_get(pending)
     out = {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}
@@ -209,7 +252,7 @@ def _make_probe(config, workdir, gen, writer, log):
     scores on a small validation set (eval.seed + 1, disjoint from the final evaluation's seeds), logged as
     `probe/*` scalars. None when sampling is off."""
     every = int(config.train.sample_every)
-    if every <= 0:
+    if every <= 0 or config.eval.judge == "none":
         return None
     from qwen_flash_jax.eval.judge_io import load_or_train_judge
 
@@ -254,6 +297,12 @@ def run_evaluation(config, workdir, gen, state, base, log):
     contenders.append(
         report.Contender(f"student ({k} steps)", k, lambda c: gen.t2i(student, c, num_steps=k, student=True),
                          lambda s, i: gen.edit(student, s, i, num_steps=k, student=True)))
+    if config.eval.judge == "none":
+        captions, edits = _sample_prompts(config, gen.assets.sources, int(config.eval.unjudged_samples))
+        results = report.sample_unjudged(workdir, contenders, captions, edits,
+                                         title=f"Distillation samples: {workdir.name}", log=log)
+        log(f"samples of {len(contenders)} models written to {workdir}/grid_*.png (not scored: eval.judge='none')")
+        return results
     judge = load_or_train_judge(assets_lib.cache_root(config) / "judge", size=int(config.data.image_size),
                                 log=log)
     results = report.evaluate(contenders, judge, size=int(config.data.image_size),

@@ -51,26 +51,29 @@ class Generator:
             chunk += [""] * (self.batch_size - n)
             slots = [h * w // 4] if task == "edit" else []
             ids, mask = zip(*(self.assets.prompts(t, slots) for t in chunk))
-            cond_latents = None
+            images = {}
             if task == "edit":
                 src = np.asarray(sources[start:start + self.batch_size])
                 src = np.concatenate([src, np.repeat(src[:1], self.batch_size - n, axis=0)])
-                cond_latents = jnp.asarray(codec.pack(codec.encode(src)), jnp.float32)
+                images["condition_latents"] = jnp.asarray(codec.pack(codec.encode(src)), jnp.float32)
+                if self.assets.condition_pixels:
+                    images["condition_pixels"] = jnp.asarray(src, jnp.uint8)
             key = jax.random.fold_in(jax.random.key(seed), start)
             noise = jax.random.normal(key, (self.batch_size, h * w, self.model.config.in_channels))
             z = self._sample(params, self.assets.text_encoder, jnp.asarray(np.stack(ids)),
-                             jnp.asarray(np.stack(mask)), cond_latents, noise, key, spec=spec,
+                             jnp.asarray(np.stack(mask)), images, noise, key, spec=spec,
                              sigmas=self._sigmas(num_steps, student, timesteps),
                              cfg_scale=float(cfg_scale), student=student)
             images = codec.to_uint8(codec.decode(codec.unpack(np.asarray(z), h, w)))
             outputs.append(images[:n])
         return np.concatenate(outputs)
 
-    def teacher_latents(self, params, spec, input_ids, attention_mask, condition_latents, noise, *, num_steps: int,
+    def teacher_latents(self, params, spec, input_ids, attention_mask, images: dict, noise, *, num_steps: int,
                         cfg_scale: float):
         """A teacher's Euler sample as packed latents (on device) from given tokens and noise: the sampler of `t2i`
-        and `edit` without tokenising, padding or decoding (the regression bank, distill/pairs.py)."""
-        return self._sample(params, self.assets.text_encoder, input_ids, attention_mask, condition_latents, noise,
+        and `edit` without tokenising, padding or decoding (the regression bank, distill/pairs.py). `images`: the
+        edit's `conditioning.IMAGE_INPUTS` fields ({} for T2I)."""
+        return self._sample(params, self.assets.text_encoder, input_ids, attention_mask, images, noise,
                             jax.random.key(0), spec=spec, sigmas=self._sigmas(num_steps, False),
                             cfg_scale=float(cfg_scale), student=False)
 
@@ -87,13 +90,13 @@ class Generator:
 
     @functools.cached_property
     def _sample(self):
-        def sample(params, te_params, ids, mask, cond_latents, noise, key, *, spec, sigmas, cfg_scale, student):
-            cond = conditioning.encode(te_params, spec, ids, mask, cond_latents)
+        def sample(params, te_params, ids, mask, images, noise, key, *, spec, sigmas, cfg_scale, student):
+            cond = conditioning.encode(te_params, spec, ids, mask, **images)
             if student:
                 return dmd.generate(self.model, params, cond, noise, sigmas[:-1], jax.random.fold_in(key, 1),
                                     self.student_renoise)
             neg_ids, neg_mask = conditioning.empty_prompt(spec, ids.shape[0])
-            neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, cond_latents)
+            neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, **images)
             return sampling.euler_sample(self.model, params, noise, cond, np.asarray(sigmas), neg_cond=neg,
                                          cfg_scale=cfg_scale, use_kv_cache=self.use_kv_cache)
 

@@ -75,6 +75,42 @@ def _grids(directory, contenders, t2i, edits, t2i_images, edit_images, per_row: 
     save_grid(directory / "grid_edit.png", rows)
 
 
+def sample_unjudged(workdir, contenders: list[Contender], t2i_captions: list[str], edit_items: list[tuple],
+                    *, title: str, log=print) -> dict:
+    """Runs every contender on the same prompts and seeds and writes the grids with results.md / results.json,
+    without scores: for runs with no judge (full scale, where the VLM judges score the grids offline).
+
+    `edit_items` holds (source uint8 image, instruction) pairs. Grid rows: one per contender (edits: the sources
+    first); results.json lists the prompts in column order.
+    """
+    workdir = pathlib.Path(workdir)
+    t2i_rows, edit_rows = [], []
+    sources = np.stack([src for src, _ in edit_items]) if edit_items else None
+    instructions = [text for _, text in edit_items]
+    for c in contenders:
+        log(f"sampling {c.name} ({c.nfe} NFE)")
+        if t2i_captions:
+            t2i_rows.append(c.t2i(t2i_captions))
+        if edit_items:
+            edit_rows.append(c.edit(sources, instructions))
+    if t2i_rows:
+        save_grid(workdir / "grid_t2i.png", t2i_rows)
+    if edit_rows:
+        save_grid(workdir / "grid_edit.png", [sources] + edit_rows)
+    results = {"scored": False, "models": [{"name": c.name, "nfe": c.nfe} for c in contenders],
+               "t2i_prompts": list(t2i_captions), "edit_instructions": instructions}
+    lines = [f"# {title}", "", "Not scored: this run has no judge (`eval.judge='none'`). The grids hold one row per "
+             "model, in the order below, on the same prompts and noise seeds; score them with the VLM judges' "
+             "rubrics.", "", "| row | model | NFE |", "|---|---|---|"]
+    lines += [f"| {i + 1} | {c.name} | {c.nfe} |" for i, c in enumerate(contenders)]
+    lines += ["", "T2I prompts (grid_t2i.png columns): " + "; ".join(t2i_captions) if t2i_captions else "",
+              "", "Edit instructions (grid_edit.png columns, sources in the first row): " + "; ".join(instructions)
+              if instructions else "", ""]
+    _write_atomically(workdir / "results.md", "\n".join(lines))
+    _write_atomically(workdir / "results.json", json.dumps(results, indent=2))
+    return results
+
+
 def paired_difference(results: dict, name: str, reference: str, task: str, resamples: int = 2000,
                       seed: int = 0) -> tuple[float, float, float] | None:
     """Mean per-sample score difference `name - reference` on `task` and its 95% bootstrap interval.

@@ -21,14 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwen_flash_jax.errors import CheckpointError
+from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, some_of
 from qwen_flash_jax.models.config import ConfigError, read_config_json
 from qwen_flash_jax.models.hf_keys import unflatten
 from qwen_flash_jax.models.vae import (QwenImageVAE, Resample, VAEConfig, denormalize_latents, normalize_latents,
                                        pack_latents, unpack_latents)
 
 CONFIG_FILE = "config.json"
-_MAX_LISTED = 5  # how many offending keys an error message names
 
 
 # --- the model as pure functions over a parameter tree --------------------------------------------------------------
@@ -141,20 +140,20 @@ def load_vae(path, *, dtype: str = "float32", param_dtype: str = "float32") -> V
         raise ConfigError(_one_line(e)) from None
     with ckpt:
         present = ckpt.tensors
-        where = _some(sorted({info.file.name for info in present.values()}))
+        where = some_of(sorted({info.file.name for info in present.values()}))
         missing = [k for k in shapes if k not in present]
         unexpected = sorted(k for k in present if k not in shapes)
         problems = []
         if missing:
-            problems.append(f"missing {len(missing)} of {len(shapes)} tensors: {_some(missing)}")
+            problems.append(f"missing {len(missing)} of {len(shapes)} tensors: {some_of(missing)}")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected tensors: {_some(unexpected)}")
+            problems.append(f"{len(unexpected)} unexpected tensors: {some_of(unexpected)}")
         if problems:
             raise ConfigError(f"{path} ({where}) does not match its {CONFIG_FILE}: " + "; ".join(problems))
         bad = [f"{present[k].file.name}: tensor {k} has shape {present[k].shape}, expected {shape}"
                for k, shape in shapes.items() if present[k].shape != shape]
         if bad:
-            raise ConfigError(f"{path}: {len(bad)} tensors have the wrong shape: " + "; ".join(bad[:_MAX_LISTED]))
+            raise ConfigError(f"{path}: {len(bad)} tensors have the wrong shape: " + "; ".join(bad[:MAX_LISTED]))
         np_dtype = np.dtype(config.jnp_param_dtype)
         leaves = {}
         try:
@@ -165,10 +164,6 @@ def load_vae(path, *, dtype: str = "float32", param_dtype: str = "float32") -> V
     graphdef = nnx.split(_abstract_module(config))[0]
     return VAEModel(config, graphdef, unflatten(leaves))
 
-
-def _some(keys: list[str]) -> str:
-    listed = ", ".join(keys[:_MAX_LISTED])
-    return listed + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
 
 def _one_line(error) -> str:

@@ -28,8 +28,10 @@ images); as a fixed random projection it still passes the image information on, 
 feature extractor for the distillation system.
 
 The real model. For text-only input this decoder is Qwen3-VL's language model; `qwen_flash_jax.text.qwen3_vl`
-loads a Hugging Face Qwen3-VL checkpoint into it (with `condition_channels=0`: no `condition_proj`, no images) and
+loads a Hugging Face Qwen3-VL checkpoint into it (with `condition_channels=0`: no `condition_proj`) and
 its module doc says why the two agree (M-RoPE with equal position streams, transformers' positions under padding).
+With images, `qwen3_vl.features_with_images` runs these same layers with the vision tower's embeddings, 3-D M-RoPE
+positions and deepstack features; this module's forward is the text-only (and toy) path.
 
 Parameters live in `TextEncoderParams`, a pytree of the config (static) and the `nnx.State` of `nnx.Param`s, each
 with logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`) for `qwen_flash_jax.sharding`.
@@ -77,9 +79,16 @@ class TextEncoderConfig:
     condition_channels: int = 48
     image_pad_id: int | None = None
     feature_layers: tuple[int, ...] = (-1,)  # residual-stream states concatenated into the output (see above)
+    # The real Qwen3-VL's interleaved M-RoPE split of the head_dim/2 frequencies into (temporal, height, width)
+    # streams, used only by the image-conditioned forward (`qwen_flash_jax.text.qwen3_vl`); None for the toy.
+    mrope_section: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
+        if self.mrope_section is not None:
+            object.__setattr__(self, "mrope_section", tuple(int(i) for i in self.mrope_section))
+            if len(self.mrope_section) != 3 or min(self.mrope_section) < 0:
+                raise ValueError(f"mrope_section must be 3 non-negative integers, got {list(self.mrope_section)}")
         if not self.feature_layers or any(not -self.num_layers - 1 <= i <= self.num_layers
                                           for i in self.feature_layers):
             raise ValueError(f"feature_layers must be a non-empty list of indices in "
@@ -242,8 +251,8 @@ class TextEncoder(nnx.Module):
         if cfg.image_pad_id is None:
             raise ValueError("condition images need TextEncoderConfig.image_pad_id (see for_tokenizer)")
         if self.condition_proj is None:
-            raise ValueError("this text encoder has no condition projection (condition_channels=0): condition "
-                             "images would need the Qwen3-VL vision tower, which is not ported")
+            raise ValueError("this text encoder has no condition projection (condition_channels=0): the real "
+                             "Qwen3-VL encodes condition images with its vision tower (qwen3_vl.encode_features)")
         if condition_shapes is None or len(condition_shapes) != len(condition_latents):
             raise ValueError("pass one (h, w) in condition_shapes per condition latent")
         batch = input_ids.shape[0]

@@ -2,7 +2,9 @@
 
 Toy assets are built on first use and cached under `config.cache_dir` (default ~/.cache/qwen_flash_jax), keyed by
 a hash of the config fields they depend on, so many runs (E1-E5, the ratio sweep ...) share one dataset and one
-text encoder. Full-scale assets come from converted checkpoints given by path.
+text encoder. Full-scale assets come from local Hugging Face directories given by path: the Qwen3-VL text encoder
+(`text_encoder.kind="qwen3_vl"`, its tokenizer beside it or in the pipeline's `tokenizer/` folder) and the VAE
+(`codec.kind="vae"`). Both are frozen and stored in the transformer's compute dtype.
 """
 
 from __future__ import annotations
@@ -29,10 +31,15 @@ from qwen_flash_jax.train.conditioning import TaskSpec, task_specs
 class Assets:
     sources: dict
     tokenizer: Any
-    text_encoder: Any  # TextEncoderParams
+    text_encoder: Any  # TextEncoderParams (toy), or qwen3_vl.Qwen3VLParams
     codec: Any
     prompts: pipeline_lib.PromptEncoder
     tasks: dict[str, TaskSpec]
+
+    @property
+    def condition_pixels(self) -> bool:
+        """Whether edit batches carry the condition image's pixels (the Qwen3-VL vision tower reads them)."""
+        return getattr(self.text_encoder, "vision", None) is not None
 
 
 def cache_root(config) -> pathlib.Path:
@@ -45,20 +52,32 @@ def config_hash(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+TEXT_ENCODER_KINDS = ("toy", "qwen3_vl")
+CODEC_KINDS = ("space_to_depth", "vae")
+VAE_SCALE_FACTOR = 16  # pixels per latent side of Qwen-Image 2.x's VAE (the pipeline's `vae_scale_factor`)
+
+
 def build_assets(config, log: Callable[[str], None] = print) -> Assets:
-    if config.text_encoder.kind != "toy" or config.codec.kind != "space_to_depth":
-        raise ConfigError("the Qwen3-VL text encoder and the VAE are not ported yet: full-scale runs need "
-                          "text_encoder.kind='toy' and codec.kind='space_to_depth' for now")
-    codec = SpaceToDepthCodec(patch=int(config.codec.patch))
-    channels = codec.latent_shape(config.data.image_size, config.data.image_size)[2]
+    check_text_encoder(config)
+    codec = _codec(config, log)
+    try:
+        channels = codec.latent_shape(config.data.image_size, config.data.image_size)[2]
+    except ValueError as e:
+        raise ConfigError(f"data.image_size={config.data.image_size}: {e}") from None
     if channels != config.model.in_channels:
         raise ConfigError(f"codec gives {channels} latent channels but model.in_channels={config.model.in_channels}")
-    check_text_encoder(config)
     sources = _sources(config, log)
-    tokenizer, te_params = _toy_text_encoder(config, log)
-    prompts = pipeline_lib.PromptEncoder(tokenizer, int(config.data.max_prompt_tokens))
-    return Assets(sources, tokenizer, te_params, codec, prompts,
-                  task_specs(prompts, codec, int(config.data.image_size)))
+    if config.text_encoder.kind == "toy":
+        tokenizer, te_params = _toy_text_encoder(config, log)
+    else:
+        tokenizer, te_params = _qwen3_vl_text_encoder(config, log)
+    prompts = pipeline_lib.PromptEncoder.from_config(tokenizer, config.data)
+    vision = getattr(te_params, "vision", None)
+    try:
+        tasks = task_specs(prompts, codec, int(config.data.image_size), vision and vision.config)
+    except ValueError as e:
+        raise ConfigError(f"data.image_size={config.data.image_size}: {e}") from None
+    return Assets(sources, tokenizer, te_params, codec, prompts, tasks)
 
 
 def _sources(config, log):
@@ -82,9 +101,23 @@ def _sources(config, log):
     raise ConfigError(f"data.source must be 'toy_world' or 'jsonl', got {d.source!r}")
 
 
+def latent_scale(config) -> int:
+    """Pixels per latent token side, from the config alone (the VAE's is checked against it when it is loaded)."""
+    return int(config.codec.patch) if config.codec.kind == "space_to_depth" else VAE_SCALE_FACTOR
+
+
 def check_text_encoder(config) -> None:
-    """The toy encoder's feature layers and width against the model, from the config alone (before any work)."""
+    """Kinds, paths, and the toy encoder's feature layers and width against the model, from the config alone
+    (before any work)."""
     te = config.text_encoder
+    if te.kind not in TEXT_ENCODER_KINDS:
+        raise ConfigError(f"text_encoder.kind must be one of {TEXT_ENCODER_KINDS}, got {te.kind!r}")
+    if config.codec.kind not in CODEC_KINDS:
+        raise ConfigError(f"codec.kind must be one of {CODEC_KINDS}, got {config.codec.kind!r}")
+    for section, kind in (("text_encoder", "qwen3_vl"), ("codec", "vae")):
+        if config[section].kind == kind and not os.path.isdir(config[section].path or ""):
+            what = " is not set" if not config[section].path else f"={config[section].path!r} is not a directory"
+            raise ConfigError(f"{section}.kind={kind!r} needs a local checkpoint directory: {section}.path{what}")
     if te.kind != "toy":
         return
     layers = tuple(int(i) for i in te.get("feature_layers", (-1,)))
@@ -96,6 +129,72 @@ def check_text_encoder(config) -> None:
     if width != int(config.model.context_in_dim):
         raise ConfigError(f"text encoder output width {width} (hidden_size {te.hidden_size} x {len(layers)} feature "
                           f"layers) != model.context_in_dim {config.model.context_in_dim}")
+
+
+def _codec(config, log):
+    if config.codec.kind == "space_to_depth":
+        return SpaceToDepthCodec(patch=int(config.codec.patch))
+    from qwen_flash_jax.models.vae_io import VAECodec, load_vae
+
+    log(f"loading the VAE from {config.codec.path}")
+    codec = VAECodec(load_vae(config.codec.path, dtype=_frozen_dtype(config)))
+    if codec.scale_factor != VAE_SCALE_FACTOR:
+        raise ConfigError(f"{config.codec.path}: the VAE downsamples by {codec.scale_factor}, Qwen-Image 2.x's by "
+                          f"{VAE_SCALE_FACTOR}")
+    return codec
+
+
+def _frozen_dtype(config) -> str:
+    """The frozen text encoder and VAE are stored in the transformer's compute dtype (bfloat16 at full scale)."""
+    return "bfloat16" if config.model.dtype == "bfloat16" else "float32"
+
+
+def _qwen3_vl_text_encoder(config, log):
+    from qwen_flash_jax.text import qwen3_vl
+
+    path = pathlib.Path(config.text_encoder.path)
+    log(f"loading the Qwen3-VL text encoder from {path}")
+    params = qwen3_vl.load_qwen3_vl(path, dtype=_frozen_dtype(config))
+    width = params.text.config.output_size
+    if width != int(config.model.context_in_dim):
+        raise ConfigError(f"{path}: the text encoder's hidden size {width} != model.context_in_dim "
+                          f"{config.model.context_in_dim}")
+    if params.vision is None and pipeline_lib.mixing.parse_ratio(config.data.task_ratio)[1]:
+        raise ConfigError(f"{path}: the checkpoint has no vision tower (model.visual.*), which edits need; "
+                          "use the full Qwen3-VL checkpoint or data.task_ratio='1:0'")
+    tokenizer = _hf_tokenizer(path)
+    from qwen_flash_jax.text.tokenizer import IMAGE_PAD, special_token_id
+
+    if params.text.config.image_pad_id not in (None, special_token_id(tokenizer, IMAGE_PAD)):
+        raise ConfigError(f"{path}: the tokenizer's {IMAGE_PAD} id {special_token_id(tokenizer, IMAGE_PAD)} is not "
+                          f"the model's image_token_id {params.text.config.image_pad_id}")
+    return tokenizer, params
+
+
+def _hf_tokenizer(text_encoder_path: pathlib.Path):
+    """The tokenizer beside the text encoder, or in the diffusers pipeline's `tokenizer/` or `processor/` folder."""
+    import transformers
+
+    for candidate in (text_encoder_path, text_encoder_path.parent / "tokenizer",
+                      text_encoder_path.parent / "processor"):
+        if (candidate / "tokenizer_config.json").exists() or (candidate / "tokenizer.json").exists():
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(str(candidate), local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{candidate}: cannot load the tokenizer: {' '.join(str(e).split())}") from None
+            try:
+                from qwen_flash_jax.text import prompts as prompt_lib
+                from qwen_flash_jax.text.tokenizer import IMAGE_PAD, special_token_id
+
+                special_token_id(tokenizer, IMAGE_PAD)
+                prompt_lib.system_prefix_len(tokenizer)
+            except ValueError as e:
+                raise ConfigError(f"{candidate}: not a Qwen tokenizer: {e}") from None
+            if tokenizer.pad_token_id is None:
+                raise ConfigError(f"{candidate}: the tokenizer has no pad token")
+            return tokenizer
+    raise ConfigError(f"no tokenizer beside {text_encoder_path} (tokenizer.json / tokenizer_config.json there, or "
+                      "in the pipeline's tokenizer/ or processor/ folder)")
 
 
 def _toy_text_encoder(config, log):

@@ -43,7 +43,6 @@ def run(config, workdir) -> None:
 
     workdir = pathlib.Path(workdir)
     # Validate first: a bad config must not leave a half-made workdir behind.
-    check_text_encoder(config)
     if config.job == "teacher":
         check_data_config(config.data)
         teacher.check_source(config, config.teacher_name)
@@ -51,6 +50,7 @@ def run(config, workdir) -> None:
         trainer.check_config(config)
     else:
         raise ConfigError(f"config.job must be 'teacher' or 'distill', got {config.job!r}")
+    check_text_encoder(config)  # kinds, checkpoint directories, the toy encoder's width
     workdir.mkdir(parents=True, exist_ok=True)
     if config.job == "teacher":
         parent = config.teachers[config.teacher_name].init_from

@@ -54,7 +54,7 @@ def load_params(workdir, model):
 
 def target_mu(config) -> float:
     s = config.sampling
-    tokens = (config.data.image_size // config.codec.patch) ** 2
+    tokens = (config.data.image_size // assets_lib.latent_scale(config)) ** 2
     return flow.dynamic_shift_mu(tokens, s.base_seq_len, s.max_seq_len, s.base_shift, s.max_shift)
 
 
@@ -83,7 +83,8 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
                          rng=jax.random.key_data(jax.random.key(int(config.seed))))
     state = place_on_mesh(state, mesh)
 
-    data = pipeline_lib.build_pipeline(run.data, assets.sources, assets.tokenizer, assets.codec)
+    data = pipeline_lib.build_pipeline(run.data, assets.sources, assets.tokenizer, assets.codec,
+                                       condition_pixels=assets.condition_pixels)
     iterator = iter(data)
     ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator,
                                   label=f"teacher {name}", log=log)
@@ -133,7 +134,7 @@ def _make_step(model, optimizer, mu: float, caption_dropout: float, ema_decay: f
         key, k_t, k_eps, k_drop = jax.random.split(key, 4)
         ids, mask = conditioning.drop_captions(k_drop, spec, batch["input_ids"], batch["attention_mask"],
                                                caption_dropout)
-        cond = conditioning.encode(te_params, spec, ids, mask, batch.get("condition_latents"))
+        cond = conditioning.encode(te_params, spec, ids, mask, **conditioning.image_inputs(batch))
         x = batch["target_latents"]
         t = flow.sample_training_t(k_t, x.shape[0], mu, uniform_fraction=uniform_t_fraction)
         eps = jax.random.normal(k_eps, x.shape, x.dtype)
@@ -218,7 +219,9 @@ def cache_dir(config, name: str) -> pathlib.Path:
     # How the blocks run (scanned or unrolled) changes only float rounding, so it stays out of the key.
     model = {k: v for k, v in config.model.to_dict().items() if k != "scan_layers"}
     key = assets_lib.config_hash(model, config.text_encoder, config.codec, spec.train.to_dict(),
-                                 [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens],
+                                 [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens,
+                                  # only when set, so that the keys of teachers cached before it existed hold
+                                  *([d.edit_prompt_tokens] if d.get("edit_prompt_tokens") else [])],
                                  config.seed, config.mesh.to_dict(), parent, "v1")
     return assets_lib.cache_root(config) / "teachers" / f"{name}-{key}"
 
@@ -270,7 +273,10 @@ def check_source(config, name: str) -> None:
     if spec.path:
         if not (pathlib.Path(spec.path) / "params").exists():
             raise config_lib.ConfigError(f"teachers.{name}.path={spec.path!r} holds no teacher checkpoint "
-                                         "(expected a directory with params/ written by a teacher run)")
+                                         "(expected a directory with params/ written by a teacher run or by "
+                                         "`python -m qwen_flash_jax.convert`)")
+        if (pathlib.Path(spec.path) / "config.json").exists():
+            _check_converted(config, spec.path, f"teachers.{name}.path")
     elif int(spec.train.steps) <= 0:
         raise config_lib.ConfigError(f"teacher {name!r} needs a checkpoint: set --config.teachers.{name}.path")
     if spec.init_from:
@@ -283,4 +289,32 @@ def _restore_standalone(config, directory):
                               rules=sharding.normalise_rules(config.mesh.rules))
     if not (pathlib.Path(directory) / "params").exists():
         raise config_lib.ConfigError(f"no teacher parameters at {directory}/params")
+    if (pathlib.Path(directory) / "config.json").exists():  # a converted diffusers checkpoint (orbax v1 layout)
+        from qwen_flash_jax import checkpoint_io
+
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), model.params)
+        return checkpoint_io.restore_params(directory, target)  # cast to the model's param_dtype on read
     return load_params(directory, model)
+
+
+# Fields that only say how the blocks run or are stored; the rest must match the converted checkpoint.
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat_policy", "scan_layers")
+
+
+def _check_converted(config, directory, field: str) -> None:
+    """A converted checkpoint's architecture against `config.model`, one line naming what differs."""
+    import dataclasses
+
+    from qwen_flash_jax import checkpoint_io
+    from qwen_flash_jax.errors import CheckpointError
+
+    try:
+        stored = dataclasses.asdict(checkpoint_io.read_config(directory))
+    except CheckpointError as e:
+        raise config_lib.ConfigError(f"{field}: {e}") from None
+    wanted = dataclasses.asdict(config_lib.transformer_config(config))
+    diff = [f"{k}={stored[k]!r} (config: {wanted[k]!r})" for k in wanted
+            if k not in _RUNTIME_FIELDS and stored.get(k) != wanted[k]]
+    if diff:
+        raise config_lib.ConfigError(f"{field}={str(directory)!r} holds a different transformer: "
+                                     + ", ".join(diff) + "; set model.* to match the checkpoint")

@@ -1,0 +1,211 @@
+"""The full-scale configuration end to end, shrunk: `configs/5to5.py` (not :toy) reads its Qwen3-VL text encoder
+and tokenizer, VAE and teacher from local Hugging Face / converted directories, here tiny random ones, distils a
+few steps on JSONL data and writes unscored sample grids (full scale has no toy judge)."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+from qwen_flash_jax import config_lib  # noqa: E402
+from qwen_flash_jax.distill import trainer  # noqa: E402
+from qwen_flash_jax.models.config import ConfigError  # noqa: E402
+from qwen_flash_jax.text import tokenizer as tokenizer_lib  # noqa: E402
+from qwen_flash_jax.train import assets as assets_lib  # noqa: E402
+from qwen_flash_jax.train import jobs  # noqa: E402
+
+TEXT_WIDTH = 32
+LATENT_CHANNELS = 8
+IMAGE_SIZE = 64  # pixels: 4x4 latents at the VAE's 16x compression
+CAPTIONS = ["a red house by a lake", "a portrait of a smiling man", "a sign reading OPEN", "a dark forest"]
+INSTRUCTIONS = ["make the sky green", "remove the tree", "add a hat", "turn it into a sketch"]
+
+
+def _randomise(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", "gamma")) or "layernorm" in name:
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            else:
+                param.copy_(torch.randn_like(param) * min(0.2, param[0].numel() ** -0.5))
+    return model
+
+
+def _text_encoder_dir(path):
+    """A tiny random Qwen3-VL with a toy Qwen-style tokenizer saved beside it (ids of the vision tokens aligned)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok = tokenizer_lib.train_tokenizer(CAPTIONS + INSTRUCTIONS, vocab_size=300)
+    ids = {t: tokenizer_lib.special_token_id(tok, t) for t in tokenizer_lib.SPECIAL_TOKENS}
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=320, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 1, 1],
+                                              mrope_interleaved=True)),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_WIDTH,
+                           patch_size=16, spatial_merge_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=ids[tokenizer_lib.IMAGE_PAD], vision_start_token_id=ids[tokenizer_lib.VISION_START],
+        vision_end_token_id=ids[tokenizer_lib.VISION_END], video_token_id=319)
+    _randomise(Qwen3VLForConditionalGeneration(config).eval(), 0).save_pretrained(path)
+    tok.save_pretrained(path)
+    # The processor's pixel limits admit the tiny 64px condition images (the published ones start at 256x256).
+    (path / "preprocessor_config.json").write_text(json.dumps(dict(
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=16, merge_size=2, temporal_patch_size=2,
+        size=dict(shortest_edge=32 * 32, longest_edge=1024 * 1024))))
+    return path
+
+
+def _vae_dir(path):
+    from diffusers import AutoencoderKLQwenImage21
+
+    vae = AutoencoderKLQwenImage21(base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True], patch_size=2, in_channels=16,
+                                   out_channels=16, latents_mean=[0.1] * LATENT_CHANNELS,
+                                   latents_std=[1.5] * LATENT_CHANNELS, scale_factor_spatial=16)
+    _randomise(vae.eval(), 1).save_pretrained(path)
+    return path
+
+
+def _teacher_dir(tmp_path):
+    from diffusers import QwenImage21Transformer2DModel
+
+    from qwen_flash_jax.convert import convert
+
+    model = QwenImage21Transformer2DModel(num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                          in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+                                          context_in_dim=TEXT_WIDTH, axes_dims_rope=(4, 6, 6))
+    _randomise(model.eval(), 2).save_pretrained(tmp_path / "transformer")
+    convert(tmp_path / "transformer", tmp_path / "teacher", dtype="float32", progress=False)
+    return tmp_path / "teacher"
+
+
+def _data(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    cats = ["landscape", "portrait", "text", "landscape"]
+    (tmp_path / "t2i.jsonl").write_text("".join(
+        json.dumps({"prompt": c, "category": cat}) + "\n" for c, cat in zip(CAPTIONS, cats)))
+    edit_cats = ["scene", "object", "identity", "style"]
+    (tmp_path / "edit.jsonl").write_text("".join(
+        json.dumps({"instruction": t, "category": cat, "source": f"{i}.png", "target": f"{(i + 1) % 4}.png"}) + "\n"
+        for i, (t, cat) in enumerate(zip(INSTRUCTIONS, edit_cats))))
+    return tmp_path / "t2i.jsonl", tmp_path / "edit.jsonl"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full_scale")
+    (root / "text_encoder").mkdir()
+    return dict(text_encoder=_text_encoder_dir(root / "text_encoder"), vae=_vae_dir(root / "vae"),
+                teacher=_teacher_dir(root), data=_data(root))
+
+
+def full_config(checkpoints, cache_dir, ratio="1:0"):
+    """configs/5to5.py at full scale with every size shrunk to the tiny checkpoints."""
+    config = config_lib.load_config("configs/5to5.py")
+    config.cache_dir = str(cache_dir)
+    config.model.update(num_layers=2, attention_head_dim=16, num_attention_heads=2, in_channels=LATENT_CHANNELS,
+                        out_channels=LATENT_CHANNELS, context_in_dim=TEXT_WIDTH, axes_dims_rope=(4, 6, 6),
+                        dtype="float32", remat_policy="none")
+    config.text_encoder.path = str(checkpoints["text_encoder"])
+    config.codec.path = str(checkpoints["vae"])
+    for name in ("base", "text"):
+        config.teachers[name].path = str(checkpoints["teacher"])
+    t2i, edit = checkpoints["data"]
+    config.data.update(image_size=IMAGE_SIZE, t2i_jsonl=str(t2i), edit_jsonl=str(edit), batch_size=8,
+                       max_prompt_tokens=64, edit_prompt_tokens=80, task_ratio=ratio)
+    config.data.edit_weights = dict(scene=1.0, enhance=0.0, object=1.0, text_edit=0.0, identity=1.0, style=1.0)
+    config.train.update(steps=2, log_every=1, checkpoint_every=1)
+    config.fake_score.updates_per_student = 1
+    config.sampling.teacher_steps = 3
+    config.eval.unjudged_samples = 3
+    return config
+
+
+def test_full_scale_distillation_runs_from_local_checkpoints(checkpoints, tmp_path):
+    """T2I and edit batches (1:1): edits read their condition images through the vision tower and the VAE."""
+    config = full_config(checkpoints, tmp_path / "cache", ratio="1:1")
+    history = []
+    trainer.distill(config, tmp_path / "run", history=history, log=lambda *_: None)
+    assert [step for step, _ in history] == [1, 2]
+    assert all(np.isfinite(m["dmd_loss"]) and m["skipped"] == 0 for _, m in history)
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["scored"] is False and results["t2i_prompts"] == CAPTIONS[:3]
+    assert sorted(results["edit_instructions"]) == sorted(INSTRUCTIONS[:3])  # one per category
+    assert [m["nfe"] for m in results["models"]] == [6, 8, 4]  # teacher 3 and 4 steps (x2: CFG), student 4
+    t2i = np.asarray(Image.open(tmp_path / "run" / "grid_t2i.png"))
+    edit = np.asarray(Image.open(tmp_path / "run" / "grid_edit.png"))
+    assert t2i.shape[1] == edit.shape[1] and t2i.shape[0] < edit.shape[0]  # 3 columns; 3 rows, sources + 3 rows
+    assert t2i.std() > 0 and edit.std() > 0
+
+
+def test_edit_conditioning_depends_on_the_condition_image(checkpoints, tmp_path):
+    """The vision tower is really in the loop: other source pixels, other prompt states (same tokens)."""
+    import jax.numpy as jnp
+
+    from qwen_flash_jax.train import conditioning
+
+    assets = assets_lib.build_assets(full_config(checkpoints, tmp_path / "cache", ratio="1:1"),
+                                     log=lambda *_: None)
+    spec = assets.tasks["edit"]
+    ids, mask = assets.prompts("make the sky green", [16 // 4])
+    ids, mask = jnp.asarray(ids[None].repeat(2, 0)), jnp.asarray(mask[None].repeat(2, 0))
+    rng = np.random.default_rng(0)
+    pixels = jnp.asarray(rng.integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
+    latents = jnp.zeros((2, 16, LATENT_CHANNELS))
+    cond = conditioning.encode(assets.text_encoder, spec, ids, mask, latents, pixels)
+    hidden = np.asarray(cond.encoder_hidden_states)
+    assert np.abs(hidden[0] - hidden[1]).max() > 1e-3
+    same = conditioning.encode(assets.text_encoder, spec, ids, mask, latents, pixels[::-1])
+    np.testing.assert_allclose(np.asarray(same.encoder_hidden_states)[::-1], hidden, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the condition images' pixels"):
+        conditioning.encode(assets.text_encoder, spec, ids, mask, latents)
+
+
+def test_the_tokenizer_and_text_encoder_are_the_qwen3_vl_ones(checkpoints, tmp_path):
+    config = full_config(checkpoints, tmp_path / "cache")
+    assets = assets_lib.build_assets(config, log=lambda *_: None)
+    assert type(assets.codec).__name__ == "VAECodec" and assets.codec.scale_factor == 16
+    assert assets.tasks["t2i"].latent_hw == (4, 4)
+    assert assets.text_encoder.text.config.hidden_size == TEXT_WIDTH and assets.condition_pixels
+    assert assets.tasks["edit"].vision_grid == (4, 4) and assets.tasks["t2i"].vision_grid is None
+    ids = assets.tokenizer.encode("a red house", add_special_tokens=False)
+    assert ids and max(ids) < 300
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("text_encoder.path", "", "text_encoder.path is not set"),
+    ("text_encoder.path", "/nonexistent/te", "text_encoder.path='/nonexistent/te' is not a directory"),
+    ("codec.path", "/nonexistent/vae", "codec.path='/nonexistent/vae' is not a directory"),
+    ("codec.kind", "jpeg", "codec.kind must be one of"),
+    ("teachers.base.path", "/nonexistent/teacher", "holds no teacher checkpoint"),
+    ("data.batch_size", 6, "data.batch_size=6 does not split over the 8 devices"),
+    ("data.image_size", 48, "data.image_size=48: image size 48x48 gives 3x3 latents"),
+    ("model.num_layers", 3, "holds a different transformer: num_layers=2 (config: 3)"),
+    ("model.context_in_dim", 48, "hidden size 32 != model.context_in_dim 48"),
+    ("model.in_channels", 16, "codec gives 8 latent channels but model.in_channels=16"),
+])
+def test_a_bad_full_scale_config_is_one_line_before_any_work(checkpoints, tmp_path, field, value, message):
+    config = full_config(checkpoints, tmp_path / "cache")
+    section, name = field.rsplit(".", 1)
+    node = config
+    for part in section.split("."):
+        node = node[part]
+    node[name] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        if field in ("model.context_in_dim", "model.in_channels", "data.image_size"):
+            assets_lib.build_assets(config, log=lambda *_: None)
+        else:
+            jobs.run(config, tmp_path / "run")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()
