@@ -230,19 +230,21 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"checkpoint has no tensor {name!r}")
         return self._owner[name].read(name)
 
-    def read_nested(self, plan: dict, dtype) -> dict:
+    def read_nested(self, plan: dict, dtype, shardings: dict | None = None) -> dict:
         """{key: (path, transform)} -> a nested dict holding at each path the key's tensor, transformed (a numpy
-        function: transpose, reshape ...) and cast to `dtype`, as a device array. One tensor in host memory at a
-        time, for checkpoints larger than a host's spare memory."""
-        import jax.numpy as jnp
+        function: transpose, reshape ...) and cast to `dtype`, as a device array: on the default device, or laid
+        out by the sharding at the same path of `shardings` (a nested dict), so no device ever holds the whole
+        model. One tensor in host memory at a time, for checkpoints larger than a host's spare memory."""
+        import jax
 
         nested: dict = {}
         for key, (path, transform) in plan.items():
             value = np.asarray(transform(self.read(key)), dtype=dtype)
-            node = nested
+            node, where = nested, shardings
             for part in path[:-1]:
                 node = node.setdefault(part, {})
-            node[path[-1]] = jnp.asarray(value)
+                where = None if where is None else where[part]
+            node[path[-1]] = jax.device_put(value, None if where is None else where[path[-1]])
             del value
         return nested
 

@@ -179,6 +179,12 @@ def test_the_tokenizer_and_text_encoder_are_the_qwen3_vl_ones(checkpoints, tmp_p
     assert assets.tasks["t2i"].latent_hw == (4, 4)
     assert assets.text_encoder.text.config.hidden_size == TEXT_WIDTH and assets.condition_pixels
     assert assets.tasks["edit"].vision_grid == (4, 4) and assets.tasks["t2i"].vision_grid is None
+    # Loaded straight into shardings on the 8-device mesh (fsdp over the embedding axis), not onto one device.
+    import jax
+
+    leaves = jax.tree.leaves(assets.text_encoder)
+    assert all(len(leaf.sharding.device_set) == 8 for leaf in leaves)
+    assert sum(not leaf.sharding.is_fully_replicated for leaf in leaves) >= 10
     ids = assets.tokenizer.encode("a red house", add_special_tokens=False)
     assert ids and max(ids) < 300
 

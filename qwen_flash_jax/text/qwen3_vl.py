@@ -216,12 +216,12 @@ def key_map(config: TextEncoderConfig, prefix: str = LM_PREFIXES[0]) -> dict[str
 
 # --- loading --------------------------------------------------------------------------------------------------------
 
-def load_text_encoder(path: str | os.PathLike, dtype: str = "float32") -> TextEncoderParams:
+def load_text_encoder(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=()) -> TextEncoderParams:
     """Reads the language model of the Qwen3-VL checkpoint directory `path` into `TextEncoderParams`.
 
     The whole checkpoint is validated from config.json and the safetensors headers (key set, shapes) before any
     tensor data is read; then tensors are read one at a time (transposed and cast in one copy) and put on the
-    default device. The parameters keep their logical axis names, for `qwen_flash_jax.sharding`.
+    default device, or with a `mesh`, straight into their shardings from the logical axis names and `rules`.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -236,7 +236,8 @@ def load_text_encoder(path: str | os.PathLike, dtype: str = "float32") -> TextEn
         keys = _check_keys(path, checkpoint.tensors, config)
         _, abstract = nnx.split(nnx.eval_shape(lambda: TextEncoder(config, rngs=nnx.Rngs(0))))
         nested = checkpoint.read_nested({key: (leaf_path, np.transpose if transpose else np.asarray)
-                                         for key, (leaf_path, transpose, _) in keys.items()}, target)
+                                         for key, (leaf_path, transpose, _) in keys.items()}, target,
+                                        _shardings(abstract, mesh, rules))
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     finally:
@@ -395,9 +396,18 @@ class Qwen3VLParams:
 jax.tree_util.register_dataclass(Qwen3VLParams, data_fields=["text", "vision"], meta_fields=[])
 
 
-def load_qwen3_vl(path: str | os.PathLike, dtype: str = "float32") -> Qwen3VLParams:
-    """The language model and, if the checkpoint has one, the vision tower of the Qwen3-VL directory `path`."""
-    text = load_text_encoder(path, dtype)
+def _shardings(abstract_state, mesh, rules):
+    if mesh is None:
+        return None
+    from qwen_flash_jax import sharding
+
+    return sharding.param_shardings(abstract_state, mesh, sharding.normalise_rules(rules))
+
+
+def load_qwen3_vl(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=()) -> Qwen3VLParams:
+    """The language model and, if the checkpoint has one, the vision tower of the Qwen3-VL directory `path`
+    (with a `mesh`: each tensor straight into its sharding, see `load_text_encoder`)."""
+    text = load_text_encoder(path, dtype, mesh, rules)
     try:
         checkpoint = SafetensorsCheckpoint(Path(path))
     except CheckpointError as e:
@@ -408,7 +418,7 @@ def load_qwen3_vl(path: str | os.PathLike, dtype: str = "float32") -> Qwen3VLPar
         checkpoint.close()
     if not with_vision:
         return Qwen3VLParams(text, None)
-    vision = vision_lib.load_vision_tower(path, dtype)
+    vision = vision_lib.load_vision_tower(path, dtype, mesh, rules)
     if vision.config.out_hidden_size != text.config.hidden_size:
         raise ConfigError(f"{path}: the vision tower's out_hidden_size {vision.config.out_hidden_size} != the "
                           f"language model's hidden_size {text.config.hidden_size}")

@@ -466,8 +466,9 @@ def visual_prefix(tensors) -> str | None:
     return next((p for p in VISUAL_PREFIXES if any(k.startswith(p) for k in tensors)), None)
 
 
-def load_vision_tower(path: str | os.PathLike, dtype: str = "float32") -> VisionParams:
-    """Reads `model.visual.*` of the Qwen3-VL checkpoint directory `path` into VisionParams.
+def load_vision_tower(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=()) -> VisionParams:
+    """Reads `model.visual.*` of the Qwen3-VL checkpoint directory `path` into VisionParams (with a `mesh`, each
+    tensor straight into its sharding from the logical axis names and `rules`).
 
     Validates the key set and every shape from config.json and the safetensors headers before reading any data;
     errors are one-line ConfigErrors naming the file and tensor.
@@ -483,8 +484,13 @@ def load_vision_tower(path: str | os.PathLike, dtype: str = "float32") -> Vision
     try:
         keys = _check_keys(Path(path), checkpoint.tensors, config)
         _, abstract = nnx.split(nnx.eval_shape(lambda: VisionTower(config, rngs=nnx.Rngs(0))))
+        shardings = None
+        if mesh is not None:
+            from qwen_flash_jax import sharding
+
+            shardings = sharding.param_shardings(abstract, mesh, sharding.normalise_rules(rules))
         nested = checkpoint.read_nested({key: (leaf_path, _TRANSFORMS[how])
-                                         for key, (leaf_path, how, _) in keys.items()}, target)
+                                         for key, (leaf_path, how, _) in keys.items()}, target, shardings)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     finally:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from qwen_flash_jax import sharding
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.data import world
 from qwen_flash_jax.models.codec import SpaceToDepthCodec
@@ -154,7 +155,10 @@ def _qwen3_vl_text_encoder(config, log):
 
     path = pathlib.Path(config.text_encoder.path)
     log(f"loading the Qwen3-VL text encoder from {path}")
-    params = qwen3_vl.load_qwen3_vl(path, dtype=_frozen_dtype(config))
+    # Sharded like the transformer (its logical axes, the config's rules): a replicated 8B encoder would not fit
+    # beside the models on a 16 GiB chip.
+    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
+    params = qwen3_vl.load_qwen3_vl(path, dtype=_frozen_dtype(config), mesh=mesh, rules=config.mesh.rules)
     width = params.text.config.output_size
     if width != int(config.model.context_in_dim):
         raise ConfigError(f"{path}: the text encoder's hidden size {width} != model.context_in_dim "
