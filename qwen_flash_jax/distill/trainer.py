@@ -166,16 +166,14 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
 
 def _sample_prompts(config, sources: dict, count: int):
     """Up to `count` T2I captions and (source, instruction) edits for unjudged sample grids: the first records of
-    each category the run trains on, in turn (deterministic; captions only, the student needs no image)."""
+    each category the run trains on, in turn (deterministic)."""
     from qwen_flash_jax.data import mixing
 
     ratio = mixing.parse_ratio(config.data.task_ratio)
     picked = {"t2i": [], "edit": []}
     for task, share in zip(mixing.TASKS, ratio):
         cats = [c for c, w in dict(config.data[f"{task}_weights"]).items() if w > 0 and c in sources.get(task, {})]
-        for i in range(count):
-            if not share or not cats or len(picked[task]) == count:
-                break
+        for i in range(count if share and cats else 0):
             source = sources[task][cats[i % len(cats)]]
             if i // len(cats) < len(source):
                 picked[task].append(source[i // len(cats)])
