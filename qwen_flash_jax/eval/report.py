@@ -93,10 +93,11 @@ def sample_unjudged(workdir, contenders: list[Contender], t2i_captions: list[str
             t2i_rows.append(c.t2i(t2i_captions))
         if edit_items:
             edit_rows.append(c.edit(sources, instructions))
+    scale = max(1, 128 // (t2i_rows or edit_rows)[0].shape[1]) if t2i_rows or edit_rows else 1  # 1 at full scale
     if t2i_rows:
-        save_grid(workdir / "grid_t2i.png", t2i_rows)
+        save_grid(workdir / "grid_t2i.png", t2i_rows, scale=scale)
     if edit_rows:
-        save_grid(workdir / "grid_edit.png", [sources] + edit_rows)
+        save_grid(workdir / "grid_edit.png", [sources] + edit_rows, scale=scale)
     results = {"scored": False, "models": [{"name": c.name, "nfe": c.nfe} for c in contenders],
                "t2i_prompts": list(t2i_captions), "edit_instructions": instructions}
     lines = [f"# {title}", "", "Not scored: this run has no judge (`eval.judge='none'`). The grids hold one row per "

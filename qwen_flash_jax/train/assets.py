@@ -24,7 +24,8 @@ from qwen_flash_jax.data import world
 from qwen_flash_jax.models.codec import SpaceToDepthCodec
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.text import encoder as text_encoder
-from qwen_flash_jax.text.tokenizer import train_tokenizer
+from qwen_flash_jax.text import prompts as prompt_lib
+from qwen_flash_jax.text.tokenizer import IMAGE_PAD, special_token_id, train_tokenizer
 from qwen_flash_jax.train.conditioning import TaskSpec, task_specs
 
 
@@ -154,24 +155,23 @@ def _qwen3_vl_text_encoder(config, log):
     from qwen_flash_jax.text import qwen3_vl
 
     path = pathlib.Path(config.text_encoder.path)
+    # What config.json and the tokenizer say is checked before the minutes it takes to read an 8B checkpoint.
+    te_config = qwen3_vl.read_config(path)
+    if te_config.output_size != int(config.model.context_in_dim):
+        raise ConfigError(f"{path}: the text encoder's hidden size {te_config.output_size} != model.context_in_dim "
+                          f"{config.model.context_in_dim}")
+    tokenizer = _hf_tokenizer(path)
+    if te_config.image_pad_id not in (None, special_token_id(tokenizer, IMAGE_PAD)):
+        raise ConfigError(f"{path}: the tokenizer's {IMAGE_PAD} id {special_token_id(tokenizer, IMAGE_PAD)} is not "
+                          f"the model's image_token_id {te_config.image_pad_id}")
     log(f"loading the Qwen3-VL text encoder from {path}")
     # Sharded like the transformer (its logical axes, the config's rules): a replicated 8B encoder would not fit
     # beside the models on a 16 GiB chip.
     mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
     params = qwen3_vl.load_qwen3_vl(path, dtype=_frozen_dtype(config), mesh=mesh, rules=config.mesh.rules)
-    width = params.text.config.output_size
-    if width != int(config.model.context_in_dim):
-        raise ConfigError(f"{path}: the text encoder's hidden size {width} != model.context_in_dim "
-                          f"{config.model.context_in_dim}")
     if params.vision is None and pipeline_lib.mixing.parse_ratio(config.data.task_ratio)[1]:
         raise ConfigError(f"{path}: the checkpoint has no vision tower (model.visual.*), which edits need; "
                           "use the full Qwen3-VL checkpoint or data.task_ratio='1:0'")
-    tokenizer = _hf_tokenizer(path)
-    from qwen_flash_jax.text.tokenizer import IMAGE_PAD, special_token_id
-
-    if params.text.config.image_pad_id not in (None, special_token_id(tokenizer, IMAGE_PAD)):
-        raise ConfigError(f"{path}: the tokenizer's {IMAGE_PAD} id {special_token_id(tokenizer, IMAGE_PAD)} is not "
-                          f"the model's image_token_id {params.text.config.image_pad_id}")
     return tokenizer, params
 
 
@@ -187,9 +187,6 @@ def _hf_tokenizer(text_encoder_path: pathlib.Path):
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{candidate}: cannot load the tokenizer: {' '.join(str(e).split())}") from None
             try:
-                from qwen_flash_jax.text import prompts as prompt_lib
-                from qwen_flash_jax.text.tokenizer import IMAGE_PAD, special_token_id
-
                 special_token_id(tokenizer, IMAGE_PAD)
                 prompt_lib.system_prefix_len(tokenizer)
             except ValueError as e:
