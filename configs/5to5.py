@@ -145,6 +145,7 @@ def get_config(arg=None):
         # DMD2's GAN term (distill/gan.py): weight of the generator's non-saturating loss against real data, on
         # the DMD loss's scale. 0 = pure DMD, the paper's objective.
         gan_weight=0.0,
+        gan_tasks=("t2i", "edit"),  # the tasks whose updates carry the GAN term (critic and generator)
         # DMD1's regression onto the base teacher's multi-step samples (distill/pairs.py), on the DMD loss's scale;
         # needs renoise="predicted". 0 = off. The bank holds `regression_batches` batches drawn once per run.
         regression_weight=0.0,

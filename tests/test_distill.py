@@ -126,6 +126,26 @@ def test_with_the_gan_term_a_resumed_run_reproduces_the_uninterrupted_one(cache,
     assert [m for s, m in straight if s > 2] == [m for _, m in resumed]
 
 
+def test_the_gan_term_reaches_only_the_tasks_in_gan_tasks(cache, tmp_path):
+    """On edit-only data a GAN term restricted to T2I changes nothing: the run repeats pure DMD bit for bit. The
+    same term allowed on edits does reach the student."""
+    config = tiny_distill_config(cache)
+    config.train.steps = 3
+    config.data.task_ratio = "0:1"
+    plain, t2i_only, on_edits = [], [], []
+    trainer.distill(config, tmp_path / "plain", history=plain, **QUIET)
+    config.student.gan_weight = 10.0
+    config.student.gan_tasks = ("t2i",)
+    trainer.distill(config, tmp_path / "t2i_only", history=t2i_only, **QUIET)
+    assert t2i_only == plain and "gan_loss" not in plain[-1][1]
+    config.student.gan_tasks = ("edit",)
+    trainer.distill(config, tmp_path / "on_edits", history=on_edits, **QUIET)
+    assert on_edits[-1][1]["gan_grad_ratio"] > 0
+    config.student.gan_tasks = ("t2i", "video")
+    with pytest.raises(trainer.ConfigError, match=r"student.gan_tasks names unknown tasks \['video'\]"):
+        trainer.check_config(config)
+
+
 def test_fake_score_warmup_runs_before_the_first_student_update_and_resumes_exactly(cache, straight_run, tmp_path):
     """Warm-up critic updates happen at step 0 only: the first generator update already sees a trained fake score
     (its DMD loss differs from the plain run's), and a resumed run still repeats the uninterrupted one."""

@@ -56,11 +56,17 @@ class DistillSetup:
     first_step_fm_weight: float
     disc_opt: object = None
     gan_weight: float = 0.0  # generator's GAN loss weight; 0 = pure DMD (the paper's objective)
+    gan_tasks: tuple[str, ...] = ("t2i", "edit")  # the tasks whose updates carry the GAN term
     gan_critic_weight: float = 0.01  # weight of the head's classification loss in the critic update
     renoise: str = "fresh"  # how the student re-noises between its steps (dmd.renoise)
     regression_weight: float = 0.0  # weight of the regression onto teacher ODE pairs (pairs.py); 0 = off
     step_probs: tuple[float, ...] = ()  # distribution of the trained student step k; () = uniform (DMD2)
     trajectory_grad: bool = False  # differentiate the generator's sample through the steps before k too
+
+
+def _uses_gan(setup, spec) -> bool:
+    """Whether this task's updates carry the GAN term (a static fact: `spec` is a jit static)."""
+    return bool(setup.gan_weight) and spec.task in setup.gan_tasks
 
 
 def _split(state):
@@ -108,7 +114,7 @@ def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec
     x, _ = dmd.student_x0(setup.model, state.student, cond, z, t)
 
     def losses(fake, disc):
-        if not setup.gan_weight:
+        if not _uses_gan(setup, spec):
             fm = dmd.fake_score_loss(setup.model, fake, cond, x, k_loss, setup.t_min, setup.t_max)
             return fm, (fm, {})
         fm, cls, accuracy = gan.critic_losses(setup.model, fake, disc, cond, x, batch["target_latents"], k_loss,
@@ -119,7 +125,7 @@ def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec
         state.fake, state.disc)
     updates, fake_opt = setup.fake_opt.update(grads, state.fake_opt, state.fake)
     new = state.replace(fake=jax.tree.map(jnp.add, state.fake, updates), fake_opt=fake_opt, rng=rng)
-    if setup.gan_weight:
+    if _uses_gan(setup, spec):
         disc_updates, disc_opt = setup.disc_opt.update(disc_grads, state.disc_opt, state.disc)
         new = new.replace(disc=jax.tree.map(jnp.add, state.disc, disc_updates), disc_opt=disc_opt)
     ok = _finite(loss, grads, disc_grads, *extra.values())
@@ -150,14 +156,15 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     x_t = flow.interpolate(x_sg, jax.random.normal(k_xi, shape, jnp.float32), t_dmd)
     weights = dmd.step_weights(setup.guidance, k, batch["category"] + condition_offset)
     x0_real = dmd.real_x0(setup.model, teachers, weights, cond, neg, x_t, t_dmd, setup.cfg_scale, setup.cfg_rescale)
-    if setup.gan_weight:
+    use_gan = _uses_gan(setup, spec)
+    if use_gan:
         v_fake, grad_xt, gan_loss = gan.generator_grad(setup.model, state.fake, state.disc, cond, x_t, t_dmd)
     else:
         v_fake, _ = sampling.velocity(setup.model, state.fake, cond, x_t, t_dmd)
     x0_fake = flow.x0_from_velocity(x_t, v_fake, t_dmd)
     loss, grad_x = jax.value_and_grad(dmd.dmd_loss)(x_sg, x0_real, x0_fake)
     gan_metrics = {}
-    if setup.gan_weight:
+    if use_gan:
         gan_grad_x = setup.gan_weight * grad_xt * (1.0 - t_dmd)[:, None, None]  # x_t = (1 - t) x + t noise
         gan_metrics = {"gan_loss": gan_loss,
                        "gan_grad_ratio": jnp.linalg.norm(gan_grad_x) / jnp.maximum(jnp.linalg.norm(grad_x), 1e-12)}

@@ -20,6 +20,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 
 from qwen_flash_jax import config_lib, sharding
+from qwen_flash_jax.data import mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from qwen_flash_jax.distill import dmd, gan
@@ -75,6 +76,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         disc_opt=optim.from_config(config.optim, steps * ratio + warmup,
                                    float(config.fake_score.gan_head_learning_rate)),
         gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight),
+        gan_tasks=tuple(config.student.gan_tasks),
         renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight),
         step_probs=dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs)),
         trajectory_grad=bool(config.student.trajectory_grad))
@@ -167,8 +169,6 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
 def _sample_prompts(config, sources: dict, count: int):
     """Up to `count` T2I captions and (source, instruction) edits for unjudged sample grids: the first records of
     each category the run trains on, in turn (deterministic)."""
-    from qwen_flash_jax.data import mixing
-
     ratio = mixing.parse_ratio(config.data.task_ratio)
     picked = {"t2i": [], "edit": []}
     for task, share in zip(mixing.TASKS, ratio):
@@ -221,6 +221,9 @@ def check_config(config) -> None:
         section, name = field.split(".")
         if float(config[section][name]) < 0:
             raise ConfigError(f"{field} must be >= 0 (0 turns the GAN term off), got {config[section][name]}")
+    unknown = sorted(set(config.student.gan_tasks) - set(mixing.TASKS))
+    if unknown:
+        raise ConfigError(f"student.gan_tasks names unknown tasks {unknown}; the tasks are {list(mixing.TASKS)}")
     if float(config.student.gan_weight) > 0 and float(config.fake_score.gan_head_learning_rate) <= 0:
         raise ConfigError("student.gan_weight > 0 needs fake_score.gan_head_learning_rate > 0: the discriminator "
                           "head starts from zero and would never learn")
@@ -239,7 +242,9 @@ def check_batch_fits_mesh(config) -> None:
 
 def _summarise(pending, state) -> dict[str, float]:
     fetched = jax.device_get(pending)
-    out = {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}
+    # Means over the steps that report a metric (the GAN metrics come only from the tasks in `gan_tasks`).
+    keys = dict.fromkeys(k for m in fetched for k in m)
+    out = {k: float(np.mean([float(m[k]) for m in fetched if k in m])) for k in keys}
     out["skipped"] = float(sum(float(m["skipped"]) for m in fetched))
     out["nonfinite_run"] = float(jax.device_get(state.nonfinite_run))
     return out
