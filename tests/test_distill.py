@@ -146,6 +146,21 @@ def test_the_gan_term_reaches_only_the_tasks_in_gan_tasks(cache, tmp_path):
         trainer.check_config(config)
 
 
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_generator_updates_follow_the_task_ratio(cache, tmp_path, warmup):
+    """At 1:1 half the generator updates are T2I, seen through a GAN term kept to T2I: its loss is logged exactly at
+    the T2I updates, which alternate with the edit updates (also after an odd number of critic warm-up updates)."""
+    config = tiny_distill_config(cache)
+    config.train.steps = 4
+    config.student.gan_weight = 10.0
+    config.student.gan_tasks = ("t2i",)
+    config.fake_score.warmup_updates = warmup
+    history = []
+    trainer.distill(config, tmp_path / "run", history=history, **QUIET)
+    carried = ["gan_loss" in m for _, m in history]
+    assert carried in ([True, False, True, False], [False, True, False, True]), carried
+
+
 def test_fake_score_warmup_runs_before_the_first_student_update_and_resumes_exactly(cache, straight_run, tmp_path):
     """Warm-up critic updates happen at step 0 only: the first generator update already sees a trained fake score
     (its DMD loss differs from the plain run's), and a resumed run still repeats the uninterrupted one."""

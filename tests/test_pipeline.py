@@ -67,6 +67,25 @@ def test_every_window_of_batches_matches_the_ratio_exactly(sources, tokenizer, r
         assert window.count("t2i") == a and window.count("edit") == b
 
 
+def test_slot_batches_give_every_position_of_a_step_the_exact_ratio(sources, tokenizer):
+    """A consumer taking 4 batches per step (3 critic updates, then the generator) at 1:1: with one batch per slot
+    its 4th batch would always be an edit; with 4 per slot each step is one task and the steps follow the pattern,
+    also after a restore mid-slot."""
+    config = _config(task_ratio="1:1")
+    build = lambda: pipeline.build_pipeline(config, sources, tokenizer, SpaceToDepthCodec(patch=4),  # noqa: E731
+                                            process_index=0, process_count=1, slot_batches=4)
+    it = iter(build())
+    tasks = [next(it)["task"] for _ in range(16)]
+    assert "".join(t[0] for t in tasks) == "tttteeeettttEEEE".lower()
+    it = iter(build())
+    for _ in range(6):
+        next(it)
+    state, rest = it.get_state(), [next(it)["task"] for _ in range(10)]
+    restored = iter(build())
+    restored.set_state(state)
+    assert [next(restored)["task"] for _ in range(10)] == rest == tasks[6:]
+
+
 def test_ratio_pattern_spreads_edits():
     assert "".join(t[0] for t in task_pattern((7, 3))) == "tetttettet"
     assert parse_ratio("5:5") == (1, 1)

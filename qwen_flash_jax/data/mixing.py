@@ -61,11 +61,17 @@ def normalise_weights(weights: Mapping[str, float], valid: tuple[str, ...], what
 class TaskInterleaveIterDataset(grain.IterDataset):
     """Interleaves per-task batch streams by `task_pattern`, tagging each batch with its task.
 
-    Only the tasks that occur in the pattern are iterated; the iterator state is the pattern position plus each
+    Each pattern slot yields `slot_batches` consecutive batches of its task: a consumer that takes that many batches
+    per step (the distillation's critic updates and generator update) then sees the exact ratio in every role,
+    where one batch per slot would alias with its step (at 1:1 and 4 batches per step the 4th is always an edit).
+    Only the tasks that occur in the pattern are iterated; the iterator state is the batch position plus each
     child iterator's state, so a restored pipeline yields the identical stream.
     """
 
-    def __init__(self, streams: Mapping[str, grain.IterDataset], ratio: tuple[int, int]):
+    def __init__(self, streams: Mapping[str, grain.IterDataset], ratio: tuple[int, int], slot_batches: int = 1):
+        if slot_batches < 1:
+            raise ConfigError(f"slot_batches must be >= 1, got {slot_batches}")
+        self._slot_batches = int(slot_batches)
         self._pattern = task_pattern(ratio)
         self._tasks = tuple(t for t in TASKS if t in self._pattern)
         missing = [t for t in self._tasks if t not in streams]
@@ -75,21 +81,23 @@ class TaskInterleaveIterDataset(grain.IterDataset):
         self._streams = {t: streams[t] for t in self._tasks}
 
     def __iter__(self) -> "_TaskInterleaveIterator":
-        return _TaskInterleaveIterator({t: iter(ds) for t, ds in self._streams.items()}, self._pattern)
+        return _TaskInterleaveIterator({t: iter(ds) for t, ds in self._streams.items()}, self._pattern,
+                                       self._slot_batches)
 
     def __str__(self) -> str:
         return f"TaskInterleaveIterDataset(pattern={''.join(t[0].upper() for t in self._pattern)})"
 
 
 class _TaskInterleaveIterator(grain.DatasetIterator):
-    def __init__(self, iterators: dict[str, grain.DatasetIterator], pattern: tuple[str, ...]):
+    def __init__(self, iterators: dict[str, grain.DatasetIterator], pattern: tuple[str, ...], slot_batches: int):
         super().__init__(list(iterators.values()))
         self._iterators = iterators
         self._pattern = pattern
+        self._slot_batches = slot_batches
         self._position = 0  # batches produced so far
 
     def __next__(self) -> dict[str, Any]:
-        task = self._pattern[self._position % len(self._pattern)]
+        task = self._pattern[(self._position // self._slot_batches) % len(self._pattern)]
         batch = next(self._iterators[task])
         self._position += 1
         return {**batch, "task": task}

@@ -134,9 +134,11 @@ def check_data_config(data_config) -> None:
 
 
 def build_pipeline(data_config, sources: dict, tokenizer, codec, *, process_index: int | None = None,
-                   process_count: int | None = None, condition_pixels: bool = False) -> grain.IterDataset:
+                   process_count: int | None = None, condition_pixels: bool = False,
+                   slot_batches: int = 1) -> grain.IterDataset:
     """The interleaved T2I/edit batch stream of this process (per-process batch = global batch / processes).
-    `condition_pixels`: edit examples also carry the condition image (for a text encoder with a vision tower)."""
+    `condition_pixels`: edit examples also carry the condition image (for a text encoder with a vision tower).
+    `slot_batches`: consecutive batches per task slot (`mixing.TaskInterleaveIterDataset`)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     ratio = mixing.parse_ratio(data_config.task_ratio)
@@ -153,7 +155,7 @@ def build_pipeline(data_config, sources: dict, tokenizer, codec, *, process_inde
                                     batch_size=data_config.batch_size // process_count, preprocess=preprocess,
                                     seed=int(data_config.seed), process_index=process_index,
                                     process_count=process_count)
-    return mixing.TaskInterleaveIterDataset(streams, ratio)
+    return mixing.TaskInterleaveIterDataset(streams, ratio, slot_batches)
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:

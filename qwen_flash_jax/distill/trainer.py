@@ -91,9 +91,11 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32),
         disc=disc, disc_opt=setup.disc_opt.init(disc)), mesh)
 
+    # One student update takes `ratio` critic batches and one generator batch, all of one task: the T2I:Edit
+    # pattern steps once per update, so the generator and the critic both see the configured ratio.
     iterator = iter(pipeline_lib.build_pipeline(config_lib.distill_data_config(config), assets.sources,
                                                 assets.tokenizer, assets.codec,
-                                                condition_pixels=assets.condition_pixels))
+                                                condition_pixels=assets.condition_pixels, slot_batches=ratio + 1))
     ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator, label="distill",
                                   log=log)
 
@@ -125,7 +127,10 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     for step in range(int(state.step), steps):
         # Before the first student update the fake score gets `warmup` extra updates: it starts as the teacher's
         # score, so the first DMD gradients are only the CFG direction. No checkpoint precedes step 1, so a resumed
-        # run repeats the warm-up exactly.
+        # run repeats the warm-up exactly. Batches skipped first keep the update's batches in one task slot.
+        if step == 0:
+            for _ in range(-warmup % (ratio + 1)):
+                next(iterator)
         for _ in range(ratio + (warmup if step == 0 else 0)):
             task, batch = next_batch()
             state, m_critic = critic(state, assets.text_encoder, batch, spec=assets.tasks[task])
