@@ -144,6 +144,12 @@ def test_the_gan_term_reaches_only_the_tasks_in_gan_tasks(cache, tmp_path):
     config.student.gan_tasks = ("t2i", "video")
     with pytest.raises(trainer.ConfigError, match=r"student.gan_tasks names unknown tasks \['video'\]"):
         trainer.check_config(config)
+    config.student.gan_tasks = ("t2i",)  # edit-only data: a GAN term kept to T2I would silently never run
+    with pytest.raises(trainer.ConfigError, match="the GAN term would never run"):
+        trainer.check_config(config)
+    config.student.gan_tasks = ()
+    with pytest.raises(trainer.ConfigError, match="the GAN term would never run"):
+        trainer.check_config(config)
 
 
 @pytest.mark.parametrize("warmup", [0, 1])

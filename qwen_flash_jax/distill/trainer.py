@@ -229,6 +229,10 @@ def check_config(config) -> None:
     unknown = sorted(set(config.student.gan_tasks) - set(mixing.TASKS))
     if unknown:
         raise ConfigError(f"student.gan_tasks names unknown tasks {unknown}; the tasks are {list(mixing.TASKS)}")
+    trained_tasks = {task for task, share in zip(mixing.TASKS, mixing.parse_ratio(config.data.task_ratio)) if share}
+    if float(config.student.gan_weight) > 0 and not trained_tasks & set(config.student.gan_tasks):
+        raise ConfigError(f"student.gan_weight > 0 but no task in student.gan_tasks {list(config.student.gan_tasks)} "
+                          f"is trained at data.task_ratio {config.data.task_ratio!r}: the GAN term would never run")
     if float(config.student.gan_weight) > 0 and float(config.fake_score.gan_head_learning_rate) <= 0:
         raise ConfigError("student.gan_weight > 0 needs fake_score.gan_head_learning_rate > 0: the discriminator "
                           "head starts from zero and would never learn")
