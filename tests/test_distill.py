@@ -127,29 +127,31 @@ def test_with_the_gan_term_a_resumed_run_reproduces_the_uninterrupted_one(cache,
 
 
 def test_the_gan_term_reaches_only_the_tasks_in_gan_tasks(cache, tmp_path):
-    """On edit-only data a GAN term restricted to T2I changes nothing: the run repeats pure DMD bit for bit. The
-    same term allowed on edits does reach the student."""
+    """At 1:2 the updates run edit, T2I, edit. A GAN term kept to T2I leaves the first (edit) update bit-identical to
+    pure DMD, critic updates included, and reaches the second; kept to edits it reaches the first and third only. A
+    GAN term whose tasks are never trained at the configured ratio is a config error, not a silent no-op."""
     config = tiny_distill_config(cache)
     config.train.steps = 3
-    config.data.task_ratio = "0:1"
+    config.data.task_ratio = "1:2"
     plain, t2i_only, on_edits = [], [], []
     trainer.distill(config, tmp_path / "plain", history=plain, **QUIET)
     config.student.gan_weight = 10.0
     config.student.gan_tasks = ("t2i",)
     trainer.distill(config, tmp_path / "t2i_only", history=t2i_only, **QUIET)
-    assert t2i_only == plain and "gan_loss" not in plain[-1][1]
+    assert t2i_only[0] == plain[0] and "gan_loss" not in plain[0][1]
+    assert ["gan_loss" in m for _, m in t2i_only] == [False, True, False]
     config.student.gan_tasks = ("edit",)
     trainer.distill(config, tmp_path / "on_edits", history=on_edits, **QUIET)
-    assert on_edits[-1][1]["gan_grad_ratio"] > 0
+    assert ["gan_loss" in m for _, m in on_edits] == [True, False, True]
+    assert on_edits[2][1]["gan_grad_ratio"] > 0  # the head starts at zero: the first GAN update has no gradient
     config.student.gan_tasks = ("t2i", "video")
     with pytest.raises(trainer.ConfigError, match=r"student.gan_tasks names unknown tasks \['video'\]"):
         trainer.check_config(config)
-    config.student.gan_tasks = ("t2i",)  # edit-only data: a GAN term kept to T2I would silently never run
-    with pytest.raises(trainer.ConfigError, match="the GAN term would never run"):
-        trainer.check_config(config)
-    config.student.gan_tasks = ()
-    with pytest.raises(trainer.ConfigError, match="the GAN term would never run"):
-        trainer.check_config(config)
+    config.data.task_ratio = "0:1"
+    for tasks in (("t2i",), ()):
+        config.student.gan_tasks = tasks
+        with pytest.raises(trainer.ConfigError, match="the GAN term would never run"):
+            trainer.check_config(config)
 
 
 @pytest.mark.parametrize("warmup", [0, 1])
