@@ -76,7 +76,7 @@ def test_slot_batches_give_every_position_of_a_step_the_exact_ratio(sources, tok
                                             process_index=0, process_count=1, slot_batches=4)
     it = iter(build())
     tasks = [next(it)["task"] for _ in range(16)]
-    assert "".join(t[0] for t in tasks) == "tttteeeettttEEEE".lower()
+    assert "".join(t[0] for t in tasks) == "tttteeeetttteeee"
     it = iter(build())
     for _ in range(6):
         next(it)
