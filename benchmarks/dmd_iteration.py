@@ -9,9 +9,10 @@
 
 One iteration = `fake_score.updates_per_student` critic updates + one generator update, on the toy config's
 model and batch (random weights: cost does not depend on values). The "sum of passes" counts what the iteration
-must run at its expected student step k ~ U{0..K-1}: (K-1)/2 backward-simulation forwards per update, the student
-forward (+ backward for the generator), the fake score's forward (+ backward for the critic), and the CFG teacher
-forwards (two per active teacher, on the doubled batch), each timed in isolation. Ratio ~1 means no waste.
+must run at its expected student step k ~ U{0..K-1}: the backward simulation (step 0 in full, later steps on its
+cached text/condition prefix), the student forward (+ backward for the generator), the fake score's forward
+(+ backward for the critic), and the CFG teacher forwards (two per active teacher, on the doubled batch), each
+timed in isolation. Ratio ~1 means no waste.
 """
 
 import functools
@@ -135,25 +136,38 @@ def main(argv):
     fwd = jax.jit(lambda p, z: sampling.velocity(model, p, cond, z, t)[0])
     fwd2 = jax.jit(lambda p, z: sampling.velocity(model, p, cond.concat(cond), z, jnp.concatenate([t, t]))[0])
     fwd_bwd = jax.jit(jax.grad(lambda p, z: jnp.mean(sampling.velocity(model, p, cond, z, t)[0] ** 2)))
+    causal = model.config.causal_condition
+    if causal:  # the backward simulation's later steps run on step 0's prefix keys and values
+        _, prefix = sampling.velocity(model, model.params, cond, latents, t, kv_cache_mode="extract")
+        fwd_cached = jax.jit(lambda p, z: sampling.velocity(model, p, cond, z, t, prefix, "cached")[0])
+    else:
+        fwd_cached = fwd
     t_fwd = _time(lambda: fwd(model.params, latents), repeats)
+    t_cached = _time(lambda: fwd_cached(model.params, latents), repeats)
     t_fwd2 = _time(lambda: fwd2(model.params, jnp.concatenate([latents, latents])), repeats)
     t_fb = _time(lambda: fwd_bwd(model.params, latents), repeats)
-    sim = (K - 1) / 2
     gan_on = bool(setup.gan_weight)
 
-    def iteration_total(fwd_, fwd2_, fb_):
-        """One iteration's passes at the expected k, weighting either their times or their FLOPs."""
-        # backward sim + student forward + fake fwd/bwd (on student and real samples with the GAN term)
-        critic_total = (sim + 1) * fwd_ + (2 if gan_on else 1) * fb_
-        # + teachers (CFG) + fake forward (and its backward to the sample with the GAN term)
-        gen_total = sim * fwd_ + fb_ + len(names) * fwd2_ + (fb_ if gan_on else fwd_)
+    def iteration_total(fwd_, cached_, fwd2_, fb_):
+        """One iteration's passes at the expected k ~ U{0..K-1}, weighting either their times or their FLOPs.
+        With the prefix cache a simulation to step k runs one full forward (step 0) and k - 1 cached ones."""
+        if causal:
+            critic_sim = fwd_ + (K - 1) / 2 * cached_  # steps 0..k-1 and the x0 at k
+            gen_sim = (K - 1) / K * fwd_ + (K - 1) * (K - 2) / (2 * K) * cached_  # steps 0..k-1 only
+        else:
+            critic_sim, gen_sim = (K + 1) / 2 * fwd_, (K - 1) / 2 * fwd_
+        # + fake fwd/bwd (on student and real samples with the GAN term)
+        critic_total = critic_sim + (2 if gan_on else 1) * fb_
+        # + student fwd/bwd + teachers (CFG) + fake forward (and its backward to the sample with the GAN term)
+        gen_total = gen_sim + fb_ + len(names) * fwd2_ + (fb_ if gan_on else fwd_)
         return ratio * critic_total + gen_total
 
-    passes = iteration_total(t_fwd, t_fwd2, t_fb)
+    passes = iteration_total(t_fwd, t_cached, t_fwd2, t_fb)
     # Useful FLOPs of the iteration (a loop over a traced k has no static FLOP count of its own).
     f_fwd = _matmul_flops(fwd, model.params, latents)
     f_fb = _matmul_flops(fwd_bwd, model.params, latents)
-    flops = iteration_total(f_fwd, _matmul_flops(fwd2, model.params, jnp.concatenate([latents, latents])), f_fb)
+    flops = iteration_total(f_fwd, _matmul_flops(fwd_cached, model.params, latents),
+                            _matmul_flops(fwd2, model.params, jnp.concatenate([latents, latents])), f_fb)
     n = _MATMUL_SIZE.value
     a = jax.random.normal(jax.random.key(1), (n, n), _MATMUL_DTYPE.value)
     matmul = jax.jit(lambda x: x @ x)
@@ -163,8 +177,8 @@ def main(argv):
     print(f"device {jax.devices()[0].device_kind}; config {config.variant}: {params / 1e6:.1f}M parameters, "
           f"{config.model.dtype} matmuls, batch {batch_size}, {h * w} image tokens, {K}-step student, "
           f"{ratio} critic updates, teachers {names}")
-    print(f"passes: forward {t_fwd * 1e3:.1f} ms, CFG forward (2x batch) {t_fwd2 * 1e3:.1f} ms, "
-          f"forward+backward {t_fb * 1e3:.1f} ms")
+    print(f"passes: forward {t_fwd * 1e3:.1f} ms, on the cached prefix {t_cached * 1e3:.1f} ms, "
+          f"CFG forward (2x batch) {t_fwd2 * 1e3:.1f} ms, forward+backward {t_fb * 1e3:.1f} ms")
     print(f"DMD iteration {t_iter * 1e3:.1f} ms vs sum of its passes {passes * 1e3:.1f} ms: "
           f"ratio {t_iter / passes:.2f}")
     rate = lambda f, t: f"{f / t / 1e9:.1f} GFLOP/s = {f / t / mm_rate:.2f} of the matmul"  # noqa: E731

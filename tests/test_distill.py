@@ -108,6 +108,13 @@ def test_the_job_evaluates_the_student_and_writes_results_grids_and_probes(cache
         assert (workdir / grid).stat().st_size > 500, grid
     assert sum(line.startswith("probe at step") for line in lines) == 2
 
+    # The same command again: the run is complete, so it only evaluates, and the frozen teacher's rows now come
+    # from the shared image cache, with the same scores.
+    again = []
+    assert trainer.distill(config, workdir, log=again.append) == results
+    reused = [line for line in again if "its images from" in line]
+    assert len(reused) == 3 and all(line.startswith("evaluating teacher base") for line in reused), again
+
 
 def test_with_the_gan_term_a_resumed_run_reproduces_the_uninterrupted_one(cache, tmp_path):
     """The discriminator head and its optimiser are part of the checkpoint: the resumed critic continues exactly."""

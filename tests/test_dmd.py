@@ -125,6 +125,31 @@ def test_backward_simulation_runs_the_earlier_steps(setup):
     np.testing.assert_allclose(out, x0, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_critic_sample_on_the_prefix_cache_matches_full_forwards(setup, causal):
+    """`student_sample` (and the backward simulation) reuse step 0's text/condition keys and values when the model
+    has causal_condition: every k reaches the input and x0 of the plain loop of full forwards, with a traced k."""
+    _, _, cond, _, noise = setup
+    model = build_transformer(TransformerConfig(**TINY, causal_condition=causal), seed=2)
+    times = dmd.student_timesteps(4, 0.5)
+    key = jax.random.key(11)
+    for mode in ("fresh", "predicted"):
+        sample = jax.jit(lambda k: dmd.student_sample(model, model.params, cond, noise, k, times, key, mode))
+        simulate = jax.jit(lambda k: dmd.backward_simulation(model, model.params, cond, noise, k, times, key, mode))
+        z = noise
+        for k in range(4):
+            x0, v = dmd.student_x0(model, model.params, cond, z, jnp.full((2,), times[k]))
+            z_k, x0_k = sample(k)
+            np.testing.assert_allclose(z_k, z, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(simulate(k), z, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(x0_k, x0, rtol=1e-5, atol=1e-5)
+            if k < 3:
+                z = dmd.renoise(x0, z, v, jnp.full((2,), times[k]), times[k + 1], jax.random.fold_in(key, k), mode)
+    one_step = dmd.student_sample(model, model.params, cond, noise, 0, times[:1], key)
+    np.testing.assert_allclose(one_step[1], dmd.student_x0(model, model.params, cond, noise,
+                                                           jnp.full((2,), times[0]))[0], rtol=1e-5, atol=1e-5)
+
+
 def test_predicted_renoising_makes_the_student_the_euler_sampler(setup):
     """With the noise its velocity implies, each student step is an Euler step: the student at initialisation
     samples exactly as the teacher's Euler sampler (without CFG) over the same times, and its backward simulation

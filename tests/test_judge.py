@@ -292,3 +292,41 @@ def test_paired_differences_measure_the_shift_and_its_uncertainty():
     mean, low, high = report.paired_difference(results, "noisy", "ref", "t2i")
     assert low < mean < high and 0.2 < high - low < 0.8  # ~ 2 x 1.96 x 1.0 / sqrt(80)
     assert report.paired_difference(results, "old", "ref", "t2i") is None
+
+
+def test_evaluate_reuses_the_cached_images_of_keyed_contenders(judge, tmp_path):
+    from qwen_flash_jax.eval import report
+
+    calls = []
+
+    def contender(name, key, shade):
+        def t2i(captions):
+            calls.append(name)
+            return np.full((len(captions), 32, 32, 3), shade, np.uint8)
+
+        def edit(sources, instructions):
+            calls.append(name)
+            return np.clip(sources.astype(int) + shade // 4, 0, 255).astype(np.uint8)
+
+        return report.Contender(name, 1, t2i, edit, cache_key=key)
+
+    cache = tmp_path / "cache"
+    kw = dict(size=32, prompts_per_category=2, edits_per_category=1, seed=3, image_cache=cache, log=lambda *_: None)
+    per_contender = len(T2I_CATEGORIES) + len(EDIT_CATEGORIES)
+    first = report.evaluate([contender("keyed", "k1", 100), contender("plain", None, 60)], judge, **kw)
+    assert len(calls) == 2 * per_contender and len(list(cache.glob("*.npz"))) == 1
+    calls.clear()
+    assert report.evaluate([contender("keyed", "k1", 100), contender("plain", None, 60)], judge, **kw) == first
+    assert calls == ["plain"] * per_contender  # the keyed contender's images came from the cache
+
+    # Another key or other benchmark settings make another entry; an unreadable entry is generated again.
+    for key, seed in (("k2", 3), ("k1", 4)):
+        calls.clear()
+        report.evaluate([contender("keyed", key, 100)], judge, **{**kw, "seed": seed})
+        assert calls == ["keyed"] * per_contender
+    for path in cache.glob("*.npz"):
+        path.write_bytes(b"not an npz")
+    calls.clear()
+    assert report.evaluate([contender("keyed", "k1", 100)], judge, **kw)["keyed"] == first["keyed"]
+    assert calls == ["keyed"] * per_contender
+    assert not list(cache.glob("*.tmp"))

@@ -110,8 +110,8 @@ def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec
     cond = conditioning.encode(te_params, spec, batch["input_ids"], batch["attention_mask"],
                                **conditioning.image_inputs(batch))
     shape = batch["target_latents"].shape
-    _, z, t = _student_input(setup, state, cond, shape[0], shape, k_noise, k_k, k_sim)
-    x, _ = dmd.student_x0(setup.model, state.student, cond, z, t)
+    k, noise, _ = _student_step(setup, shape[0], shape, k_noise, k_k)
+    _, x = dmd.student_sample(setup.model, state.student, cond, noise, k, setup.timesteps, k_sim, setup.renoise)
 
     def losses(fake, disc):
         if not _uses_gan(setup, spec):

@@ -273,19 +273,39 @@ def _make_probe(config, workdir, gen, writer, log):
 
     def probe(step, state):
         params = state.ema if config.student.ema_decay else state.student
+        # At step 0 the student is still its initial teacher weights, shared by every run from that teacher.
+        key = _images_key(config, gen, assets_lib.params_fingerprint(params), student=True) if step == 0 else None
         student = report.Contender("student", k, lambda c: gen.t2i(params, c, num_steps=k, student=True),
-                                   lambda s, i: gen.edit(params, s, i, num_steps=k, student=True))
+                                   lambda s, i: gen.edit(params, s, i, num_steps=k, student=True), cache_key=key)
         results = report.evaluate([student], judge, size=int(config.data.image_size),
                                   prompts_per_category=int(config.eval.probe_prompts_per_category),
                                   edits_per_category=int(config.eval.probe_edits_per_category),
                                   seed=int(config.eval.seed) + 1, grid_dir=workdir / "samples" / f"step_{step:06d}",
-                                  log=lambda *_: None)["student"]
+                                  image_cache=_image_cache(config), log=lambda *_: None)["student"]
         scalars = {"probe/t2i_average": results["t2i_average"], "probe/edit_average": results["edit_average"]}
         writer.write_scalars(step, scalars)
         log(f"probe at step {step}: T2I {scalars['probe/t2i_average']:.3f}, edit {scalars['probe/edit_average']:.3f} "
             f"(grids in {workdir / 'samples' / f'step_{step:06d}'})")
 
     return probe
+
+
+def _image_cache(config) -> pathlib.Path:
+    """Benchmark images of the frozen teachers' samplers, shared by every run on this cache (report.evaluate)."""
+    return assets_lib.cache_root(config) / "eval_images"
+
+
+def _images_key(config, gen, params_digest: str, **sampler) -> str:
+    """Everything a sampler's benchmark images depend on besides the benchmark itself (report.Contender.cache_key):
+    the network's parameters, the text encoder, tokenizer and codec, the sampler and the jax version."""
+    d = config.data
+    if sampler.pop("student", False):
+        sampler.update(student=True, timesteps=gen.student_timesteps, renoise=gen.student_renoise)
+    return assets_lib.config_hash(
+        params_digest, assets_lib.params_fingerprint(gen.assets.text_encoder), config.model, config.text_encoder,
+        config.codec, [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens,
+                       d.get("edit_prompt_tokens", 0)],
+        [gen.mu, gen.batch_size, gen.use_kv_cache], sampler, jax.__version__, "images-v1")
 
 
 def run_evaluation(config, workdir, gen, state, base, log):
@@ -297,10 +317,13 @@ def run_evaluation(config, workdir, gen, state, base, log):
     n_teacher = int(config.sampling.teacher_steps)
     student = state.ema if config.student.ema_decay else state.student
 
+    base_digest = assets_lib.params_fingerprint(base)
+
     def euler(params, steps, timesteps=None, label=""):
         kw = dict(num_steps=steps, cfg_scale=cfg, timesteps=timesteps)
         return report.Contender(f"teacher {config.student.init_from} ({steps} steps{label})", 2 * steps,
-                                lambda c: gen.t2i(params, c, **kw), lambda s, i: gen.edit(params, s, i, **kw))
+                                lambda c: gen.t2i(params, c, **kw), lambda s, i: gen.edit(params, s, i, **kw),
+                                cache_key=_images_key(config, gen, base_digest, **kw))
 
     contenders = [euler(base, n_teacher), euler(base, k)]
     if not np.allclose(gen.student_timesteps, dmd.student_timesteps(k, gen.mu)):
@@ -320,7 +343,7 @@ def run_evaluation(config, workdir, gen, state, base, log):
     results = report.evaluate(contenders, judge, size=int(config.data.image_size),
                               prompts_per_category=int(config.eval.prompts_per_category),
                               edits_per_category=int(config.eval.edits_per_category), seed=int(config.eval.seed),
-                              grid_dir=workdir, log=log)
+                              grid_dir=workdir, image_cache=_image_cache(config), log=log)
     report.write_results(workdir, results, title=f"Distillation results: {workdir.name}",
                          notes="NFE counts CFG's two forwards per teacher step; the student needs no CFG.",
                          reference=contenders[1].name)  # the teacher's own 4-step sampling

@@ -8,7 +8,9 @@ higher is better), mirroring the paper's Tables 1-4.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import pathlib
 from typing import Callable
 
@@ -27,17 +29,22 @@ class Contender:
     nfe: int
     t2i: Callable  # captions -> uint8 images
     edit: Callable  # (sources, instructions) -> uint8 images
+    # What determines this contender's images (its parameters' digest and sampler): equal keys, equal images. With
+    # `evaluate(image_cache=...)` a keyed contender's benchmark images are generated once and reused by later runs
+    # (the frozen teachers' rows, the bulk of an evaluation). None: generated every time.
+    cache_key: str | None = None
 
 
 def evaluate(contenders: list[Contender], judge, *, size: int, prompts_per_category: int,
-             edits_per_category: int, seed: int, grid_dir=None, log=print) -> dict:
+             edits_per_category: int, seed: int, grid_dir=None, image_cache=None, log=print) -> dict:
+    """Scores every contender on the same benchmark prompts, edits and seeds. `image_cache`: a directory where the
+    images of contenders with a `cache_key` are kept between runs (scores are always recomputed)."""
     t2i = bench_sets.t2i_bench(size, prompts_per_category, seed)
     edits = bench_sets.edit_bench(size, edits_per_category, seed)
+    bench = [size, prompts_per_category, edits_per_category, seed]
     results, t2i_images, edit_images = {}, {}, {}
     for c in contenders:
-        log(f"evaluating {c.name} ({c.nfe} NFE)")
-        t2i_images[c.name] = {cat: c.t2i(b.captions) for cat, b in t2i.items()}
-        edit_images[c.name] = {cat: c.edit(b.sources, b.instructions) for cat, b in edits.items()}
+        t2i_images[c.name], edit_images[c.name] = _benchmark_images(c, t2i, edits, bench, image_cache, log)
         t2i_scores = {cat: judge.score_t2i(t2i_images[c.name][cat], b.specs) for cat, b in t2i.items()}
         edit_scores = {cat: judge.score_edit(b.sources, edit_images[c.name][cat], b.specs)
                        for cat, b in edits.items()}
@@ -58,6 +65,34 @@ def evaluate(contenders: list[Contender], judge, *, size: int, prompts_per_categ
     if grid_dir is not None:
         _grids(pathlib.Path(grid_dir), contenders, t2i, edits, t2i_images, edit_images)
     return results
+
+
+def _benchmark_images(c: Contender, t2i, edits, bench: list, image_cache, log):
+    """The contender's images per T2I and edit category: from `image_cache` when it holds them, else generated
+    (and stored there, whole or not at all, when the contender has a cache key)."""
+    path = None
+    if c.cache_key is not None and image_cache is not None:
+        digest = hashlib.sha256(json.dumps([c.cache_key, *bench]).encode()).hexdigest()[:16]
+        path = pathlib.Path(image_cache) / f"{digest}.npz"
+        if path.exists():
+            try:
+                with np.load(path) as stored:
+                    cached = ({cat: stored[f"t2i/{cat}"] for cat in t2i}, {cat: stored[f"edit/{cat}"] for cat in edits})
+                log(f"evaluating {c.name} ({c.nfe} NFE): its images from {path}")
+                return cached
+            except (OSError, KeyError, ValueError) as e:  # unreadable or from other benchmark categories: regenerate
+                log(f"ignoring the cached images in {path} ({type(e).__name__}: {e})")
+    log(f"evaluating {c.name} ({c.nfe} NFE)")
+    t2i_images = {cat: c.t2i(b.captions) for cat, b in t2i.items()}
+    edit_images = {cat: c.edit(b.sources, b.instructions) for cat, b in edits.items()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent runs each write their own, then rename
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **{f"t2i/{cat}": x for cat, x in t2i_images.items()},
+                                **{f"edit/{cat}": x for cat, x in edit_images.items()})
+        tmp.replace(path)
+    return t2i_images, edit_images
 
 
 def _grids(directory, contenders, t2i, edits, t2i_images, edit_images, per_row: int = 8):

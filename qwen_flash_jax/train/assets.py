@@ -54,6 +54,19 @@ def config_hash(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def params_fingerprint(tree) -> str:
+    """A digest of a pytree's values (leaf paths, shapes, dtypes and bytes): equal digests, equal parameters.
+    Reads every leaf to the host, so it is meant for the toy world's small networks."""
+    import jax
+
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        value = np.asarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{value.dtype}:{value.shape};".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()[:16]
+
+
 TEXT_ENCODER_KINDS = ("toy", "qwen3_vl")
 CODEC_KINDS = ("space_to_depth", "vae")
 VAE_SCALE_FACTOR = 16  # pixels per latent side of Qwen-Image 2.x's VAE (the pipeline's `vae_scale_factor`)
