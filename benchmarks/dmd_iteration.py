@@ -122,11 +122,16 @@ def main(argv):
     critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",))
     gen = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"))
 
+    carried = [state]
+
     def iteration():
-        s = state
+        # Each call continues from the last one's state, so the student steps k it draws vary from call to call
+        # (restarting from one state would time one fixed k sequence instead of the average over k).
+        s = carried[0]
         for _ in range(ratio):
             s, _ = critic(s, te_params, batch, spec=spec)
         s, m = gen(s, te_params, teachers, batch, spec=spec, condition_offset=0)
+        carried[0] = s
         return s
 
     t_iter = _time(iteration, repeats)
