@@ -330,3 +330,15 @@ def test_evaluate_reuses_the_cached_images_of_keyed_contenders(judge, tmp_path):
     assert report.evaluate([contender("keyed", "k1", 100)], judge, **kw)["keyed"] == first["keyed"]
     assert calls == ["keyed"] * per_contender
     assert not list(cache.glob("*.tmp"))
+
+
+def test_the_image_cache_key_follows_the_weights():
+    from qwen_flash_jax.distill import trainer
+    from qwen_flash_jax.train.assets import params_fingerprint
+
+    tree = {"w": np.ones(3, np.float32), "b": {"c": np.zeros(2, np.float32)}}
+    same = {"w": np.ones(3, np.float32), "b": {"c": np.zeros(2, np.float32)}}
+    assert params_fingerprint(tree) == params_fingerprint(same)
+    assert params_fingerprint(tree) != params_fingerprint({**tree, "w": np.array([1, 1, 2], np.float32)})
+    assert params_fingerprint(tree) != params_fingerprint({**tree, "w": np.ones(3, np.float64)})
+    assert trainer._images_key(None, None, None) is None  # no digest (weights sharded over hosts): not cached

@@ -295,14 +295,18 @@ def _image_cache(config) -> pathlib.Path:
     return assets_lib.cache_root(config) / "eval_images"
 
 
-def _images_key(config, gen, params_digest: str, **sampler) -> str:
+def _images_key(config, gen, params_digest: str | None, **sampler) -> str | None:
     """Everything a sampler's benchmark images depend on besides the benchmark itself (report.Contender.cache_key):
-    the network's parameters, the text encoder, tokenizer and codec, the sampler and the jax version."""
+    the network's parameters, the text encoder, tokenizer and codec, the sampler and the jax version. None (not
+    cached) when a digest cannot be taken on this process."""
+    text_digest = params_digest and assets_lib.params_fingerprint(gen.assets.text_encoder)
+    if text_digest is None:
+        return None
     d = config.data
     if sampler.pop("student", False):
         sampler.update(student=True, timesteps=gen.student_timesteps, renoise=gen.student_renoise)
     return assets_lib.config_hash(
-        params_digest, assets_lib.params_fingerprint(gen.assets.text_encoder), config.model, config.text_encoder,
+        params_digest, text_digest, config.model, config.text_encoder,
         config.codec, [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens,
                        d.get("edit_prompt_tokens", 0)],
         [gen.mu, gen.batch_size, gen.use_kv_cache], sampler, jax.__version__, "images-v1")
@@ -317,7 +321,8 @@ def run_evaluation(config, workdir, gen, state, base, log):
     n_teacher = int(config.sampling.teacher_steps)
     student = state.ema if config.student.ema_decay else state.student
 
-    base_digest = assets_lib.params_fingerprint(base)
+    # Only the toy judge's benchmark images are cached (a digest reads every weight to the host: toy sizes only).
+    base_digest = assets_lib.params_fingerprint(base) if config.eval.judge != "none" else None
 
     def euler(params, steps, timesteps=None, label=""):
         kw = dict(num_steps=steps, cfg_scale=cfg, timesteps=timesteps)

@@ -54,13 +54,17 @@ def config_hash(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def params_fingerprint(tree) -> str:
+def params_fingerprint(tree) -> str | None:
     """A digest of a pytree's values (leaf paths, shapes, dtypes and bytes): equal digests, equal parameters.
-    Reads every leaf to the host, so it is meant for the toy world's small networks."""
+    Reads every leaf to the host, so it is meant for the toy world's small networks; None when some leaf is not
+    whole on this process (sharded over hosts)."""
     import jax
 
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not all(getattr(leaf, "is_fully_addressable", True) for _, leaf in leaves):
+        return None
     digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for path, leaf in leaves:
         value = np.asarray(jax.device_get(leaf))
         digest.update(f"{jax.tree_util.keystr(path)}:{value.dtype}:{value.shape};".encode())
         digest.update(np.ascontiguousarray(value).tobytes())
