@@ -88,10 +88,13 @@ def _benchmark_images(c: Contender, t2i, edits, bench: list, image_cache, log):
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent runs each write their own, then rename
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **{f"t2i/{cat}": x for cat, x in t2i_images.items()},
-                                **{f"edit/{cat}": x for cat, x in edit_images.items()})
-        tmp.replace(path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **{f"t2i/{cat}": x for cat, x in t2i_images.items()},
+                                    **{f"edit/{cat}": x for cat, x in edit_images.items()})
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
     return t2i_images, edit_images
 
 
