@@ -5,7 +5,13 @@ This must happen before jax is imported anywhere; unsharded tests simply run on 
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# XLA:CPU aborts the process (SIGABRT) when a device's thread reaches a collective over 60 s after the others (20 s
+# warning + 40 s). Eight emulated devices on a busy 2-core CI machine can lag that much: one CI run died so. A lag
+# is not a bug here, so the tests wait up to 30 min, and warn only after 2.
+CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
+                        "--xla_cpu_collective_call_terminate_timeout_seconds=1800")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
+                           + CPU_COLLECTIVE_FLAGS).strip()
 
 # Identical programs compiled by several tests (the same tiny model in a fresh run, a resumed run ...) are
 # compiled once per session: a persistent compilation cache in a per-session temporary directory.

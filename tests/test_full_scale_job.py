@@ -151,6 +151,7 @@ def test_full_scale_distillation_runs_from_local_checkpoints(checkpoints, tmp_pa
 
 def test_edit_conditioning_depends_on_the_condition_image(checkpoints, tmp_path):
     """The vision tower is really in the loop: other source pixels, other prompt states (same tokens)."""
+    import jax
     import jax.numpy as jnp
 
     from qwen_flash_jax.train import conditioning
@@ -163,11 +164,16 @@ def test_edit_conditioning_depends_on_the_condition_image(checkpoints, tmp_path)
     rng = np.random.default_rng(0)
     pixels = jnp.asarray(rng.integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
     latents = jnp.zeros((2, 16, LATENT_CHANNELS))
-    cond = conditioning.encode(assets.text_encoder, spec, ids, mask, latents, pixels)
-    hidden = np.asarray(cond.encoder_hidden_states)
+
+    # Inside jit, as the steps call it. Run eagerly, each op over the 8-device mesh would be its own program with
+    # its own collectives; on a 2-core CI machine one such run deadlocked XLA:CPU's rendezvous until it aborted.
+    @jax.jit
+    def states(te_params, pixels):
+        return conditioning.encode(te_params, spec, ids, mask, latents, pixels).encoder_hidden_states
+
+    hidden = np.asarray(states(assets.text_encoder, pixels))
     assert np.abs(hidden[0] - hidden[1]).max() > 1e-3
-    same = conditioning.encode(assets.text_encoder, spec, ids, mask, latents, pixels[::-1])
-    np.testing.assert_allclose(np.asarray(same.encoder_hidden_states)[::-1], hidden, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(states(assets.text_encoder, pixels[::-1]))[::-1], hidden, atol=1e-5)
     with pytest.raises(ValueError, match="needs the condition images' pixels"):
         conditioning.encode(assets.text_encoder, spec, ids, mask, latents)
 

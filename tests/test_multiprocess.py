@@ -17,7 +17,9 @@ from tests.test_pipeline import _config, _records
 
 def test_two_processes_share_one_global_batch():
     port = portpicker.pick_unused_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    # conftest's flags (its collective timeouts too), with 2 devices per process.
+    flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", f"localhost:{port}", str(i)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in range(2)]
