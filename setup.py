@@ -7,6 +7,8 @@ setup(
     version="0.1.0",
     description="Few-step DMD distillation of Qwen-Image 2.x for T2I and editing, in JAX/Flax",
     packages=find_packages(include=["qwen_flash_jax", "qwen_flash_jax.*"]),
+    # The trained toy teachers, text encoder, judge and benchmark images (qwen_flash_jax/train/prebuilt.py).
+    package_data={"qwen_flash_jax": ["prebuilt_cache/**/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",

@@ -25,6 +25,9 @@ def get_config(arg=None):
     c.seed = 0
     # Shared, content-addressed cache of things several runs reuse (toy datasets, text encoder, teachers, judge).
     c.cache_dir = ""  # "" -> ~/.cache/qwen_flash_jax
+    # Toy runs start from the trained toy teachers, text encoder and judge that ship with the package
+    # (qwen_flash_jax/train/prebuilt.py); False trains them here (over an hour on a 2-core CPU).
+    c.prebuilt_cache = True
 
     # The transformer (student, fake score and teachers share it). Fields of models.TransformerConfig.
     c.model = ml_collections.ConfigDict(dict(

@@ -49,6 +49,17 @@ def cache_root(config) -> pathlib.Path:
     return pathlib.Path(root)
 
 
+def cache_category(config, category: str, log: Callable[[str], None] | None = None) -> pathlib.Path:
+    """`cache_root(config) / category`, holding the package's shipped toy entries of that category (train/prebuilt.py)
+    for toy-world runs, unless `config.prebuilt_cache` is False."""
+    from qwen_flash_jax.train import prebuilt
+
+    path = cache_root(config) / category
+    if config.get("prebuilt_cache", True) and config.text_encoder.kind == "toy":
+        prebuilt.seed(category, path, log=log)
+    return path
+
+
 def config_hash(*parts) -> str:
     text = json.dumps([p.to_dict() if hasattr(p, "to_dict") else p for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -217,11 +228,8 @@ def _hf_tokenizer(text_encoder_path: pathlib.Path):
 
 def _toy_text_encoder(config, log):
     te = config.text_encoder
-    # Which layers make the features does not change the pretrained weights: one cache entry serves every choice.
     feature_layers = tuple(int(i) for i in te.get("feature_layers", (-1,)))
-    weights_fields = {k: v for k, v in te.to_dict().items() if k != "feature_layers"}
-    key = config_hash(weights_fields, config.data.image_size, "v1")
-    path = cache_root(config) / "text_encoder" / key
+    path = cache_category(config, "text_encoder", log) / toy_text_encoder_key(config)
     if path.exists():
         return _load_encoder(path, feature_layers)
     log(f"training the toy tokenizer and text encoder ({te.pretrain_steps} steps) -> {path}")
@@ -234,6 +242,13 @@ def _toy_text_encoder(config, log):
     params = text_encoder.pretrain_text_encoder(tokenizer, texts, te_config, steps=int(te.pretrain_steps), seed=0)
     text_encoder.save(path, params, tokenizer)
     return _load_encoder(path, feature_layers)
+
+
+def toy_text_encoder_key(config) -> str:
+    """The toy text encoder's cache key: which layers make the features does not change the pretrained weights, so
+    one entry serves every choice."""
+    weights_fields = {k: v for k, v in config.text_encoder.to_dict().items() if k != "feature_layers"}
+    return config_hash(weights_fields, config.data.image_size, "v1")
 
 
 def _load_encoder(path, feature_layers):

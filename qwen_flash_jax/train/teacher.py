@@ -223,7 +223,7 @@ def cache_dir(config, name: str) -> pathlib.Path:
                                   # only when set, so that the keys of teachers cached before it existed hold
                                   *([d.edit_prompt_tokens] if d.get("edit_prompt_tokens") else [])],
                                  config.seed, config.mesh.to_dict(), parent, "v1")
-    return assets_lib.cache_root(config) / "teachers" / f"{name}-{key}"
+    return assets_lib.cache_category(config, "teachers") / f"{name}-{key}"
 
 
 def ensure_teacher(config, name: str, *, log=print, assets=None):
