@@ -269,7 +269,7 @@ def _make_probe(config, workdir, gen, writer, log):
     from qwen_flash_jax.eval.judge_io import load_or_train_judge
 
     k = int(config.student.num_steps)
-    judge = load_or_train_judge(assets_lib.cache_category(config, "judge"), size=int(config.data.image_size),
+    judge = load_or_train_judge(assets_lib.cache_category(config, "judge", log), size=int(config.data.image_size),
                                 log=log)
 
     def probe(step, state):
@@ -344,7 +344,7 @@ def run_evaluation(config, workdir, gen, state, base, log):
                                          title=f"Distillation samples: {workdir.name}", log=log)
         log(f"samples of {len(contenders)} models written to {workdir}/grid_*.png (not scored: eval.judge='none')")
         return results
-    judge = load_or_train_judge(assets_lib.cache_category(config, "judge"), size=int(config.data.image_size),
+    judge = load_or_train_judge(assets_lib.cache_category(config, "judge", log), size=int(config.data.image_size),
                                 log=log)
     results = report.evaluate(contenders, judge, size=int(config.data.image_size),
                               prompts_per_category=int(config.eval.prompts_per_category),

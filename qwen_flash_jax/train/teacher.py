@@ -235,6 +235,7 @@ def ensure_teacher(config, name: str, *, log=print, assets=None):
         raise config_lib.ConfigError(f"teachers.{name}.train.uniform_t_fraction must lie in [0, 1], got {fraction}")
     if spec.path:
         return _restore_standalone(config, spec.path)
+    assets_lib.cache_category(config, "teachers", log)  # says so when the package's trained toy teachers are used
     directory = cache_dir(config, name)
     if not is_trained(directory):
         init = ensure_teacher(config, spec.init_from, log=log, assets=assets) if spec.init_from else None
