@@ -26,7 +26,6 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "prebuilt_cache"
 MANIFEST = "MANIFEST.json"
-CATEGORIES = ("teachers", "text_encoder", "judge", "eval_images")
 
 
 def seed(category: str, target: pathlib.Path, root: pathlib.Path = ROOT, log=None) -> list[str]:
