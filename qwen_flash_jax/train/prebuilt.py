@@ -101,18 +101,22 @@ def export(config, cache: pathlib.Path, root: pathlib.Path = ROOT) -> dict:
                                 f"--config.cache_dir={cache} first")
     staging = root.with_name(root.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    for entry in entries:
-        dest = staging / entry.relative_to(cache)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if entry.is_file():
-            shutil.copyfile(entry, dest)
-        elif entry.parent.name == "teachers":
-            shutil.copytree(entry / "params", dest / "params")
-            shutil.copyfile(entry / "teacher.json", dest / "teacher.json")
-        else:
-            shutil.copytree(entry, dest)
-    manifest = {"jax": jax.__version__, "files": file_digests(staging)}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    try:
+        for entry in entries:
+            dest = staging / entry.relative_to(cache)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if entry.is_file():
+                shutil.copyfile(entry, dest)
+            elif entry.parent.name == "teachers":
+                shutil.copytree(entry / "params", dest / "params")
+                shutil.copyfile(entry / "teacher.json", dest / "teacher.json")
+            else:
+                shutil.copytree(entry, dest)
+        manifest = {"jax": jax.__version__, "files": file_digests(staging)}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed export leaves the shipped entries as they were
+        raise
     shutil.rmtree(root, ignore_errors=True)
     os.replace(staging, root)
     return manifest
