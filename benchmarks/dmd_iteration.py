@@ -11,8 +11,9 @@ One iteration = `fake_score.updates_per_student` critic updates + one generator 
 model and batch (random weights: cost does not depend on values). The "sum of passes" counts what the iteration
 must run at its expected student step k ~ U{0..K-1}: the backward simulation (step 0 in full, later steps on its
 cached text/condition prefix), the student forward (+ backward for the generator), the fake score's forward
-(+ backward for the critic), and the CFG teacher forwards (two per active teacher, on the doubled batch), each
-timed in isolation. Ratio ~1 means no waste.
+(+ backward for the critic), and the teacher forwards: per active teacher one CFG forward on the doubled batch, and
+with the decoupled schedule (`guidance.schedule`, the toy default) one conditional forward more. Each pass is timed
+in isolation. Ratio ~1 means no waste.
 """
 
 import functools
@@ -112,7 +113,7 @@ def main(argv):
                                           1.0 / len(names), np.float32),
                          teacher_names=names, cfg_scale=4.0, cfg_rescale=0.0, t_min=0.02, t_max=0.98,
                          ema_decay=0.0, first_step_fm_weight=0.0, disc_opt=optim.adamw(1e-4, 100),
-                         gan_weight=float(config.student.gan_weight))
+                         gan_weight=float(config.student.gan_weight), schedule=str(config.guidance.schedule))
     disc = gan.init_head(jax.random.key(1), model.config.inner_dim)
     state = DistillState(step=jnp.zeros((), jnp.int32), student=model.params, fake=model.params,
                          student_opt=setup.student_opt.init(model.params), fake_opt=setup.fake_opt.init(model.params),
@@ -152,6 +153,7 @@ def main(argv):
     t_fwd2 = _time(lambda: fwd2(model.params, jnp.concatenate([latents, latents])), repeats)
     t_fb = _time(lambda: fwd_bwd(model.params, latents), repeats)
     gan_on = bool(setup.gan_weight)
+    decoupled = setup.schedule == "decoupled"
 
     def iteration_total(fwd_, cached_, fwd2_, fb_):
         """One iteration's passes at the expected k ~ U{0..K-1}, weighting either their times or their FLOPs.
@@ -164,7 +166,8 @@ def main(argv):
         # + fake fwd/bwd (on student and real samples with the GAN term)
         critic_total = critic_sim + (2 if gan_on else 1) * fb_
         # + student fwd/bwd + teachers (CFG) + fake forward (and its backward to the sample with the GAN term)
-        gen_total = gen_sim + fb_ + len(names) * fwd2_ + (fb_ if gan_on else fwd_)
+        teachers_ = len(names) * (fwd2_ + (fwd_ if decoupled else 0.0))
+        gen_total = gen_sim + fb_ + teachers_ + (fb_ if gan_on else fwd_)
         return ratio * critic_total + gen_total
 
     passes = iteration_total(t_fwd, t_cached, t_fwd2, t_fb)
@@ -181,7 +184,7 @@ def main(argv):
     params = sum(x.size for x in jax.tree.leaves(model.params))
     print(f"device {jax.devices()[0].device_kind}; config {config.variant}: {params / 1e6:.1f}M parameters, "
           f"{config.model.dtype} matmuls, batch {batch_size}, {h * w} image tokens, {K}-step student, "
-          f"{ratio} critic updates, teachers {names}")
+          f"{ratio} critic updates, teachers {names}, {setup.schedule} schedule")
     print(f"passes: forward {t_fwd * 1e3:.1f} ms, on the cached prefix {t_cached * 1e3:.1f} ms, "
           f"CFG forward (2x batch) {t_fwd2 * 1e3:.1f} ms, forward+backward {t_fb * 1e3:.1f} ms")
     print(f"DMD iteration {t_iter * 1e3:.1f} ms vs sum of its passes {passes * 1e3:.1f} ms: "

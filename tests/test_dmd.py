@@ -8,7 +8,7 @@ import pytest
 
 from qwen_flash_jax import flow, sampling
 from qwen_flash_jax.distill import dmd
-from qwen_flash_jax.loading import build_transformer
+from qwen_flash_jax.loading import build_transformer, from_params
 from qwen_flash_jax.models import TransformerConfig, make_layout
 from qwen_flash_jax.models.config import ConfigError
 from tests.torch_reference import TINY, make_inputs
@@ -75,10 +75,20 @@ def test_guidance_table_picks_the_most_specific_rule_and_checks_sums():
         dmd.guidance_table({"edit": [{"base": 1.0}] * 2}, ("base",), ("t2i/text",), 2)
 
 
+def _random_model(seed):
+    """A tiny transformer with every weight random: the init zeroes the output projection, and with it every
+    velocity, which would make each x0 equal its input and the comparisons below hold trivially."""
+    config = TransformerConfig(**TINY)
+    params = build_transformer(config, seed=seed).params
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return from_params(config, jax.tree.unflatten(treedef, noisy))
+
+
 @pytest.fixture(scope="module")
 def setup():
-    model = build_transformer(TransformerConfig(**TINY), seed=0)
-    other = build_transformer(TransformerConfig(**TINY), seed=1)
+    model, other = _random_model(0), _random_model(1)
     inputs = make_inputs(np.random.default_rng(0), batch=2, conditions=[], target=(1, 4, 4), text_runs=[6])
     layout = make_layout(inputs["img_shapes"], inputs["img_mask"])
     cond = sampling.Conditioning(jnp.asarray(inputs["encoder_hidden_states"]),
@@ -106,6 +116,44 @@ def test_real_x0_blends_teachers_and_skips_unused_ones(setup):
     only_base = jnp.array([[1.0, 0.0], [1.0, 0.0]])
     out = jax.jit(lambda w: dmd.real_x0(model, poisoned, w, cond, neg, x_t, t, 3.0))(only_base)
     assert bool(jnp.isfinite(out).all())
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_real_x0_parts_are_the_conditional_and_the_guided_blend(setup, rescale):
+    """The decoupled schedule's two real x0s: the guided one is `real_x0`'s (also rescaled), the conditional one is
+    `real_x0` at CFG 1, both blended with the same weights."""
+    model, teachers, cond, neg, x_t = setup
+    t = jnp.array([0.6, 0.3])
+    weights = jnp.array([[1.0, 0.0], [0.25, 0.75]])
+    conditional, guided = dmd.real_x0_parts(model, teachers, weights, cond, neg, x_t, t, 3.0, rescale)
+    np.testing.assert_allclose(guided, dmd.real_x0(model, teachers, weights, cond, neg, x_t, t, 3.0, rescale),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(conditional, dmd.real_x0(model, teachers, weights, cond, neg, x_t, t, 1.0),
+                               rtol=1e-4, atol=1e-4)
+    assert float(jnp.max(jnp.abs(guided - conditional))) > 1e-2  # CFG 3 moves the random teachers' x0
+
+
+def test_rescaled_cfg_takes_the_conditional_velocitys_norm():
+    v_cond, v_guided = (jax.random.normal(k, (3, 5, 4)) * s for k, s in zip(jax.random.split(jax.random.key(0)),
+                                                                            (1.0, 4.0)))
+    rms = lambda v: jnp.sqrt(jnp.mean(jnp.square(v), axis=(1, 2)))  # noqa: E731
+    np.testing.assert_allclose(rms(dmd._mix_rescaled(v_cond, v_guided, 1.0)), rms(v_cond), rtol=1e-5)
+    half = dmd._mix_rescaled(v_cond, v_guided, 0.5)
+    np.testing.assert_allclose(half, 0.5 * dmd._mix_rescaled(v_cond, v_guided, 1.0) + 0.5 * v_guided, rtol=1e-5)
+
+
+def test_decoupled_times_never_exceed_the_student_steps_time():
+    t_student = jnp.repeat(jnp.array([1.0, 0.8, 0.5, 0.2, 0.01]), 2000)
+    t = dmd.decoupled_times(jax.random.key(0), t_student, 0.02, 0.98)
+    high = jnp.maximum(jnp.minimum(t_student, 0.98), 0.02)
+    assert bool(jnp.all(t >= 0.02)) and bool(jnp.all(t <= high + 1e-7))
+    # Uniform below the bound: each step's draws fill its interval (max near the bound, mean at its middle).
+    for i, bound in enumerate([0.98, 0.8, 0.5, 0.2]):
+        drawn = np.asarray(t[i * 2000:(i + 1) * 2000])
+        assert drawn.max() > bound - 0.01 and abs(drawn.mean() - (0.02 + bound) / 2) < 0.02
+    np.testing.assert_allclose(t[-2000:], 0.02)  # a step below t_min: the CFG term sits at t_min
+    with pytest.raises(ConfigError, match="guidance.schedule"):
+        dmd.check_schedule("split")
 
 
 def test_backward_simulation_runs_the_earlier_steps(setup):

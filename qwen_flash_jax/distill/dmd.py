@@ -10,6 +10,11 @@ grad = (x0_fake - x0_real) / mean|x - x0_real|.
 
 Step-wise multi-teacher guidance (eq. 5-7): the real x0 is sum_m lambda[k, m](c) x0_m, with k the student step
 that produced the sample and c the condition (task and category); weights come from a config table and sum to 1.
+
+Two schedules (`SCHEDULES`). "shared" (DMD2) compares the fake x0 with the guided real x0 at one noise level.
+Since guided = conditional + (s - 1)(conditional - unconditional), that gradient is a distribution-matching part
+(fake - conditional) plus a CFG part; "decoupled" (after Decoupled DMD) draws each part its own noise level: the
+first on [t_min, t_max], the CFG part never noisier than the trained student step (`decoupled_times`).
 """
 
 from __future__ import annotations
@@ -161,26 +166,69 @@ def real_x0(model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_sc
     `weights` is (B, M) in the order of `teacher_params`; a teacher whose weight is zero for the whole batch is not
     evaluated (lax.cond runs only the taken branch), so a specialist costs nothing at the steps it sits out.
     """
-    total = jnp.zeros_like(x_t)
+    def guided(params):
+        if cfg_rescale:
+            return _teacher_velocities(model, params, cond, neg_cond, x_t, t, cfg_scale, cfg_rescale)[1]
+        return sampling.guided_velocity(model, params, cond, neg_cond, x_t, t, cfg_scale)[0]
+
+    return _weighted_x0(teacher_params, weights, x_t, t, 1, lambda params: (guided(params),))[0]
+
+
+def real_x0_parts(model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_scale: float,
+                  cfg_rescale: float = 0.0):
+    """(conditional x0, guided x0), each blended over the teachers like `real_x0`, from one batched forward per
+    teacher. Their difference is the CFG direction the decoupled schedule applies on its own (`decoupled_times`)."""
+    return _weighted_x0(teacher_params, weights, x_t, t, 2, lambda params: _teacher_velocities(
+        model, params, cond, neg_cond, x_t, t, cfg_scale, cfg_rescale))
+
+
+def _weighted_x0(teacher_params: dict, weights, x_t, t, count: int, velocities):
+    """sum_m weights[:, m] * x0(velocities(params_m)[i]) for each of the `count` velocities; skips the teachers
+    weighted 0 for the whole batch."""
+    totals = None
     for m, params in enumerate(teacher_params.values()):
-        w = weights[:, m]
+        w = weights[:, m][:, None, None]
 
         def evaluate(params=params, w=w):
-            v, _ = sampling.guided_velocity(model, params, cond, neg_cond, x_t, t, cfg_scale)
-            if cfg_rescale:
-                v = _rescale_cfg(model, params, cond, x_t, t, v, cfg_rescale)
-            return flow.x0_from_velocity(x_t, v, t) * w[:, None, None]
+            return tuple(flow.x0_from_velocity(x_t, v, t) * w for v in velocities(params))
 
-        total = total + jax.lax.cond(jnp.any(w > 0), evaluate, lambda: jnp.zeros_like(x_t))
-    return total
+        zeros = lambda: tuple(jnp.zeros_like(x_t) for _ in range(count))  # noqa: E731
+        parts = jax.lax.cond(jnp.any(weights[:, m] > 0), evaluate, zeros)
+        totals = parts if totals is None else tuple(a + b for a, b in zip(totals, parts))
+    return totals
 
 
-def _rescale_cfg(model, params, cond, x_t, t, v_guided, phi):
-    """Rescales the guided velocity towards the conditional one's per-sample norm (guards against CFG blow-up)."""
-    v_cond, _ = sampling.velocity(model, params, cond, x_t, t)
+def _teacher_velocities(model, params, cond, neg_cond, x_t, t, cfg_scale, cfg_rescale):
+    """One teacher's (conditional, guided) velocities, both halves from one batched forward; the guided one
+    optionally rescaled towards the conditional one's per-sample norm (guards against CFG blow-up)."""
+    v, _ = sampling.velocity(model, params, cond.concat(neg_cond), jnp.concatenate([x_t, x_t]),
+                             jnp.concatenate([t, t]))
+    v_cond, v_uncond = jnp.split(v, 2)
+    v_guided = flow.cfg_combine(v_cond, v_uncond, cfg_scale)
+    return v_cond, _mix_rescaled(v_cond, v_guided, cfg_rescale) if cfg_rescale else v_guided
+
+
+def _mix_rescaled(v_cond, v_guided, phi):
+    """phi * (v_guided at v_cond's per-sample RMS) + (1 - phi) * v_guided."""
     norm = lambda v: jnp.sqrt(jnp.mean(jnp.square(v), axis=(1, 2), keepdims=True) + 1e-12)  # noqa: E731
-    rescaled = v_guided * norm(v_cond) / norm(v_guided)
-    return phi * rescaled + (1.0 - phi) * v_guided
+    return phi * v_guided * norm(v_cond) / norm(v_guided) + (1.0 - phi) * v_guided
+
+
+SCHEDULES = ("shared", "decoupled")
+
+
+def check_schedule(name: str) -> str:
+    if name not in SCHEDULES:
+        raise ConfigError(f"guidance.schedule must be one of {SCHEDULES}, got {name!r}")
+    return name
+
+
+def decoupled_times(key, t_student, t_min: float, t_max: float):
+    """Noise levels of the decoupled schedule's CFG term: uniform in [t_min, min(t_k, t_max)], i.e. never noisier
+    than the student step's own input (Decoupled DMD: CFG augmentation sharpens detail the student step resolves,
+    while distribution matching, on the full range, keeps the samples on the teacher's distribution)."""
+    high = jnp.maximum(jnp.minimum(t_student, t_max), t_min)
+    return t_min + (high - t_min) * jax.random.uniform(key, t_student.shape)
 
 
 def dmd_loss(x, x0_real, x0_fake):

@@ -6,6 +6,7 @@ networks on the detached sample, and pulls the DMD gradient back through the VJP
 are not finite leaves the state untouched and is counted. With DMD2's GAN term on (`gan_weight > 0`), the critic
 also trains a discriminator head on the fake trunk and the generator adds its non-saturating loss (`gan.py`);
 with the regression term on (`regression_weight > 0`) the generator also regresses onto teacher pairs (`pairs.py`).
+With `schedule="decoupled"` the generator's DMD gradient is two terms at separate noise levels (dmd.py says why).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class DistillSetup:
     regression_weight: float = 0.0  # weight of the regression onto teacher ODE pairs (pairs.py); 0 = off
     step_probs: tuple[float, ...] = ()  # distribution of the trained student step k; () = uniform (DMD2)
     trajectory_grad: bool = False  # differentiate the generator's sample through the steps before k too
+    # "shared": DMD2, one comparison against the guided real score. "decoupled": distribution matching against the
+    # conditional real score on [t_min, t_max] plus the CFG term at noise levels up to the student step's time.
+    schedule: str = "shared"
 
 
 def _uses_gan(setup, spec) -> bool:
@@ -155,7 +159,10 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     t_dmd = dmd.dmd_times(k_t, shape[0], setup.t_min, setup.t_max)
     x_t = flow.interpolate(x_sg, jax.random.normal(k_xi, shape, jnp.float32), t_dmd)
     weights = dmd.step_weights(setup.guidance, k, batch["category"] + condition_offset)
-    x0_real = dmd.real_x0(setup.model, teachers, weights, cond, neg, x_t, t_dmd, setup.cfg_scale, setup.cfg_rescale)
+    decoupled = setup.schedule == "decoupled"
+    # Decoupled: the distribution-matching comparison is against the conditional teachers (CFG scale 1).
+    x0_real = dmd.real_x0(setup.model, teachers, weights, cond, neg, x_t, t_dmd,
+                          1.0 if decoupled else setup.cfg_scale, 0.0 if decoupled else setup.cfg_rescale)
     use_gan = _uses_gan(setup, spec)
     if use_gan:
         v_fake, grad_xt, gan_loss = gan.generator_grad(setup.model, state.fake, state.disc, cond, x_t, t_dmd)
@@ -163,6 +170,18 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
         v_fake, _ = sampling.velocity(setup.model, state.fake, cond, x_t, t_dmd)
     x0_fake = flow.x0_from_velocity(x_t, v_fake, t_dmd)
     loss, grad_x = jax.value_and_grad(dmd.dmd_loss)(x_sg, x0_real, x0_fake)
+    schedule_metrics = {}
+    if decoupled and (setup.cfg_scale != 1.0 or setup.cfg_rescale):
+        # The CFG term on its own noise levels, never above the student step's time: the guided minus the
+        # conditional teacher x0, the conditional one in the fake score's place (dmd_loss's normalisation).
+        # Its keys derive from the shared ones, so the distribution-matching term draws what "shared" draws.
+        t_ca = dmd.decoupled_times(jax.random.fold_in(k_t, 1), t, setup.t_min, setup.t_max)
+        x_ca = flow.interpolate(x_sg, jax.random.normal(jax.random.fold_in(k_xi, 1), shape, jnp.float32), t_ca)
+        x0_cond, x0_guided = dmd.real_x0_parts(setup.model, teachers, weights, cond, neg, x_ca, t_ca,
+                                               setup.cfg_scale, setup.cfg_rescale)
+        ca_loss, grad_ca = jax.value_and_grad(dmd.dmd_loss)(x_sg, x0_guided, x0_cond)
+        schedule_metrics = {"dm_loss": loss, "ca_loss": ca_loss}
+        loss, grad_x = loss + ca_loss, grad_x + grad_ca
     gan_metrics = {}
     if use_gan:
         gan_grad_x = setup.gan_weight * grad_xt * (1.0 - t_dmd)[:, None, None]  # x_t = (1 - t) x + t noise
@@ -200,7 +219,7 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     new = state.replace(step=state.step + 1, student=student, student_opt=student_opt, ema=ema, rng=rng)
     ok = _finite(loss, grads, reg_loss, *gan_metrics.values())
     metrics = {"dmd_loss": loss, "fm_loss": fm_loss, "regression_loss": reg_loss, "k": k, "skipped": ~ok,
-               **gan_metrics,
+               **gan_metrics, **schedule_metrics,
                "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
     guarded = _guarded(state.replace(rng=rng), new, ok)
     return guarded.replace(step=state.step + 1), metrics

@@ -79,7 +79,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         gan_tasks=tuple(config.student.gan_tasks),
         renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight),
         step_probs=dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs)),
-        trajectory_grad=bool(config.student.trajectory_grad))
+        trajectory_grad=bool(config.student.trajectory_grad), schedule=str(config.guidance.schedule))
     student = model.params
     fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
     seed = config_lib.distill_seed(config)
@@ -210,6 +210,7 @@ def check_config(config) -> None:
     dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
     dmd.student_timesteps(int(config.student.num_steps), 0.0, tuple(config.student.timesteps))
     dmd.check_renoise(str(config.student.renoise))
+    dmd.check_schedule(str(config.guidance.schedule))
     dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs))
     if float(config.student.regression_weight) < 0:
         raise ConfigError(f"student.regression_weight must be >= 0 (0 turns it off), got "
