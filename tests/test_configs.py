@@ -57,6 +57,7 @@ def test_bad_config_names_are_clear_errors(spec, match):
     ("student", {"timesteps": (1.0, 0.5)}, "2 entries, student.num_steps is 4"),
     ("student", {"timesteps": (1.0, 0.7, 0.7, 0.2)}, "decrease strictly"),
     ("teachers.base.train", {"uniform_t_fraction": 1.5}, "uniform_t_fraction must lie in"),
+    ("guidance", {"schedule": "Decoupled"}, "guidance.schedule must be one of"),
 ])
 def test_bad_distillation_settings_are_clear_errors_before_any_work(section, values, match):
     from qwen_flash_jax.distill import trainer
