@@ -63,5 +63,8 @@ def test_generator_gradient_is_the_input_gradient_of_the_non_saturating_loss(set
 
     np.testing.assert_allclose(loss, direct(x_t), rtol=1e-5)
     np.testing.assert_allclose(grad, jax.grad(direct)(x_t), rtol=1e-4, atol=1e-7)
-    np.testing.assert_array_equal(v_fake, sampling.velocity(model, model.params, cond, x_t, t)[0])
+    # The same velocity as a plain forward (one jitted program against op by op: float32 rounding apart).
+    np.testing.assert_allclose(v_fake, sampling.velocity(model, model.params, cond, x_t, t)[0], rtol=1e-5,
+                               atol=1e-6)
+    assert float(jnp.abs(v_fake).max()) > 0.1
     assert float(jnp.abs(grad).max()) > 0
