@@ -171,7 +171,7 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     x0_fake = flow.x0_from_velocity(x_t, v_fake, t_dmd)
     loss, grad_x = jax.value_and_grad(dmd.dmd_loss)(x_sg, x0_real, x0_fake)
     schedule_metrics = {}
-    if decoupled and (setup.cfg_scale != 1.0 or setup.cfg_rescale):
+    if decoupled and setup.cfg_scale != 1.0:  # (at CFG 1 the guided x0 is the conditional one: no CFG term)
         # The CFG term on its own noise levels, never above the student step's time: the guided minus the
         # conditional teacher x0, the conditional one in the fake score's place (dmd_loss's normalisation).
         # Its keys derive from the shared ones, so the distribution-matching term draws what "shared" draws.

@@ -32,9 +32,14 @@ def load_results(run) -> dict:
     if not path.is_file():
         raise CompareError(f"{run}: no results.json (give a finished run's workdir or its results.json)")
     try:
-        return json.loads(path.read_text())
+        results = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CompareError(f"{path}: not a results.json ({e})") from None
+    # A results.json maps each model's row name to its scores (report.write_results).
+    if not (isinstance(results, dict) and results
+            and all(isinstance(row, dict) and "t2i_average" in row for row in results.values())):
+        raise CompareError(f"{path}: not a results.json (expected model rows with their scores)")
+    return results
 
 
 def resolve(results: dict, name: str, label: str = "first") -> str:
@@ -81,11 +86,11 @@ def main(argv):
         raise app.UsageError("usage: python -m qwen_flash_jax.eval.compare RUN_A RUN_B [--model=..] [--against=..]")
     try:
         a, b = load_results(argv[1]), load_results(argv[2])
-        diffs = compare(a, b, _MODEL.value, _AGAINST.value)
+        model, against = resolve(a, _MODEL.value, "first"), resolve(b, _AGAINST.value or _MODEL.value, "second")
+        diffs = compare(a, b, model, against)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    model, against = resolve(a, _MODEL.value), resolve(b, _AGAINST.value or _MODEL.value)
     print(f"{model} of {argv[1]} - {against} of {argv[2]} (paired, 95% bootstrap)")
     print("| run | T2I | T2I difference | Edit | Edit difference |")
     print("| --- | --- | --- | --- | --- |")
