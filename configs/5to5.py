@@ -154,6 +154,11 @@ def get_config(arg=None):
         # needs renoise="predicted". 0 = off. The bank holds `regression_batches` batches drawn once per run.
         regression_weight=0.0,
         regression_batches=64 if toy else 512,
+        # Regression of each student step onto the teachers' guided ODE over the same segment [t_k, t_{k+1}], from
+        # the student's own input, in `segment_substeps` Euler steps (distill/dmd.py: teacher_segment_x0), on the
+        # DMD loss's scale; needs renoise="predicted". 0 = off.
+        segment_weight=0.0,
+        segment_substeps=5,
     ))
     c.fake_score = ml_collections.ConfigDict(dict(
         init_from="base",

@@ -241,6 +241,40 @@ def test_the_decoupled_schedule_adds_the_cfg_term_alone_and_a_bad_schedule_is_a_
     assert not (tmp_path / "w").exists()
 
 
+def test_the_segment_term_regresses_each_step_onto_the_teachers_ode_and_is_checked(cache, straight_run, tmp_path):
+    """The segment term draws no randomness: the first update's DMD and critic losses are the default run's, the
+    segment loss comes on top and changes the later updates. It is 0 where the target is the student's own x0: at
+    initialisation the student is the base teacher, so with CFG 1, one substep and the base teacher alone the
+    teacher's ODE over a segment is the student's own Euler step. Bad settings stop the job before its workdir."""
+    config = tiny_distill_config(cache)
+    config.student.segment_weight = 1.0
+    config.train.steps = 2
+    history = []
+    trainer.distill(config, tmp_path / "s", history=history, **QUIET)
+    (_, first), (_, second) = history
+    for key in ("dm_loss", "ca_loss", "fake_loss", "k"):
+        assert first[key] == straight_run[0][1][key], key
+    assert first["segment_loss"] > 0 and first["segment_grad_ratio"] > 0
+    assert second["dm_loss"] != straight_run[1][1]["dm_loss"]
+    steps = config.student.num_steps
+    config.guidance.update(cfg_scale=1.0, teachers=("base",), weights=(("*", ({"base": 1.0},) * steps),))
+    config.student.segment_substeps = 1
+    config.train.steps = 1
+    own = []
+    trainer.distill(config, tmp_path / "own", history=own, **QUIET)
+    assert own[0][1]["segment_loss"] < 1e-8 * first["segment_loss"] + 1e-10
+    for field, value, match in (("renoise", "fresh", "renoise='predicted'"),
+                                ("trajectory_grad", True, "trajectory_grad=False"),
+                                ("segment_weight", -1.0, "segment_weight must be >= 0"),
+                                ("segment_substeps", 0, "segment_substeps must be >= 1")):
+        bad = tiny_distill_config(cache)
+        bad.student.segment_weight = 1.0
+        bad.student[field] = value
+        with pytest.raises(trainer.ConfigError, match=match):
+            trainer.distill(bad, tmp_path / "w", **QUIET)
+        assert not (tmp_path / "w").exists()
+
+
 def _regression_config(cache):
     config = tiny_distill_config(cache)
     config.student.update(renoise="predicted", regression_weight=1.0, regression_batches=2)

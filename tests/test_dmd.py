@@ -260,3 +260,34 @@ def test_student_step_probs_are_checked_and_normalised():
     for bad in ((1, 1, 1), (1, -1, 1, 1), (0, 0, 0, 0)):
         with pytest.raises(ConfigError, match="student.step_probs must be 4 non-negative"):
             dmd.student_step_probs(4, bad)
+
+
+@pytest.mark.parametrize("k", [0, 2, 3])
+def test_the_segment_target_is_the_x0_whose_euler_step_lands_on_the_teachers_ode(setup, k):
+    """Student step k's segment target from input z: its Euler step to t_{k+1} (0 after the last step) lands where
+    the teacher's own guided Euler sampler lands from z over that segment in n steps; with one substep it is the
+    teacher's guided x0 at (z, t_k). Both teachers blend by the step-wise weights."""
+    model, teachers, cond, neg, z = setup
+    times = (1.0, 0.8, 0.5, 0.2)
+    t_k, t_next = times[k], (*times, 0.0)[k + 1]
+    only_base = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+    target = jax.jit(lambda k: dmd.teacher_segment_x0(model, teachers, only_base, cond, neg, z, k, times, 4, 2.0))(k)
+    sigmas = np.linspace(t_k, t_next, 5)
+    lands = sampling.euler_sample(model, teachers["base"], z, cond, sigmas, neg_cond=neg, cfg_scale=2.0,
+                                  use_kv_cache=False)
+    np.testing.assert_allclose(z - (t_k - t_next) / t_k * (z - target), lands, rtol=1e-4, atol=1e-4)
+    mixed = jnp.array([[0.3, 0.7], [0.6, 0.4]])
+    one = dmd.teacher_segment_x0(model, teachers, mixed, cond, neg, z, k, times, 1, 2.0)
+    t = jnp.full((2,), t_k)
+    np.testing.assert_allclose(one, dmd.real_x0(model, teachers, mixed, cond, neg, z, t, 2.0), rtol=1e-4, atol=1e-4)
+    # More substeps follow the curved path: a different target than one Euler step of the same teacher.
+    one_base = dmd.teacher_segment_x0(model, teachers, only_base, cond, neg, z, k, times, 1, 2.0)
+    assert float(jnp.max(jnp.abs(target - one_base))) > 1e-3
+
+
+def test_segment_loss_gradient_is_the_distance_to_the_target_over_the_batch():
+    x = jax.random.normal(jax.random.key(0), (3, 4, 2))
+    target = jax.random.normal(jax.random.key(1), (3, 4, 2))
+    loss, grad = jax.value_and_grad(dmd.segment_loss)(x, target)
+    np.testing.assert_allclose(grad, (x - target) / 3, rtol=1e-6)
+    np.testing.assert_allclose(loss, 0.5 * float(jnp.sum(jnp.square(x - target))) / 3, rtol=1e-5)

@@ -174,6 +174,27 @@ def real_x0(model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_sc
     return _weighted_x0(teacher_params, weights, x_t, t, 1, lambda params: (guided(params),))[0]
 
 
+def teacher_segment_x0(model, teacher_params: dict, weights, cond, neg_cond, z, k, timesteps, substeps: int,
+                       cfg_scale: float, cfg_rescale: float = 0.0):
+    """Target of student step k from its input z at t_k: the x0 whose Euler step to t_{k+1} (0 after the last
+    step) lands where the teachers' guided ODE does in `substeps` Euler steps over the same segment. With
+    predicted re-noising each student step is an Euler step, so a student matching every segment samples like the
+    teacher's many-step sampler on the student's grid (toy: 5 substeps per segment score as 40 shifted steps).
+    The teachers are blended by the step-wise weights as in `real_x0`. `k` may be traced."""
+    times = jnp.asarray((*timesteps, 0.0), jnp.float32)
+    t_k, t_next = times[k], times[k + 1]
+    dt = (t_k - t_next) / substeps
+    t_of = lambda i: jnp.full((z.shape[0],), t_k - i * dt)  # noqa: E731
+
+    def body(i, z_i):
+        x0 = real_x0(model, teacher_params, weights, cond, neg_cond, z_i, t_of(i), cfg_scale, cfg_rescale)
+        return z_i - dt * (z_i - x0) / (t_k - i * dt)  # an Euler step along v = (z - x0) / t
+
+    z = z.astype(jnp.float32)
+    z_end = jax.lax.fori_loop(0, substeps, body, z)
+    return jax.lax.stop_gradient(z - t_k * (z - z_end) / (t_k - t_next))
+
+
 def real_x0_parts(model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_scale: float,
                   cfg_rescale: float = 0.0):
     """(conditional x0, guided x0), each blended over the teachers like `real_x0`, from one batched forward per
@@ -240,6 +261,13 @@ def dmd_loss(x, x0_real, x0_fake):
     grad = (x0_fake - x0_real) / jnp.maximum(jax.lax.stop_gradient(normaliser), 1e-8)
     target = jax.lax.stop_gradient(x - grad)
     return 0.5 * jnp.mean(jnp.sum(jnp.square(x - target).reshape(x.shape[0], -1), axis=-1))
+
+
+def segment_loss(x, x0_target):
+    """0.5 * per-sample squared distance to the segment target, batch mean (dmd_loss's scale: gradient x - target
+    over the batch size)."""
+    diff = x.astype(jnp.float32) - jax.lax.stop_gradient(x0_target.astype(jnp.float32))
+    return 0.5 * jnp.mean(jnp.sum(jnp.square(diff).reshape(x.shape[0], -1), axis=-1))
 
 
 def dmd_times(key, batch: int, t_min: float, t_max: float):

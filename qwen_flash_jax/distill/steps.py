@@ -66,6 +66,10 @@ class DistillSetup:
     # "shared": DMD2, one comparison against the guided real score. "decoupled": distribution matching against the
     # conditional real score on [t_min, t_max] plus the CFG term at noise levels up to the student step's time.
     schedule: str = "shared"
+    # Regression of each student step onto the teachers' guided ODE over its own segment (dmd.teacher_segment_x0),
+    # on the DMD loss's scale; 0 = off.
+    segment_weight: float = 0.0
+    segment_substeps: int = 5
 
 
 def _uses_gan(setup, spec) -> bool:
@@ -182,6 +186,15 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
         ca_loss, grad_ca = jax.value_and_grad(dmd.dmd_loss)(x_sg, x0_guided, x0_cond)
         schedule_metrics = {"dm_loss": loss, "ca_loss": ca_loss}
         loss, grad_x = loss + ca_loss, grad_x + grad_ca
+    if setup.segment_weight:
+        # From the student's own input z at t_k (detached), the teachers' many-step guided ODE to t_{k+1}.
+        x0_seg = dmd.teacher_segment_x0(setup.model, teachers, weights, cond, neg, z, k, setup.timesteps,
+                                        setup.segment_substeps, setup.cfg_scale, setup.cfg_rescale)
+        seg_loss, grad_seg = jax.value_and_grad(dmd.segment_loss)(x_sg, x0_seg)
+        grad_seg = setup.segment_weight * grad_seg
+        schedule_metrics = {**schedule_metrics, "segment_loss": seg_loss, "segment_grad_ratio":
+                            jnp.linalg.norm(grad_seg) / jnp.maximum(jnp.linalg.norm(grad_x), 1e-12)}
+        grad_x = grad_x + grad_seg
     gan_metrics = {}
     if use_gan:
         gan_grad_x = setup.gan_weight * grad_xt * (1.0 - t_dmd)[:, None, None]  # x_t = (1 - t) x + t noise

@@ -79,7 +79,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         gan_tasks=tuple(config.student.gan_tasks),
         renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight),
         step_probs=dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs)),
-        trajectory_grad=bool(config.student.trajectory_grad), schedule=str(config.guidance.schedule))
+        trajectory_grad=bool(config.student.trajectory_grad), schedule=str(config.guidance.schedule),
+        segment_weight=float(config.student.segment_weight), segment_substeps=int(config.student.segment_substeps))
     student = model.params
     fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
     seed = config_lib.distill_seed(config)
@@ -221,6 +222,14 @@ def check_config(config) -> None:
                               "between steps the student's sample is no function of its first noise")
         if int(config.student.regression_batches) < 1:
             raise ConfigError(f"student.regression_batches must be >= 1, got {config.student.regression_batches}")
+    if float(config.student.segment_weight) < 0:
+        raise ConfigError(f"student.segment_weight must be >= 0 (0 turns it off), got {config.student.segment_weight}")
+    if float(config.student.segment_weight) > 0:
+        if str(config.student.renoise) != "predicted" or bool(config.student.trajectory_grad):
+            raise ConfigError("student.segment_weight > 0 needs student.renoise='predicted' (each step an Euler step "
+                              "of the student's flow) and trajectory_grad=False")
+        if int(config.student.segment_substeps) < 1:
+            raise ConfigError(f"student.segment_substeps must be >= 1, got {config.student.segment_substeps}")
     if int(config.fake_score.warmup_updates) < 0:
         raise ConfigError(f"fake_score.warmup_updates must be >= 0, got {config.fake_score.warmup_updates}")
     for field in ("student.gan_weight", "fake_score.gan_weight"):
