@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from qwen_flash_jax import flow, sampling
-from qwen_flash_jax.distill import dmd
+from qwen_flash_jax.distill import dmd, pairs
 from qwen_flash_jax.loading import build_transformer, from_params
 from qwen_flash_jax.models import TransformerConfig, make_layout
 from qwen_flash_jax.models.config import ConfigError
@@ -285,9 +285,10 @@ def test_the_segment_target_is_the_x0_whose_euler_step_lands_on_the_teachers_ode
     assert float(jnp.max(jnp.abs(target - one_base))) > 1e-3
 
 
-def test_segment_loss_gradient_is_the_distance_to_the_target_over_the_batch():
+def test_the_regression_loss_gradient_is_the_distance_to_the_target_over_the_batch():
+    """The segment term's loss (pairs.regression_loss): dmd_loss's scale, gradient x - target over the batch."""
     x = jax.random.normal(jax.random.key(0), (3, 4, 2))
     target = jax.random.normal(jax.random.key(1), (3, 4, 2))
-    loss, grad = jax.value_and_grad(dmd.segment_loss)(x, target)
+    loss, grad = jax.value_and_grad(pairs.regression_loss)(x, target)
     np.testing.assert_allclose(grad, (x - target) / 3, rtol=1e-6)
     np.testing.assert_allclose(loss, 0.5 * float(jnp.sum(jnp.square(x - target))) / 3, rtol=1e-5)

@@ -263,13 +263,6 @@ def dmd_loss(x, x0_real, x0_fake):
     return 0.5 * jnp.mean(jnp.sum(jnp.square(x - target).reshape(x.shape[0], -1), axis=-1))
 
 
-def segment_loss(x, x0_target):
-    """0.5 * per-sample squared distance to the segment target, batch mean (dmd_loss's scale: gradient x - target
-    over the batch size)."""
-    diff = x.astype(jnp.float32) - jax.lax.stop_gradient(x0_target.astype(jnp.float32))
-    return 0.5 * jnp.mean(jnp.sum(jnp.square(diff).reshape(x.shape[0], -1), axis=-1))
-
-
 def dmd_times(key, batch: int, t_min: float, t_max: float):
     """Noise levels of the DMD comparison, uniform in [t_min, t_max] (DMD2). The fake score is trained on the same
     distribution: where it is rarely trained it keeps the teacher's (unguided) score instead of tracking the

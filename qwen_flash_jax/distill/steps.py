@@ -186,14 +186,15 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
         ca_loss, grad_ca = jax.value_and_grad(dmd.dmd_loss)(x_sg, x0_guided, x0_cond)
         schedule_metrics = {"dm_loss": loss, "ca_loss": ca_loss}
         loss, grad_x = loss + ca_loss, grad_x + grad_ca
+    segment_metrics = {}
     if setup.segment_weight:
         # From the student's own input z at t_k (detached), the teachers' many-step guided ODE to t_{k+1}.
         x0_seg = dmd.teacher_segment_x0(setup.model, teachers, weights, cond, neg, z, k, setup.timesteps,
                                         setup.segment_substeps, setup.cfg_scale, setup.cfg_rescale)
-        seg_loss, grad_seg = jax.value_and_grad(dmd.segment_loss)(x_sg, x0_seg)
+        seg_loss, grad_seg = jax.value_and_grad(pairs_lib.regression_loss)(x_sg, x0_seg)
         grad_seg = setup.segment_weight * grad_seg
-        schedule_metrics = {**schedule_metrics, "segment_loss": seg_loss, "segment_grad_ratio":
-                            jnp.linalg.norm(grad_seg) / jnp.maximum(jnp.linalg.norm(grad_x), 1e-12)}
+        segment_metrics = {"segment_loss": seg_loss, "segment_grad_ratio":
+                           jnp.linalg.norm(grad_seg) / jnp.maximum(jnp.linalg.norm(grad_x), 1e-12)}
         grad_x = grad_x + grad_seg
     gan_metrics = {}
     if use_gan:
@@ -232,7 +233,7 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     new = state.replace(step=state.step + 1, student=student, student_opt=student_opt, ema=ema, rng=rng)
     ok = _finite(loss, grads, reg_loss, *gan_metrics.values())
     metrics = {"dmd_loss": loss, "fm_loss": fm_loss, "regression_loss": reg_loss, "k": k, "skipped": ~ok,
-               **gan_metrics, **schedule_metrics,
+               **gan_metrics, **schedule_metrics, **segment_metrics,
                "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
     guarded = _guarded(state.replace(rng=rng), new, ok)
     return guarded.replace(step=state.step + 1), metrics
