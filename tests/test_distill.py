@@ -371,3 +371,28 @@ def test_final_step_training_with_the_trajectory_gradient(cache, tmp_path):
     np.testing.assert_allclose(b1["dmd_loss"], a1["dmd_loss"], rtol=1e-5)
     assert abs(b1["grad_norm"] - a1["grad_norm"]) > 1e-3 * a1["grad_norm"]
     assert b2["dmd_loss"] != a2["dmd_loss"]
+
+
+def test_the_critic_draws_its_student_step_from_its_own_distribution(cache, tmp_path):
+    """`fake_score.step_probs` sets which student step's samples the fake score learns, apart from the
+    generator's: () follows `student.step_probs` bit for bit, another distribution changes the fake score's loss
+    while the generator still trains step K - 1. A bad distribution is a ConfigError naming the field."""
+    config = tiny_distill_config(cache)
+    config.train.steps = 1
+    config.data.task_ratio = "1:0"
+    config.student.step_probs = (0, 0, 0, 1)
+    runs = {}
+    for name, probs in (("same", ()), ("explicit", (0, 0, 0, 1)), ("first", (1, 0, 0, 0))):
+        config.fake_score.step_probs = probs
+        runs[name] = []
+        trainer.distill(config, tmp_path / name, history=runs[name], **QUIET)
+    (_, same), = runs["same"]
+    (_, explicit), = runs["explicit"]
+    (_, first), = runs["first"]
+    assert same == explicit
+    assert first["k"] == same["k"] == 3
+    assert abs(first["fake_loss"] - same["fake_loss"]) > 1e-3 * same["fake_loss"]
+    config.fake_score.step_probs = (1, 0, 0)
+    with pytest.raises(trainer.ConfigError, match=r"fake_score.step_probs must be 4 non-negative"):
+        trainer.distill(config, tmp_path / "bad", **QUIET)
+    assert not (tmp_path / "bad").exists()

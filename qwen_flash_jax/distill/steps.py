@@ -62,6 +62,8 @@ class DistillSetup:
     renoise: str = "fresh"  # how the student re-noises between its steps (dmd.renoise)
     regression_weight: float = 0.0  # weight of the regression onto teacher ODE pairs (pairs.py); 0 = off
     step_probs: tuple[float, ...] = ()  # distribution of the trained student step k; () = uniform (DMD2)
+    # The critic's own distribution of k (whose samples the fake score learns); None = `step_probs`.
+    critic_step_probs: tuple[float, ...] | None = None
     trajectory_grad: bool = False  # differentiate the generator's sample through the steps before k too
     # "shared": DMD2, one comparison against the guided real score. "decoupled": distribution matching against the
     # conditional real score on [t_min, t_max] plus the CFG term at noise levels up to the student step's time.
@@ -83,10 +85,11 @@ def _split(state):
     return jax.random.key_data(key), subkeys
 
 
-def _student_step(setup, batch_size, shape, key_noise, key_k):
-    """Draws the student step k, its time and the first step's noise."""
-    if setup.step_probs:
-        k = jax.random.choice(key_k, len(setup.timesteps), p=jnp.asarray(setup.step_probs, jnp.float32))
+def _student_step(setup, batch_size, shape, key_noise, key_k, probs=None):
+    """Draws the student step k (from `probs`, default `setup.step_probs`), its time and the first step's noise."""
+    probs = setup.step_probs if probs is None else probs
+    if probs:
+        k = jax.random.choice(key_k, len(setup.timesteps), p=jnp.asarray(probs, jnp.float32))
     else:  # uniform; kept as randint so that runs made before `step_probs` existed reproduce bit for bit
         k = jax.random.randint(key_k, (), 0, len(setup.timesteps))
     noise = jax.random.normal(key_noise, shape, jnp.float32)
@@ -118,7 +121,7 @@ def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec
     cond = conditioning.encode(te_params, spec, batch["input_ids"], batch["attention_mask"],
                                **conditioning.image_inputs(batch))
     shape = batch["target_latents"].shape
-    k, noise, _ = _student_step(setup, shape[0], shape, k_noise, k_k)
+    k, noise, _ = _student_step(setup, shape[0], shape, k_noise, k_k, setup.critic_step_probs)
     _, x = dmd.student_sample(setup.model, state.student, cond, noise, k, setup.timesteps, k_sim, setup.renoise)
 
     def losses(fake, disc):

@@ -79,6 +79,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         gan_tasks=tuple(config.student.gan_tasks),
         renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight),
         step_probs=dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs)),
+        critic_step_probs=_critic_step_probs(config),
         trajectory_grad=bool(config.student.trajectory_grad), schedule=str(config.guidance.schedule),
         segment_weight=float(config.student.segment_weight), segment_substeps=int(config.student.segment_substeps))
     student = model.params
@@ -172,6 +173,14 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     return results
 
 
+def _critic_step_probs(config):
+    """The critic's distribution of the student step k; None (its field is ()) = the generator's."""
+    probs = tuple(config.fake_score.get("step_probs", ()))
+    if not probs:
+        return None
+    return dmd.student_step_probs(int(config.student.num_steps), probs, "fake_score.step_probs")
+
+
 def _sample_prompts(config, sources: dict, count: int):
     """Up to `count` T2I captions and (source, instruction) edits for unjudged sample grids: the first records of
     each category the run trains on, in turn (deterministic)."""
@@ -213,6 +222,7 @@ def check_config(config) -> None:
     dmd.check_renoise(str(config.student.renoise))
     dmd.check_schedule(str(config.guidance.schedule))
     dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs))
+    _critic_step_probs(config)
     if float(config.student.regression_weight) < 0:
         raise ConfigError(f"student.regression_weight must be >= 0 (0 turns it off), got "
                           f"{config.student.regression_weight}")
