@@ -47,15 +47,16 @@ def student_x0(model, params, cond, z, t):
     return flow.x0_from_velocity(z, v, t), v
 
 
-def student_step_probs(num_steps: int, probs=(), name: str = "student.step_probs") -> tuple[float, ...]:
+def student_step_probs(num_steps: int, probs=(), name: str = "student.step_probs",
+                       empty: str = "uniform") -> tuple[float, ...]:
     """The distribution of the student step k an update trains on, checked and normalised; () = uniform over the
-    K steps (DMD2). `name` is the config field, for the error."""
+    K steps (DMD2). `name` is the config field and `empty` what () means there, for the error."""
     if not len(probs):
         return ()
     p = np.asarray([float(x) for x in probs], np.float64)
     if len(p) != num_steps or np.any(p < 0) or p.sum() <= 0:
         raise ConfigError(f"{name} must be {num_steps} non-negative weights with a positive sum "
-                          f"(one per student step; () = uniform), got {list(probs)}")
+                          f"(one per student step; () = {empty}), got {list(probs)}")
     return tuple(float(x) for x in p / p.sum())
 
 

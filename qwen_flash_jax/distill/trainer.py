@@ -175,10 +175,11 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
 
 def _critic_step_probs(config):
     """The critic's distribution of the student step k; None (its field is ()) = the generator's."""
-    probs = tuple(config.fake_score.get("step_probs", ()))
+    probs = tuple(config.fake_score.step_probs)
     if not probs:
         return None
-    return dmd.student_step_probs(int(config.student.num_steps), probs, "fake_score.step_probs")
+    return dmd.student_step_probs(int(config.student.num_steps), probs, "fake_score.step_probs",
+                                  "the generator's")
 
 
 def _sample_prompts(config, sources: dict, count: int):
