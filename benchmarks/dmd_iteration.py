@@ -140,7 +140,7 @@ def main(argv):
     cond = jax.jit(lambda: conditioning.encode(te_params, spec, ids, mask))()
     t = jnp.full((batch_size,), 0.5)
     fwd = jax.jit(lambda p, z: sampling.velocity(model, p, cond, z, t)[0])
-    fwd2 = jax.jit(lambda p, z: sampling.velocity(model, p, cond.concat(cond), z, jnp.concatenate([t, t]))[0])
+    fwd2 = jax.jit(lambda p, z: sampling.velocity(model, p, cond.pair(cond), z, sampling.pair(t, t))[0])
     fwd_bwd = jax.jit(jax.grad(lambda p, z: jnp.mean(sampling.velocity(model, p, cond, z, t)[0] ** 2)))
     causal = model.config.causal_condition
     if causal:  # the backward simulation's later steps run on step 0's prefix keys and values

@@ -220,9 +220,11 @@ def get_config(arg=None):
         warmup_steps=20 if toy else 100,
     ))
 
-    # Mesh axes and logical-axis rules (see qwen_flash_jax/sharding.py). -1 takes the remaining devices.
+    # Mesh axes and logical-axis rules (see qwen_flash_jax/sharding.py). -1 takes the remaining devices. toy: data
+    # parallel, its parameters are a few MB and fsdp's weight all-gathers pure overhead (on emulated CPU devices
+    # they are also what XLA:CPU can hang on: README, Tests); full: fsdp.
     c.mesh = ml_collections.ConfigDict(dict(
-        axes=(("data", 1), ("fsdp", -1), ("tensor", 1)),
+        axes=(("data", -1), ("fsdp", 1), ("tensor", 1)) if toy else (("data", 1), ("fsdp", -1), ("tensor", 1)),
         rules=(
             ("batch", ("data", "fsdp")),
             ("embed", "fsdp"),

@@ -2,7 +2,8 @@
 
 A `Conditioning` is what the transformer needs besides the noisy target: encoded prompt, its mask, the packed
 condition-image latents (edits) and the static token layout. Positive and negative (empty) prompts of a task are
-padded to the same length, so they share a layout and CFG runs as one forward over a doubled batch.
+padded to the same length, so they share a layout and CFG runs as one forward over a doubled batch
+(`pair`: interleaved, so a sharded batch axis needs no communication to double and split).
 """
 
 from __future__ import annotations
@@ -26,11 +27,27 @@ class Conditioning:
     def batch(self) -> int:
         return self.encoder_hidden_states.shape[0]
 
-    def concat(self, other: "Conditioning") -> "Conditioning":
+    def pair(self, other: "Conditioning") -> "Conditioning":
+        """Both conditionings as one batch of 2B rows in `pair`'s interleaved order."""
         if other.layout != self.layout:
             raise ValueError("positive and negative conditioning must share a token layout to be batched together; "
                              "pad both prompts to the same length")
-        return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), self, other)
+        return jax.tree.map(pair, self, other)
+
+
+def pair(a, b):
+    """Two (B, ...) batches as one (2B, ...) batch, interleaved row by row: a0, b0, a1, b1, ...
+
+    Not `concatenate`: with the batch axis sharded, sample i's two rows then stay on sample i's device, whereas
+    the halves of a concatenation sit on different devices and splitting them apart costs collective-permutes.
+    """
+    return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def unpair(x):
+    """The inverse of `pair`: (a, b)."""
+    x = x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
+    return x[:, 0], x[:, 1]
 
 
 def _hidden(cond: Conditioning, z):
@@ -62,10 +79,8 @@ def guided_velocity(model, params, cond, neg_cond, z, t, cfg_scale, kv_cache=Non
     """CFG velocity; with `neg_cond` None or scale 1 it is the plain conditional velocity."""
     if neg_cond is None or cfg_scale == 1.0:
         return velocity(model, params, cond, z, t, kv_cache, kv_cache_mode)
-    both = cond.concat(neg_cond)
-    v, kv_cache = velocity(model, params, both, jnp.concatenate([z, z]), jnp.concatenate([t, t]), kv_cache,
-                           kv_cache_mode)
-    v_cond, v_uncond = jnp.split(v, 2)
+    v, kv_cache = velocity(model, params, cond.pair(neg_cond), pair(z, z), pair(t, t), kv_cache, kv_cache_mode)
+    v_cond, v_uncond = unpair(v)
     return flow.cfg_combine(v_cond, v_uncond, cfg_scale), kv_cache
 
 

@@ -46,7 +46,8 @@ def test_the_critic_learns_to_tell_real_from_student_samples(setup):  # noqa: F8
     opt_state = opt.init(params)
     for i in range(40):
         params, opt_state = step(params, opt_state, jax.random.key(i))
-    _, cls, accuracy = losses(params, jax.random.key(100))
+    # Averaged over a few draws of the noise levels: one draw can put a sample at a level that blurs it away.
+    cls, accuracy = np.mean([np.asarray(losses(params, jax.random.key(100 + i))[1:]) for i in range(4)], axis=0)
     assert cls < 0.5 * first[1] and accuracy > 0.9, (float(cls), float(accuracy))
 
 

@@ -97,4 +97,4 @@ def test_mismatched_layouts_cannot_be_batched(setup):
     other = make_inputs(np.random.default_rng(1), batch=2, conditions=[], target=(1, 4, 4), text_runs=[12])
     bad = neg.replace(layout=make_layout(other["img_shapes"], other["img_mask"]))
     with pytest.raises(ValueError, match="share a token layout"):
-        cond.concat(bad)
+        cond.pair(bad)

@@ -2,7 +2,7 @@
 
 Per task (T2I, edit) the chain is
     one MapDataset per category (shuffled by seed, repeated)  -> MapDataset.mix(weights from config)
-    -> [process_index::process_count] (each host reads its own disjoint shard) -> preprocess -> batch
+    -> [process_index::process_count] (each host reads its own disjoint shard) -> preprocess -> batch -> encode
 and `mixing.TaskInterleaveIterDataset` interleaves the two batch streams by the exact T2I:Edit pattern. Every
 stage is deterministic for the seed and the iterator state is a small dict (checkpointed with the model), so a
 restored pipeline yields the identical stream.
@@ -11,12 +11,16 @@ Fixed shapes: prompts are tokenized with Qwen-Image's template and RIGHT-padded 
 encoder is causal with mask-derived positions, so the valid tokens' states equal those of the diffusers pipeline's
 left-padded batch); dropping the system prefix is then a static slice. Images become packed latent tokens with the
 codec. A T2I batch and an edit batch therefore each have one static layout.
+
+Threads: grain's prefetch threads run `Preprocess` (tokenizing, numpy pixels) only; `EncodeImages` runs the codec
+once per batch in the thread that draws the batch, the one that dispatches the train steps. A VAE codec is a jitted
+program, and JAX dispatched from prefetch threads beside the main thread's sharded steps hung XLA:CPU's collectives
+in CI (and dispatching it from many threads at once aborted the process before that).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import grain
@@ -74,45 +78,72 @@ class PromptEncoder:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """Record -> fixed-shape example of numpy arrays."""
+    """Record -> fixed-shape example of numpy arrays; images stay uint8 pixels (`EncodeImages` makes the latents)."""
 
     task: str
     prompts: PromptEncoder
     codec: Any
     image_size: int
-    condition_pixels: bool = False  # edits also carry the condition image's uint8 pixels (Qwen3-VL's vision input)
 
     def __call__(self, record: dict) -> dict[str, np.ndarray]:
         category = np.int32(CATEGORIES[self.task].index(record["category"]))
         if self.task == "t2i":
             input_ids, mask = self.prompts(record["caption"])
-            image = record["image"]
-            out = {"target_latents": self._latents(image)}
+            out = {"target_pixels": self._pixels(record["image"])}
         else:
-            source = self._latents(record["source"])
-            input_ids, mask = self.prompts(record["instruction"], [source.shape[0] // 4])
+            source = self._pixels(record["source"])
+            h, w, _ = self.codec.latent_shape(*source.shape[:2])
+            input_ids, mask = self.prompts(record["instruction"], [h * w // 4])  # one slot per 2x2 latent patch
             target = record["target"] if record["target"] is not None else record["source"]
-            out = {"condition_latents": source, "target_latents": self._latents(target)}
-            if self.condition_pixels:
-                out["condition_pixels"] = np.asarray(record["source"], np.uint8)
+            out = {"source_pixels": source, "target_pixels": self._pixels(target)}
         return {**out, "input_ids": input_ids, "attention_mask": mask, "category": category}
 
-    def _latents(self, image) -> np.ndarray:
-        if image is None:  # prompt-only records (real T2I prompt sets): DMD needs no target image
-            return self._blank_latents
-        latents = self.codec.encode(np.asarray(image)[None])
-        return np.asarray(self.codec.pack(latents)[0], np.float32)
+    def _pixels(self, image) -> np.ndarray:
+        if image is None:  # prompt-only records (real T2I prompt sets): DMD needs no target image; a black one
+            return np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        return np.asarray(image)
 
-    @functools.cached_property
-    def _blank_latents(self) -> np.ndarray:
-        """A black image's latents, encoded once (a VAE pass per prompt-only record would be wasted work)."""
-        image = np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
-        return np.asarray(self.codec.pack(self.codec.encode(image))[0], np.float32)
+
+@dataclasses.dataclass
+class EncodeImages:
+    """Batch of pixels -> batch of packed latents: `target_pixels` -> `target_latents`, an edit's `source_pixels`
+    -> `condition_latents` (and `condition_pixels` too where the text encoder's vision tower reads them).
+
+    One codec call per batch, in the consumer's thread (see the module docstring). A batch that is all black (the
+    prompt-only T2I sets) reuses one black image's latents instead of a VAE pass per step.
+    """
+
+    codec: Any
+    condition_pixels: bool = False
+    _black: dict = dataclasses.field(default_factory=dict, repr=False)  # image shape -> one black image's latents
+
+    def __call__(self, batch: dict) -> dict:
+        out = dict(batch)
+        out["target_latents"] = self._latents(out.pop("target_pixels"))
+        if "source_pixels" in out:
+            source = out.pop("source_pixels")
+            out["condition_latents"] = self._latents(source)
+            if self.condition_pixels:
+                out["condition_pixels"] = np.asarray(source, np.uint8)
+        return out
+
+    def _latents(self, pixels: np.ndarray) -> np.ndarray:
+        if not pixels.any():
+            return np.repeat(self._black_latents(pixels.shape[1:])[None], len(pixels), axis=0)
+        return self._latents_of(pixels)
+
+    def _black_latents(self, image_shape: tuple[int, ...]) -> np.ndarray:
+        if image_shape not in self._black:
+            self._black[image_shape] = self._latents_of(np.zeros((1,) + image_shape, np.uint8))[0]
+        return self._black[image_shape]
+
+    def _latents_of(self, pixels):
+        return np.asarray(self.codec.pack(self.codec.encode(pixels)), np.float32)
 
 
 def task_stream(task: str, sources: dict, weights: dict[str, float], *, batch_size: int, preprocess: Preprocess,
-                seed: int, process_index: int, process_count: int) -> grain.IterDataset:
-    """One task's batches: per-category shuffled repeats mixed by weight, this process's shard, batched."""
+                encode: EncodeImages, seed: int, process_index: int, process_count: int) -> grain.IterDataset:
+    """One task's batches: per-category shuffled repeats mixed by weight, this process's shard, batched, encoded."""
     weights = mixing.normalise_weights(weights, CATEGORIES[task], f"{task} category")
     missing = [c for c in weights if c not in sources or len(sources[c]) == 0]
     if missing:
@@ -122,7 +153,7 @@ def task_stream(task: str, sources: dict, weights: dict[str, float], *, batch_si
              for c in names]
     mixed = grain.MapDataset.mix(parts, [weights[c] for c in names]) if len(parts) > 1 else parts[0]
     local = mixed[process_index::process_count]
-    return local.map(preprocess).to_iter_dataset().batch(batch_size, drop_remainder=True)
+    return local.map(preprocess).to_iter_dataset().batch(batch_size, drop_remainder=True).map(encode)
 
 
 def check_data_config(data_config) -> None:
@@ -150,9 +181,10 @@ def build_pipeline(data_config, sources: dict, tokenizer, codec, *, process_inde
         if share == 0:
             continue
         weights = dict(data_config[f"{task}_weights"])
-        preprocess = Preprocess(task, prompts, codec, int(data_config.image_size), condition_pixels)
+        preprocess = Preprocess(task, prompts, codec, int(data_config.image_size))
         streams[task] = task_stream(task, sources.get(task, {}), weights,
                                     batch_size=data_config.batch_size // process_count, preprocess=preprocess,
+                                    encode=EncodeImages(codec, condition_pixels),
                                     seed=int(data_config.seed), process_index=process_index,
                                     process_count=process_count)
     return mixing.TaskInterleaveIterDataset(streams, ratio, slot_batches)

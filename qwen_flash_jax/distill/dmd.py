@@ -223,9 +223,8 @@ def _weighted_x0(teacher_params: dict, weights, x_t, t, count: int, velocities):
 def _teacher_velocities(model, params, cond, neg_cond, x_t, t, cfg_scale, cfg_rescale):
     """One teacher's (conditional, guided) velocities, both halves from one batched forward; the guided one
     optionally rescaled towards the conditional one's per-sample norm (guards against CFG blow-up)."""
-    v, _ = sampling.velocity(model, params, cond.concat(neg_cond), jnp.concatenate([x_t, x_t]),
-                             jnp.concatenate([t, t]))
-    v_cond, v_uncond = jnp.split(v, 2)
+    v, _ = sampling.velocity(model, params, cond.pair(neg_cond), sampling.pair(x_t, x_t), sampling.pair(t, t))
+    v_cond, v_uncond = sampling.unpair(v)
     v_guided = flow.cfg_combine(v_cond, v_uncond, cfg_scale)
     return v_cond, _mix_rescaled(v_cond, v_guided, cfg_rescale) if cfg_rescale else v_guided
 

@@ -59,12 +59,12 @@ def critic_losses(model, fake_params, head, cond, student_x, real_x, key, t_min:
     batch = student_x.shape[0]
     k_t, k_eps = jax.random.split(key)
     t = dmd_times(k_t, 2 * batch, t_min, t_max)
-    x = jnp.concatenate([jax.lax.stop_gradient(student_x.astype(jnp.float32)), real_x.astype(jnp.float32)])
+    x = sampling.pair(jax.lax.stop_gradient(student_x.astype(jnp.float32)), real_x.astype(jnp.float32))
     eps = jax.random.normal(k_eps, x.shape, x.dtype)
     z = flow.interpolate(x, eps, t)
-    v, features = sampling.velocity_and_features(model, fake_params, cond.concat(cond), z, t)
-    fm = flow.flow_matching_loss(v[:batch], x[:batch], eps[:batch])
-    logits = head_logits(head, features)
-    fake_logits, real_logits = logits[:batch], logits[batch:]
+    v, features = sampling.velocity_and_features(model, fake_params, cond.pair(cond), z, t)
+    (v_student, _), (x_student, _), (eps_student, _) = (sampling.unpair(a) for a in (v, x, eps))
+    fm = flow.flow_matching_loss(v_student, x_student, eps_student)
+    fake_logits, real_logits = sampling.unpair(head_logits(head, features))
     accuracy = 0.5 * (jnp.mean(real_logits > 0) + jnp.mean(fake_logits < 0))
     return fm, critic_loss(real_logits, fake_logits), accuracy

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +186,6 @@ class VAECodec:
         self.model = model
         self.config = model.config
         self.rgb = rgb
-        # The input pipeline encodes from grain's prefetch threads; many threads dispatching (and compiling) the
-        # same jitted VAE at once aborted the process in CI. One at a time: the device runs them in turn anyway.
-        self._lock = threading.Lock()
 
     @property
     def scale_factor(self) -> int:
@@ -215,8 +211,7 @@ class VAECodec:
         if images.ndim != 4:
             raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
         self.latent_shape(images.shape[1], images.shape[2])
-        with self._lock:
-            return self._encode(images)
+        return self._encode(images)
 
     def _encode(self, images):
         if images.dtype == np.uint8:
@@ -230,10 +225,9 @@ class VAECodec:
         return normalize_latents(mean.astype(jnp.float32), self.config)
 
     def decode(self, latents):
-        with self._lock:
-            images = self.model.decode(denormalize_latents(jnp.asarray(latents, jnp.float32), self.config))
-            images = images.astype(jnp.float32)
-            return images[..., :3] if self.rgb and images.shape[-1] == 4 else images
+        images = self.model.decode(denormalize_latents(jnp.asarray(latents, jnp.float32), self.config))
+        images = images.astype(jnp.float32)
+        return images[..., :3] if self.rgb and images.shape[-1] == 4 else images
 
     pack = staticmethod(pack_latents)
     unpack = staticmethod(unpack_latents)

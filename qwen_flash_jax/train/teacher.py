@@ -216,13 +216,14 @@ def cache_dir(config, name: str) -> pathlib.Path:
     spec = config.teachers[name]
     parent = cache_dir(config, spec.init_from).name if spec.init_from else ""
     d = config.data
-    # How the blocks run (scanned or unrolled) changes only float rounding, so it stays out of the key.
+    # How the blocks run (scanned or unrolled) and how the work is laid out over devices (the mesh) change only
+    # float rounding, so they stay out of the key: a teacher trained with fsdp serves a data-parallel run.
     model = {k: v for k, v in config.model.to_dict().items() if k != "scan_layers"}
     key = assets_lib.config_hash(model, config.text_encoder, config.codec, spec.train.to_dict(),
                                  [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens,
                                   # only when set, so that the keys of teachers cached before it existed hold
                                   *([d.edit_prompt_tokens] if d.get("edit_prompt_tokens") else [])],
-                                 config.seed, config.mesh.to_dict(), parent, "v1")
+                                 config.seed, parent, "v1")
     return assets_lib.cache_category(config, "teachers") / f"{name}-{key}"
 
 
