@@ -164,8 +164,9 @@ def test_edit_conditioning_depends_on_the_condition_image(checkpoints, tmp_path)
 
     from qwen_flash_jax.train import conditioning
 
-    assets = assets_lib.build_assets(full_config(checkpoints, tmp_path / "cache", ratio="1:1"),
-                                     log=lambda *_: None)
+    config = full_config(checkpoints, tmp_path / "cache", ratio="1:1")
+    config.mesh.axes = DATA_PARALLEL
+    assets = assets_lib.build_assets(config, log=lambda *_: None)
     spec = assets.tasks["edit"]
     ids, mask = assets.prompts("make the sky green", [16 // 4])
     ids, mask = jnp.asarray(ids[None].repeat(2, 0)), jnp.asarray(mask[None].repeat(2, 0))
@@ -173,8 +174,7 @@ def test_edit_conditioning_depends_on_the_condition_image(checkpoints, tmp_path)
     pixels = jnp.asarray(rng.integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
     latents = jnp.zeros((2, 16, LATENT_CHANNELS))
 
-    # Inside jit, as the steps call it. Run eagerly, each op over the 8-device mesh would be its own program with
-    # its own collectives; on a 2-core CI machine one such run deadlocked XLA:CPU's rendezvous until it aborted.
+    # Inside jit, as the steps call it (eagerly, every op would be a program of its own).
     @jax.jit
     def states(te_params, pixels):
         return conditioning.encode(te_params, spec, ids, mask, latents, pixels).encoder_hidden_states

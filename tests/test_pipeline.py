@@ -1,6 +1,7 @@
 """The grain pipeline: exact task ratios, category weights, process sharding, checkpointable state."""
 
 import json
+import threading
 
 import jax
 import ml_collections
@@ -120,6 +121,37 @@ def test_edit_prompts_get_their_own_length_and_can_carry_the_condition_pixels(so
     np.testing.assert_array_equal(latents.reshape(4, -1, 48), edit["condition_latents"])
     with pytest.raises(pipeline.PromptTooLongError, match="data.edit_prompt_tokens is 20"):
         next(iter(_build(sources, tokenizer, task_ratio="0:1", edit_prompt_tokens=20)))
+
+
+class _CountingCodec(SpaceToDepthCodec):
+    """Records the thread and batch size of every encode call."""
+
+    def __init__(self):
+        super().__init__(patch=4)
+        self.calls = []
+
+    def encode(self, images):
+        self.calls.append((threading.get_ident(), len(images)))
+        return super().encode(images)
+
+
+def test_images_are_encoded_a_batch_at_a_time_in_the_consumers_thread(sources, tokenizer):
+    """grain's prefetch threads only prepare pixels; the codec (a jitted VAE at full scale) runs once per batch in
+    the thread that draws it. Prompt-only T2I records get a black image's latents from one cached encode."""
+    codec = _CountingCodec()
+    it = iter(pipeline.build_pipeline(_config(task_ratio="1:1"), sources, tokenizer, codec, process_index=0,
+                                      process_count=1))
+    next(it), next(it)
+    assert codec.calls == [(threading.get_ident(), 4)] * 3  # T2I targets; edit sources and targets
+    prompt_only = {"t2i": {c: [dict(r, image=None) for r in recs] for c, recs in sources["t2i"].items()}}
+    codec = _CountingCodec()
+    batches = iter(pipeline.build_pipeline(_config(task_ratio="1:0"), prompt_only, tokenizer, codec,
+                                           process_index=0, process_count=1))
+    first, second = next(batches), next(batches)
+    black = codec.pack(SpaceToDepthCodec(patch=4).encode(np.zeros((1, SIZE, SIZE, 3), np.uint8)))[0]
+    for batch in (first, second):
+        np.testing.assert_array_equal(batch["target_latents"], np.broadcast_to(black, (4,) + black.shape))
+    assert codec.calls == [(threading.get_ident(), 1)]
 
 
 def test_category_weights_select_categories(sources, tokenizer):

@@ -14,8 +14,8 @@ codec. A T2I batch and an edit batch therefore each have one static layout.
 
 Threads: grain's prefetch threads run `Preprocess` (tokenizing, numpy pixels) only; `EncodeImages` runs the codec
 once per batch in the thread that draws the batch, the one that dispatches the train steps. A VAE codec is a jitted
-program, and JAX dispatched from prefetch threads beside the main thread's sharded steps hung XLA:CPU's collectives
-in CI (and dispatching it from many threads at once aborted the process before that).
+program: one call per batch instead of one per image, and no JAX dispatch from 16 threads at once (which once
+aborted a CI run).
 """
 
 from __future__ import annotations
