@@ -211,9 +211,6 @@ class VAECodec:
         if images.ndim != 4:
             raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
         self.latent_shape(images.shape[1], images.shape[2])
-        return self._encode(images)
-
-    def _encode(self, images):
         if images.dtype == np.uint8:
             x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
         else:
