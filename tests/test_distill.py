@@ -303,6 +303,7 @@ def test_regression_pulls_the_student_onto_the_teachers_samples(cache, tmp_path)
     dominating DMD: its distance to the teacher's multi-step samples falls, per task."""
     config = _regression_config(cache)
     config.student.update(num_steps=1, timesteps=(), regression_weight=100.0, learning_rate=1e-3)
+    config.fake_score.step_probs = ()  # the toy's (0, 0, 0, 1) names 4 steps
     config.guidance.weights = (("*", ({"base": 1.0},)),)
     config.train.update(steps=12, checkpoint_every=100)
     history = []
