@@ -141,9 +141,9 @@ def get_config(arg=None):
         # passes).
         trajectory_grad=False,
         init_from="base",
-        # toy: 5e-5. With the fake score on the final samples T2I rises with the rate up to 5e-5 (2e-5 / 3e-5 / 4e-5 /
-        # 5e-5: 2.51 / 2.57 / 2.59 / 2.60, edits level) and 7e-5 overshoots (the probe falls late, text and edits
-        # lose; README, Measured: session 22).
+        # toy: 5e-5. With the fake score on the final samples, EMA 0.95 and 3 critic updates, T2I rises with the rate
+        # up to 5e-5 (2e-5 / 3e-5 / 4e-5 / 5e-5: 2.53 / 2.57 / 2.59 / 2.60, edits level) and 7e-5 overshoots (the
+        # probe falls late, text prompts and edits lose; README, Measured: session 22).
         learning_rate=5e-5 if toy else 2e-6,
         # > 0 keeps an EMA of the student, evaluated instead of the raw weights. toy: 0.95; 0.99 lags ~100 of the
         # 300 updates while T2I still climbs (0.95: T2I +0.019 at 2e-5, +0.016 at 3e-5; README, Measured).
@@ -167,7 +167,7 @@ def get_config(arg=None):
         init_from="base",
         learning_rate=1e-4 if toy else 2e-6,
         # Critic-to-student update ratio (DMD2's two time-scale rule). toy: 2; with the student at lr 5e-5, T2I
-        # +0.039 over 3 and 0.8x the time (README, Measured: session 22).
+        # +0.039 over 3, edits level, and one batch fewer per update (README, Measured: session 22).
         updates_per_student=2 if toy else 5,
         # The student steps k whose samples the fake score learns, like student.step_probs; () = the same as the
         # generator's (DMD2). toy: (0, 0, 0, 1), the final samples only: edits +0.025 / +0.028 over () on two
