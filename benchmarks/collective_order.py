@@ -3,8 +3,9 @@
 XLA:CPU's thunk executor orders the collectives of one computation among themselves, but not a loop or conditional
 that holds collectives against the computation's other collectives: when no data path orders the two, each device
 runs whichever is ready first, and a device waiting in one for devices waiting in the other hangs forever. The
-8 emulated devices of the tests hit this (CI, stop 21). This script reads an HLO text dump and reports, per module,
-the collectives by kind and the number of such unordered pairs over all computations (0: the hang cannot happen).
+8 emulated devices of the tests hit this in CI (docs/experiments/ci_hang.md). This script reads an HLO text dump
+and reports, per module, the collectives by kind and the number of such unordered pairs over all computations
+(0: the hang cannot happen).
 
     XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*(generator_step|critic_step).*" \
         python -m pytest -q tests/test_full_scale_job.py -k runs_from_local

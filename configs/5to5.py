@@ -45,7 +45,7 @@ def get_config(arg=None):
         param_dtype="float32",
         dtype="float32" if toy else "bfloat16",
         remat_policy="none" if toy else "dots_with_no_batch_dims_saveable",
-        scan_layers=not toy,  # toy: unrolled, the CPU teacher step is faster (README, Measured)
+        scan_layers=not toy,  # toy: unrolled, the CPU teacher step is faster (docs/experiments/performance.md)
     ))
 
     c.text_encoder = ml_collections.ConfigDict(dict(
@@ -127,7 +127,7 @@ def get_config(arg=None):
         num_steps=4,
         # The student's K input times, decreasing; () = the teacher's shifted Euler schedule. toy: a low last
         # time; the shifted schedule's last step from t=0.35 leaves 4-step samples blurry, and a last step from
-        # 0.1 gains T2I +0.09 over (1.0, 0.8, 0.5, 0.2) (README, Measured: session 20).
+        # 0.1 gains T2I +0.09 over (1.0, 0.8, 0.5, 0.2) (docs/experiments/toy_defaults.md, commit cf7869e).
         timesteps=(1.0, 0.7, 0.4, 0.1) if toy else (),
         # Between steps the student's x0 is re-noised with "fresh" noise (DMD2) or with the noise its velocity
         # implies ("predicted": Euler steps, the teacher's own sampler at initialisation). toy: predicted, +0.10
@@ -143,10 +143,11 @@ def get_config(arg=None):
         init_from="base",
         # toy: 5e-5. With the fake score on the final samples, EMA 0.95 and 3 critic updates, T2I rises with the rate
         # up to 5e-5 (2e-5 / 3e-5 / 4e-5 / 5e-5: 2.53 / 2.57 / 2.59 / 2.60, edits level) and 7e-5 overshoots (the
-        # probe falls late, text prompts and edits lose; README, Measured: session 22).
+        # probe falls late, text prompts and edits lose; docs/experiments/toy_defaults.md, commit 81ce2fa).
         learning_rate=5e-5 if toy else 2e-6,
         # > 0 keeps an EMA of the student, evaluated instead of the raw weights. toy: 0.95; 0.99 lags ~100 of the
-        # 300 updates while T2I still climbs (0.95: T2I +0.019 at 2e-5, +0.016 at 3e-5; README, Measured).
+        # 300 updates while T2I still climbs (0.95: T2I +0.019 at 2e-5, +0.016 at 3e-5;
+        # docs/experiments/toy_defaults.md).
         ema_decay=0.95 if toy else 0.0,
         first_step_fm_weight=0.0,  # DP-DMD's first-step flow-matching regulariser (paper 6.1); 0 = off
         # DMD2's GAN term (distill/gan.py): weight of the generator's non-saturating loss against real data, on
@@ -167,14 +168,16 @@ def get_config(arg=None):
         init_from="base",
         learning_rate=1e-4 if toy else 2e-6,
         # Critic-to-student update ratio (DMD2's two time-scale rule). toy: 2; with the student at lr 5e-5, T2I
-        # +0.039 over 3, edits level, and one batch fewer per update (README, Measured: session 22).
+        # +0.039 over 3, edits level, and one batch fewer per update (docs/experiments/toy_defaults.md, commit
+        # 81ce2fa).
         updates_per_student=2 if toy else 5,
         # The student steps k whose samples the fake score learns, like student.step_probs; () = the same as the
         # generator's (DMD2). toy: (0, 0, 0, 1), the final samples only: edits +0.025 / +0.028 over () on two
-        # seeds, T2I level (README, Measured).
+        # seeds, T2I level (docs/experiments/toy_defaults.md).
         step_probs=(0, 0, 0, 1) if toy else (),
         # Critic-only updates before the first student update (the fake score starts as the teacher's score, so the
-        # first DMD gradients are only the CFG direction). toy: 300 changes neither task (README, Measured).
+        # first DMD gradients are only the CFG direction). toy: 300 changes neither task
+        # (docs/experiments/objective.md).
         warmup_updates=0,
         # Weight of the discriminator's classification loss in the critic update (used when student.gan_weight > 0).
         # It also trains the fake trunk: at 1.0 it pulled the trunk off the student's score (toy fake-score loss
@@ -193,7 +196,7 @@ def get_config(arg=None):
         # real score. "decoupled" (Decoupled DMD): the comparison with the fake score uses the conditional teachers
         # (CFG 1), and the CFG direction (guided - conditional) is applied on its own at noise levels in
         # [t_min, min(t_k, t_max)], never noisier than the trained student step's input. toy: decoupled, T2I +0.065
-        # and edits +0.023 over shared, at 1.05x the time (README, Measured).
+        # and edits +0.023 over shared, at 1.05x the time (docs/experiments/toy_defaults.md).
         schedule="decoupled" if toy else "shared",
         t_min=0.02,
         t_max=0.98,
