@@ -59,6 +59,7 @@ def test_a_long_prompt_is_shortened_to_its_column():
     assert len(" ".join(lines)) < len(LONG_PROMPT) and LONG_PROMPT.startswith(" ".join(lines)[:-3].rstrip())
     assert all(font.getbbox(line)[2] - font.getbbox(line)[0] <= 92 for line in lines)
     assert fit_text("Deblur this image", font, 92, 4) == ["Deblur this", "image"]  # short: whole
+    assert fit_text("student (4 steps)\n4 NFE", font, 150, 4) == ["student (4 steps)", "4 NFE"]
     broken = fit_text("x" * 60, font, 92, 4)  # one word wider than a line is broken, not overflowing
     assert all(font.getbbox(line)[2] <= 92 for line in broken) and len(broken) > 1
 
@@ -117,7 +118,7 @@ def test_unscored_grids_name_each_model_and_leave_its_images_unchanged(tmp_path)
     t2i = np.asarray(Image.open(tmp_path / "grid_t2i.png").convert("RGB"))
     edit = np.asarray(Image.open(tmp_path / "grid_edit.png").convert("RGB"))
     # One row per model, named with its NFE; the edit grid's first row holds the sources.
-    names = ["teacher base (3 steps), 6 NFE", "student (4 steps), 4 NFE"]
+    names = ["teacher base (3 steps)\n6 NFE", "student (4 steps)\n4 NFE"]
     np.testing.assert_array_equal(t2i, grid_image([GridSection("T2I", captions, [(n, outputs) for n in names])])[0])
     expected, layout = grid_image([GridSection("edit", ["make it night"] * 3,
                                                [("source", sources)] + [(n, outputs) for n in names])])

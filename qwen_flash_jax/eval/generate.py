@@ -149,29 +149,30 @@ def _text_width(font, text: str) -> int:
 
 
 def fit_text(text: str, font, width: int, max_lines: int) -> list[str]:
-    """`text` word-wrapped into at most `max_lines` lines no wider than `width` px; what does not fit is cut and
-    the last line ends with an ellipsis. A word wider than a line is broken between characters."""
-    words, lines, line = text.split(), [], ""
-    while words:
-        candidate = f"{line} {words[0]}" if line else words[0]
-        if _text_width(font, candidate) <= width:
-            line, words = candidate, words[1:]
-            continue
-        if not line:  # one word wider than the line: break it
-            word = words[0]
-            cut = next((k for k in range(len(word) - 1, 0, -1) if _text_width(font, word[:k]) <= width), 1)
-            line, words = word[:cut], [word[cut:]] + words[1:]
-        lines.append(line)
-        line = ""
-        if len(lines) == max_lines:
-            break
-    if line:
-        lines.append(line)
-    if words:  # cut: make room for the ellipsis on the last line
-        last = lines[-1]
+    """`text` word-wrapped into lines no wider than `width` px, a new line at each "\\n"; past `max_lines` it is
+    cut and the last line ends with an ellipsis. A word wider than a line is broken between characters."""
+    lines = []
+    for paragraph in text.split("\n"):
+        words, line = paragraph.split(), ""
+        while words:
+            candidate = f"{line} {words[0]}" if line else words[0]
+            if _text_width(font, candidate) <= width:
+                line, words = candidate, words[1:]
+            elif line:
+                lines.append(line)
+                line = ""
+            else:  # one word wider than a line: break it
+                word = words[0]
+                cut = next((k for k in range(len(word) - 1, 0, -1) if _text_width(font, word[:k]) <= width), 1)
+                lines.append(word[:cut])
+                words = [word[cut:]] + words[1:]
+        if line:
+            lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
         while last and _text_width(font, last + _ELLIPSIS) > width:
             last = last[:-1]
-        lines[-1] = last.rstrip() + _ELLIPSIS
+        lines = lines[:max_lines - 1] + [last.rstrip() + _ELLIPSIS]
     return lines
 
 

@@ -104,8 +104,8 @@ def _benchmark_images(c: Contender, t2i, edits, bench: list, image_cache, log):
 
 
 def row_name(c: Contender) -> str:
-    """A contender's row name in the grids: its name and its NFE."""
-    return f"{c.name}, {c.nfe} NFE"
+    """A contender's row name in the grids: its name, and its NFE on a line of its own."""
+    return f"{c.name}\n{c.nfe} NFE"
 
 
 def benchmark_sections(t2i: dict, edits: dict, models: dict, per_row: int = 8):

@@ -195,7 +195,7 @@ def _write_samples(workdir, name, config, generator: Generator, params, writer):
                    {cat: generator.edit(params, b.sources, b.instructions, num_steps=steps, cfg_scale=cfg)
                     for cat, b in edits.items()})
         t2i_sections, edit_sections = report.benchmark_sections(
-            t2i, edits, {f"teacher {name}, {steps} steps + CFG {cfg:g} ({2 * steps} NFE)": samples})
+            t2i, edits, {f"teacher {name}, {steps} steps + CFG {cfg:g}\n{2 * steps} NFE": samples})
         path = pathlib.Path(workdir) / f"samples_{name}_{steps}steps.png"
         save_grid(path, t2i_sections + edit_sections)
         images[f"samples_{steps}steps"] = np.asarray(_read_png(path))[None]
