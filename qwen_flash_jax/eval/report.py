@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from qwen_flash_jax.eval import bench_sets
-from qwen_flash_jax.eval.generate import save_grid
+from qwen_flash_jax.eval.generate import GridSection, save_grid
 
 
 _T2I_TERMS = ("compliance", "quality", "penalty_noise", "penalty_blur", "penalty_block", "penalty_feature")
@@ -62,8 +62,13 @@ def evaluate(contenders: list[Contender], judge, *, size: int, prompts_per_categ
         }
         for task in ("t2i", "edit"):
             results[c.name][f"{task}_average"] = float(np.mean(list(results[c.name][task].values())))
-    if grid_dir is not None:
-        _grids(pathlib.Path(grid_dir), contenders, t2i, edits, t2i_images, edit_images)
+    if grid_dir is not None:  # after scoring, from the scored arrays (read, never changed)
+        grid_dir = pathlib.Path(grid_dir)
+        grid_dir.mkdir(parents=True, exist_ok=True)
+        t2i_sections, edit_sections = benchmark_sections(
+            t2i, edits, {row_name(c): (t2i_images[c.name], edit_images[c.name]) for c in contenders})
+        save_grid(grid_dir / "grid_t2i.png", t2i_sections)
+        save_grid(grid_dir / "grid_edit.png", edit_sections)
     return results
 
 
@@ -98,19 +103,23 @@ def _benchmark_images(c: Contender, t2i, edits, bench: list, image_cache, log):
     return t2i_images, edit_images
 
 
-def _grids(directory, contenders, t2i, edits, t2i_images, edit_images, per_row: int = 8):
-    """One PNG per task: for each category, a row of real (or source/target) then one row per contender."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for cat, b in t2i.items():
-        rows.append(b.real[:per_row])
-        rows += [t2i_images[c.name][cat][:per_row] for c in contenders]
-    save_grid(directory / "grid_t2i.png", rows)
-    rows = []
-    for cat, b in edits.items():
-        rows += [b.sources[:per_row], b.targets[:per_row]]
-        rows += [edit_images[c.name][cat][:per_row] for c in contenders]
-    save_grid(directory / "grid_edit.png", rows)
+def row_name(c: Contender) -> str:
+    """A contender's row name in the grids: its name, and its NFE on a line of its own."""
+    return f"{c.name}\n{c.nfe} NFE"
+
+
+def benchmark_sections(t2i: dict, edits: dict, models: dict, per_row: int = 8):
+    """Grid sections (`generate.GridSection`) of a benchmark, one per category, for T2I and for edits: the
+    category's real images (edits: sources and targets) above one row per model, `per_row` columns labelled with
+    their prompts or instructions. `models`: row name -> (T2I images, edit images), each {category: images}."""
+    t2i_sections = [GridSection(cat, b.captions[:per_row], [("real", b.real[:per_row])]
+                                + [(name, images[cat][:per_row]) for name, (images, _) in models.items()])
+                    for cat, b in t2i.items()]
+    edit_sections = [GridSection(cat, b.instructions[:per_row],
+                                 [("source", b.sources[:per_row]), ("target", b.targets[:per_row])]
+                                 + [(name, images[cat][:per_row]) for name, (_, images) in models.items()])
+                     for cat, b in edits.items()]
+    return t2i_sections, edit_sections
 
 
 def sample_unjudged(workdir, contenders: list[Contender], t2i_captions: list[str], edit_items: list[tuple],
@@ -118,8 +127,9 @@ def sample_unjudged(workdir, contenders: list[Contender], t2i_captions: list[str
     """Runs every contender on the same prompts and seeds and writes the grids with results.md / results.json,
     without scores: for runs with no judge (full scale, where the VLM judges score the grids offline).
 
-    `edit_items` holds (source uint8 image, instruction) pairs. Grid rows: one per contender (edits: the sources
-    first); results.json lists the prompts in column order.
+    `edit_items` holds (source uint8 image, instruction) pairs. Grid rows: one per contender, named with its NFE
+    (edits: the sources first); columns labelled with their prompts, shortened; results.json lists the prompts
+    whole, in column order.
     """
     workdir = pathlib.Path(workdir)
     t2i_rows, edit_rows = [], []
@@ -131,11 +141,12 @@ def sample_unjudged(workdir, contenders: list[Contender], t2i_captions: list[str
             t2i_rows.append(c.t2i(t2i_captions))
         if edit_items:
             edit_rows.append(c.edit(sources, instructions))
-    scale = max(1, 128 // (t2i_rows or edit_rows)[0].shape[1]) if t2i_rows or edit_rows else 1  # 1 at full scale
+    names = [row_name(c) for c in contenders]
     if t2i_rows:
-        save_grid(workdir / "grid_t2i.png", t2i_rows, scale=scale)
+        save_grid(workdir / "grid_t2i.png", [GridSection("T2I", t2i_captions, list(zip(names, t2i_rows)))])
     if edit_rows:
-        save_grid(workdir / "grid_edit.png", [sources] + edit_rows, scale=scale)
+        save_grid(workdir / "grid_edit.png",
+                  [GridSection("edit", instructions, [("source", sources)] + list(zip(names, edit_rows)))])
     results = {"scored": False, "models": [{"name": c.name, "nfe": c.nfe} for c in contenders],
                "t2i_prompts": list(t2i_captions), "edit_instructions": instructions}
     lines = [f"# {title}", "", "Not scored: this run has no judge (`eval.judge='none'`). The grids hold one row per "

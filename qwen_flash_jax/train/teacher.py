@@ -23,7 +23,7 @@ from flax import struct
 
 from qwen_flash_jax import config_lib, flow, sampling, sharding
 from qwen_flash_jax.data import pipeline as pipeline_lib
-from qwen_flash_jax.eval import bench_sets
+from qwen_flash_jax.eval import bench_sets, report
 from qwen_flash_jax.eval.generate import Generator, save_grid
 from qwen_flash_jax.loading import build_transformer, from_params
 from qwen_flash_jax.train import assets as assets_lib
@@ -191,14 +191,13 @@ def _write_samples(workdir, name, config, generator: Generator, params, writer):
     cfg = float(config.sampling.cfg_scale)
     images = {}
     for steps in (int(config.sampling.teacher_steps), 4):
-        rows = [b.real for b in t2i.values()]
-        rows += [generator.t2i(params, b.captions, num_steps=steps, cfg_scale=cfg) for b in t2i.values()]
-        edit_rows = []
-        for b in edits.values():
-            out = generator.edit(params, b.sources, b.instructions, num_steps=steps, cfg_scale=cfg)
-            edit_rows.append(np.concatenate([b.sources, b.targets, out]))
+        samples = ({cat: generator.t2i(params, b.captions, num_steps=steps, cfg_scale=cfg) for cat, b in t2i.items()},
+                   {cat: generator.edit(params, b.sources, b.instructions, num_steps=steps, cfg_scale=cfg)
+                    for cat, b in edits.items()})
+        t2i_sections, edit_sections = report.benchmark_sections(
+            t2i, edits, {f"teacher {name}, {steps} steps + CFG {cfg:g}\n{2 * steps} NFE": samples})
         path = pathlib.Path(workdir) / f"samples_{name}_{steps}steps.png"
-        save_grid(path, rows + edit_rows)
+        save_grid(path, t2i_sections + edit_sections)
         images[f"samples_{steps}steps"] = np.asarray(_read_png(path))[None]
     writer.write_images(0, images)
 
