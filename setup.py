@@ -23,7 +23,7 @@ setup(
         "pillow",
         "transformers",
         "tensorflow-datasets",
-        "safetensors",
+        "safetensors>=0.8",  # what safetensors_checkpoint is tested with: safe_open(backend="pread")
         "array_record",
         # clu's metric writers need TensorFlow's summary ops and TensorBoard.
         "tensorflow-cpu",

@@ -49,7 +49,7 @@ from qwen_flash_jax.checkpoint_io import CONFIG_FILE, PARAMS_DIR
 from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, some_of
 from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import ConfigError, TransformerConfig
-from qwen_flash_jax.safetensors_reader import SafetensorsCheckpoint
+from qwen_flash_jax.safetensors_checkpoint import SafetensorsCheckpoint
 
 DTYPES = ("bfloat16", "float32", "float16")
 CHUNK_BYTE_SIZE = 64 << 20

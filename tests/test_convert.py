@@ -1,4 +1,5 @@
-"""Streaming converter, safetensors reader and converted-checkpoint reader, on a tiny random diffusers model."""
+"""Streaming converter, safetensors checkpoint reader and converted-checkpoint reader, on a tiny random diffusers
+model."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from qwen_flash_jax import checkpoint_io, convert
 from qwen_flash_jax.errors import CheckpointError
 from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import TransformerConfig
-from qwen_flash_jax.safetensors_reader import INDEX_FILE, SafetensorsCheckpoint, SafetensorsFile
+from qwen_flash_jax.safetensors_checkpoint import INDEX_FILES, SafetensorsCheckpoint
 
 REPO = Path(__file__).resolve().parents[1]
+INDEX_FILE = INDEX_FILES[0]  # diffusers' shard index
 TINY = dict(
     num_layers=2,
     attention_head_dim=16,
@@ -224,7 +226,7 @@ def _header_too_long(src_dir, path):
     shard = sorted(path.glob("*.safetensors"))[0]
     with open(shard, "r+b") as f:
         f.write(struct.pack("<Q", 10**9))
-    return "header length"
+    return "header too large"
 
 
 def _no_config(src_dir, path):
@@ -286,11 +288,11 @@ def test_missing_src_subprocess(tmp_path):
     assert no_leftovers(dst)
 
 
-# --- safetensors reader --------------------------------------------------------------------------------------------
+# --- safetensors checkpoint reader ---------------------------------------------------------------------------------
 
 
-def write_raw(path: Path, header: dict, data: bytes) -> Path:
-    raw = json.dumps(header).encode()
+def write_raw(path: Path, header, data: bytes) -> Path:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
     return path
 
@@ -308,33 +310,59 @@ def test_reader_roundtrip_dtypes(tmp_path):
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     tensors["bf16"] = torch.tensor([1.0, -3.5, 0.1], dtype=torch.bfloat16)
     torch_save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
-    with SafetensorsFile(tmp_path / "x.safetensors") as f:
-        assert f.metadata == {"format": "pt"}
-        assert f.tensors["bf16"].dtype == ml_dtypes.bfloat16 and f.tensors["f32"].shape == (3, 4)
+    with SafetensorsCheckpoint(tmp_path / "x.safetensors") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        assert f.tensors["bf16"].dtype == "BF16" and f.tensors["f32"].shape == (3, 4)
+        assert f.tensors["f32"].file == tmp_path / "x.safetensors"
         for k, v in arrays.items():
             got = f.read(k)
-            assert got.dtype == v.dtype.newbyteorder("<") and np.array_equal(got, v)
-        assert np.array_equal(f.read("bf16"), tensors["bf16"].float().numpy().astype(ml_dtypes.bfloat16))
+            assert got.dtype == v.dtype and np.array_equal(got, v), k
+        got = f.read("bf16")
+        assert got.dtype == ml_dtypes.bfloat16  # bit for bit what torch wrote
+        assert np.array_equal(got.view(np.uint16), tensors["bf16"].view(torch.int16).numpy().view(np.uint16))
+        with pytest.raises(CheckpointError, match="checkpoint has no tensor 'nope'"):
+            f.read("nope")
 
 
 @pytest.mark.parametrize(
-    "header, data, message",
+    "header, data, detail",
     [
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "overlap"),
-        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "needs 12 bytes"),
-        ({"a": {"dtype": "I8", "shape": [2], "data_offsets": [0, 2]}}, bytes(2), "unsupported dtype 'I8'"),
-        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), "truncated"),
-        ({"a": {"dtype": "F32", "shape": [2]}}, bytes(8), "lacks"),
-        ([1, 2], b"", "not an object"),
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "offset"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "offset"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), ""),
+        ({"a": {"dtype": "F32", "shape": [2]}}, bytes(8), "data_offsets"),
+        ({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 2]}}, bytes(2), "Q9"),
+        ([1, 2], b"", "JSON"),
+        (b"{nope", b"", "JSON"),
     ],
-    ids=["overlap", "byte_count", "dtype", "truncated", "incomplete_entry", "not_object"],
+    ids=["overlap", "byte_count", "truncated", "incomplete_entry", "unknown_dtype", "not_object", "bad_json"],
 )
-def test_reader_rejects(tmp_path, header, data, message):
+def test_reader_rejects(tmp_path, header, data, detail):
     path = write_raw(tmp_path / "bad.safetensors", header, data)
-    with pytest.raises(CheckpointError, match=message) as info:
-        SafetensorsFile(path)
-    assert "bad.safetensors" in str(info.value) and ("'a'" in str(info.value) or message == "not an object")
+    with pytest.raises(CheckpointError, match="not a valid safetensors file") as info:
+        SafetensorsCheckpoint(path)
+    message = str(info.value)
+    assert str(path) in message and detail in message and "\n" not in message
+
+
+def test_reader_rejects_non_float_and_unreadable_files(tmp_path):
+    save_file({"a": np.arange(2, dtype=np.int8)}, tmp_path / "int.safetensors")
+    with pytest.raises(CheckpointError, match=r"int\.safetensors: tensor 'a' has unsupported dtype 'I8'"):
+        SafetensorsCheckpoint(tmp_path / "int.safetensors")
+    (tmp_path / "short.safetensors").write_bytes(b"abc")
+    with pytest.raises(CheckpointError, match=r"short\.safetensors: not a valid safetensors file"):
+        SafetensorsCheckpoint(tmp_path / "short.safetensors")
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        SafetensorsCheckpoint(tmp_path / "absent.safetensors")
+    # A file cut short after its header was read: the read, not the open, fails, with the same kind of line.
+    path = tmp_path / "cut.safetensors"
+    save_file({"w": np.arange(1000, dtype=np.float32)}, path)
+    with SafetensorsCheckpoint(path) as ckpt:
+        os.truncate(path, 2000)
+        with pytest.raises(CheckpointError, match=r"cut\.safetensors: cannot read tensor 'w'") as info:
+            ckpt.read("w")
+    assert "\n" not in str(info.value)
 
 
 def test_reader_key_in_two_shards(tmp_path):
@@ -357,6 +385,66 @@ def test_reader_index_mismatch(tmp_path):
     (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "missing.safetensors"}}))
     with pytest.raises(CheckpointError, match="does not exist"):
         SafetensorsCheckpoint(tmp_path)
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "../a.safetensors"}}))
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        SafetensorsCheckpoint(tmp_path)
+
+
+class _CountingShard:
+    """A `safe_open` handle that records which tensors were read whole."""
+
+    def __init__(self, shard, whole: list):
+        self.shard, self.whole = shard, whole
+
+    def get_tensor(self, name):
+        self.whole.append(name)
+        return self.shard.get_tensor(name)
+
+    def get_slice(self, name):
+        return self.shard.get_slice(name)
+
+    def __exit__(self, *exc):
+        return self.shard.__exit__(*exc)
+
+
+def test_read_nested_sharded_reads_blocks_and_equals_the_whole_read(tmp_path):
+    """With shardings, "copy" and "transpose" tensors are read block by block (never whole) and give exactly the
+    arrays an unsharded read gives; a callable layout and a 0-size tensor are read whole."""
+    import torch
+    from safetensors.torch import save_file as torch_save_file
+
+    rng = np.random.default_rng(0)
+    source = {"w": rng.standard_normal((6, 4), np.float32), "b": rng.standard_normal(4, np.float32),
+              "c": rng.standard_normal((4, 2, 3), np.float32), "e": np.zeros((0, 4), np.float32)}
+    tensors = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in source.items()}
+    torch_save_file(tensors, tmp_path / "m.safetensors")
+    plan = {"w": (("lin", "kernel"), "transpose"), "b": (("lin", "bias"), "copy"),
+            "c": (("conv",), lambda t: t.reshape(t.shape[0], -1).T), "e": (("empty",), "copy")}
+    mesh = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2])
+    P, Named = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+    shardings = {"lin": {"kernel": Named(mesh, P(None, "model")), "bias": Named(mesh, P())},
+                 "conv": Named(mesh, P(None, "model")), "empty": Named(mesh, P(None, "model"))}
+    with SafetensorsCheckpoint(tmp_path / "m.safetensors") as ckpt:
+        whole = ckpt.read_nested(plan, np.float32)
+        read_whole: list = []
+        ckpt._shards = {f: _CountingShard(s, read_whole) for f, s in ckpt._shards.items()}
+        sharded = ckpt.read_nested(plan, np.float32, shardings)
+    assert sorted(read_whole) == ["c", "e"]
+    assert jax.tree.map(lambda x: x.sharding, sharded) == shardings
+    want = {"lin": {"kernel": source["w"].T, "bias": source["b"]}, "conv": source["c"].reshape(4, -1).T,
+            "empty": source["e"]}
+    for name, want_leaf in [("lin/kernel", want["lin"]["kernel"]), ("lin/bias", want["lin"]["bias"]),
+                            ("conv", want["conv"]), ("empty", want["empty"])]:
+        path = name.split("/")
+        got, got_whole = sharded, whole
+        for part in path:
+            got, got_whole = got[part], got_whole[part]
+        expected = want_leaf.astype(ml_dtypes.bfloat16).astype(np.float32)
+        assert got.dtype == np.float32 and got_whole.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(got), expected, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(got_whole), expected, err_msg=name)
+        for shard in got.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index], err_msg=name)
 
 
 # --- converted-checkpoint reader -----------------------------------------------------------------------------------

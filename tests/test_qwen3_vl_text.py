@@ -3,6 +3,7 @@ with `qwen_flash_jax.text.qwen3_vl` and run by the toy's decoder, against what d
 """
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -191,6 +192,19 @@ def test_missing_key_is_a_config_error(checkpoint, tmp_path):
     with pytest.raises(ConfigError, match=r"missing 1 of 24 language-model tensors: " + key.replace(".", r"\.")):
         qwen3_vl.load_text_encoder(tmp_path / "ckpt")
 
+
+
+def test_truncated_or_corrupt_file_is_a_one_line_config_error(checkpoint, tmp_path):
+    _copy_without(checkpoint[1], tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    with pytest.raises(ConfigError, match=r"model\.safetensors: not a valid safetensors file") as info:
+        qwen3_vl.load_text_encoder(tmp_path / "ckpt")
+    assert "\n" not in str(info.value)
+    weights.write_bytes(b"not safetensors at all")
+    with pytest.raises(ConfigError, match=r"model\.safetensors: not a valid safetensors file") as info:
+        qwen3_vl.load_text_encoder(tmp_path / "ckpt")
+    assert "\n" not in str(info.value)
 
 def test_vision_tower_and_lm_head_are_not_needed(checkpoint, params, tmp_path):
     src = checkpoint[1]

@@ -181,6 +181,28 @@ def test_bfloat16_vision_weights(checkpoint, params):
     assert max(errors) <= 5e-2  # weight rounding only
 
 
+
+def test_loading_onto_a_mesh_gives_the_same_weights_in_their_shardings(checkpoint):
+    """With a mesh, each device's block is read from the file on its own (`get_slice`); the weights are bit for bit
+    the unsharded load's, language model and vision tower alike, and laid out by the logical-axis rules."""
+    from qwen_flash_jax import sharding
+
+    mesh = sharding.make_mesh([("fsdp", 2), ("tensor", 2)], devices=jax.devices()[:4])
+    rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"))
+    sharded = qwen3_vl.load_qwen3_vl(checkpoint[1], dtype="bfloat16", mesh=mesh, rules=rules)
+    whole = qwen3_vl.load_qwen3_vl(checkpoint[1], dtype="bfloat16")
+    split = 0
+    for part in ("text", "vision"):
+        got = jax.tree_util.tree_leaves_with_path(getattr(sharded, part).state)
+        want = jax.tree_util.tree_leaves_with_path(getattr(whole, part).state)
+        assert [p for p, _ in got] == [p for p, _ in want]
+        for (path, g), (_, w) in zip(got, want):
+            assert g.dtype == w.dtype == jnp.bfloat16 and g.sharding.mesh == mesh, path
+            np.testing.assert_array_equal(np.asarray(g).view(np.uint16), np.asarray(w).view(np.uint16),
+                                          err_msg=jax.tree_util.keystr(path))
+            split += not g.sharding.is_fully_replicated
+    assert split > 10  # the rules did split the kernels, so the blocks were real blocks
+
 # --- image-conditioned language model -----------------------------------------------------------------------------
 
 def _prompt_batch(tokenizer, config, padding, num_images=1):

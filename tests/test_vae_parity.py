@@ -2,6 +2,7 @@
 loader's error reporting."""
 
 import json
+import os
 import types
 
 import numpy as np
@@ -244,6 +245,15 @@ def test_bad_checkpoint_is_one_clear_config_error(saved, tmp_path, case):
         vae_io.load_vae(_write_variant(saved, tmp_path, mutate))
     assert "\n" not in str(info.value)
 
+
+
+def test_truncated_file_is_one_clear_config_error(saved, tmp_path):
+    path = _write_variant(saved, tmp_path, lambda s: None)
+    weights = path / "diffusion_pytorch_model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    with pytest.raises(ConfigError, match="diffusion_pytorch_model.safetensors: not a valid safetensors file") as info:
+        vae_io.load_vae(path)
+    assert "\n" not in str(info.value)
 
 def test_bad_directory_is_one_clear_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):

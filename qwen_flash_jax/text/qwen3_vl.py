@@ -55,7 +55,7 @@ from flax import nnx
 
 from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, some_of
 from qwen_flash_jax.models.config import ConfigError, read_config_json
-from qwen_flash_jax.safetensors_reader import SafetensorsCheckpoint
+from qwen_flash_jax.safetensors_checkpoint import SafetensorsCheckpoint
 from qwen_flash_jax.text import encoder as enc
 from qwen_flash_jax.text import qwen3_vl_vision as vision_lib
 from qwen_flash_jax.text.encoder import TextEncoder, TextEncoderConfig, TextEncoderParams
@@ -235,7 +235,7 @@ def load_text_encoder(path: str | os.PathLike, dtype: str = "float32", mesh=None
     try:
         keys = _check_keys(path, checkpoint.tensors, config)
         _, abstract = nnx.split(nnx.eval_shape(lambda: TextEncoder(config, rngs=nnx.Rngs(0))))
-        nested = checkpoint.read_nested({key: (leaf_path, np.transpose if transpose else np.asarray)
+        nested = checkpoint.read_nested({key: (leaf_path, "transpose" if transpose else "copy")
                                          for key, (leaf_path, transpose, _) in keys.items()}, target,
                                         _shardings(abstract, mesh, rules))
     except CheckpointError as e:

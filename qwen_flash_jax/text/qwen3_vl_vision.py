@@ -46,7 +46,7 @@ from flax import nnx
 
 from qwen_flash_jax.errors import CheckpointError, some_of
 from qwen_flash_jax.models.config import ConfigError, read_config_json
-from qwen_flash_jax.safetensors_reader import SafetensorsCheckpoint
+from qwen_flash_jax.safetensors_checkpoint import SafetensorsCheckpoint
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 VISUAL_PREFIXES = ("model.visual.", "visual.")  # Qwen3VLForConditionalGeneration, Qwen3VLModel
@@ -454,9 +454,9 @@ def key_map(config: VisionConfig, prefix: str = VISUAL_PREFIXES[0]) -> dict[str,
     return out
 
 
-_TRANSFORMS = {  # torch layout -> ours, by the kind of tensor `key_map` names
-    "copy": np.asarray,
-    "linear": np.transpose,  # (out, in) -> (in, out)
+_LAYOUTS = {  # torch layout -> ours, by the kind of tensor `key_map` names (`SafetensorsCheckpoint.read_nested`)
+    "copy": "copy",
+    "linear": "transpose",  # (out, in) -> (in, out)
     "conv": lambda t: t.reshape(t.shape[0], -1).T,  # (out, C, T, p, p) -> (C*T*p*p, out): the flat patch rows
 }
 
@@ -489,7 +489,7 @@ def load_vision_tower(path: str | os.PathLike, dtype: str = "float32", mesh=None
             from qwen_flash_jax import sharding
 
             shardings = sharding.param_shardings(abstract, mesh, sharding.normalise_rules(rules))
-        nested = checkpoint.read_nested({key: (leaf_path, _TRANSFORMS[how])
+        nested = checkpoint.read_nested({key: (leaf_path, _LAYOUTS[how])
                                          for key, (leaf_path, how, _) in keys.items()}, target, shardings)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
