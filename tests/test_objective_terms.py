@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from qwen_flash_jax import sampling
-from qwen_flash_jax.distill import dmd, gan, steps
+from qwen_flash_jax import config_lib, sampling
+from qwen_flash_jax.distill import dmd, gan, steps, trainer
 from qwen_flash_jax.loading import build_transformer, from_params
 from qwen_flash_jax.models import TransformerConfig, make_layout
 from qwen_flash_jax.models.config import ConfigError
@@ -188,3 +188,16 @@ def test_the_critic_step_distribution_is_checked_normalised_and_drawn():
         last.append(int(steps._student_step(setup, 2, (2, 3, 4), noise_key, key, dmd.critic_step_probs(
             4, (0, 0, 0, 1)))[0]))
     assert set(uniform) == {0, 1, 2, 3} and set(last) == {3}
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("ema_decay", 1.0, r"student.ema_decay must lie in \[0, 1\)"),
+    ("ema_decay", -0.1, r"student.ema_decay must lie in \[0, 1\)"),
+    ("first_step_fm_weight", -1.0, "student.first_step_fm_weight must be >= 0"),
+])
+def test_a_bad_term_setting_is_a_config_error(field, value, match):
+    config = config_lib.load_config("configs/5to5.py:toy")
+    trainer.check_config(config)
+    config.student[field] = value
+    with pytest.raises(ConfigError, match=match):
+        trainer.check_config(config)
