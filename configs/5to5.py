@@ -133,21 +133,14 @@ def get_config(arg=None):
         # implies ("predicted": Euler steps, the teacher's own sampler at initialisation). toy: predicted, +0.10
         # T2I over fresh noise at the same times.
         renoise="predicted" if toy else "fresh",
-        # How often each student step k is the one a critic / generator update trains on (its x0 is the sample the
-        # fake score learns and DMD compares); () = uniform (DMD2). E.g. (0, 0, 0, 1): the final samples only.
-        step_probs=(),
-        # False: DMD2's backward simulation, the generator's gradient reaches only step k's network call. True: it
-        # also flows back through the steps before k (the whole sample is differentiated; costs k more backward
-        # passes).
-        trajectory_grad=False,
         init_from="base",
         # toy: 5e-5. With the fake score on the final samples, EMA 0.95 and 3 critic updates, T2I rises with the rate
         # up to 5e-5 (2e-5 / 3e-5 / 4e-5 / 5e-5: 2.53 / 2.57 / 2.59 / 2.60, edits level) and 7e-5 overshoots (the
         # probe falls late, text prompts and edits lose; docs/experiments/toy_defaults.md, commit 81ce2fa).
         learning_rate=5e-5 if toy else 2e-6,
-        # > 0 keeps an EMA of the student, evaluated instead of the raw weights. toy: 0.95; 0.99 lags ~100 of the
-        # 300 updates while T2I still climbs (0.95: T2I +0.019 at 2e-5, +0.016 at 3e-5;
-        # docs/experiments/toy_defaults.md).
+        # In [0, 1): > 0 keeps an EMA of the student, evaluated instead of the raw weights; 0 = off (no EMA state).
+        # toy: 0.95; 0.99 lags ~100 of the 300 updates while T2I still climbs (0.95: T2I +0.019 at 2e-5, +0.016 at
+        # 3e-5; docs/experiments/toy_defaults.md).
         ema_decay=0.95 if toy else 0.0,
         first_step_fm_weight=0.0,  # DP-DMD's first-step flow-matching regulariser (paper 6.1); 0 = off
         # DMD2's GAN term (distill/gan.py): weight of the generator's non-saturating loss against real data, on
@@ -158,11 +151,6 @@ def get_config(arg=None):
         # needs renoise="predicted". 0 = off. The bank holds `regression_batches` batches drawn once per run.
         regression_weight=0.0,
         regression_batches=64 if toy else 512,
-        # Regression of each student step onto the teachers' guided ODE over the same segment [t_k, t_{k+1}], from
-        # the student's own input, in `segment_substeps` Euler steps (distill/dmd.py: teacher_segment_x0), on the
-        # DMD loss's scale; needs renoise="predicted". 0 = off.
-        segment_weight=0.0,
-        segment_substeps=5,
     ))
     c.fake_score = ml_collections.ConfigDict(dict(
         init_from="base",
@@ -171,9 +159,9 @@ def get_config(arg=None):
         # +0.039 over 3, edits level, and one batch fewer per update (docs/experiments/toy_defaults.md, commit
         # 81ce2fa).
         updates_per_student=2 if toy else 5,
-        # The student steps k whose samples the fake score learns, like student.step_probs; () = the same as the
-        # generator's (DMD2). toy: (0, 0, 0, 1), the final samples only: edits +0.025 / +0.028 over () on two
-        # seeds, T2I level (docs/experiments/toy_defaults.md).
+        # How often each student step k is the one whose samples (its x0) the fake score learns; () = uniform, as
+        # the generator's k always is (DMD2). toy: (0, 0, 0, 1), the final samples only: edits +0.025 / +0.028
+        # over () on two seeds, T2I level (docs/experiments/toy_defaults.md).
         step_probs=(0, 0, 0, 1) if toy else (),
         # Critic-only updates before the first student update (the fake score starts as the teacher's score, so the
         # first DMD gradients are only the CFG direction). toy: 300 changes neither task

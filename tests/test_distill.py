@@ -241,40 +241,6 @@ def test_the_decoupled_schedule_adds_the_cfg_term_alone_and_a_bad_schedule_is_a_
     assert not (tmp_path / "w").exists()
 
 
-def test_the_segment_term_regresses_each_step_onto_the_teachers_ode_and_is_checked(cache, straight_run, tmp_path):
-    """The segment term draws no randomness: the first update's DMD and critic losses are the default run's, the
-    segment loss comes on top and changes the later updates. It is 0 where the target is the student's own x0: at
-    initialisation the student is the base teacher, so with CFG 1, one substep and the base teacher alone the
-    teacher's ODE over a segment is the student's own Euler step. Bad settings stop the job before its workdir."""
-    config = tiny_distill_config(cache)
-    config.student.segment_weight = 1.0
-    config.train.steps = 2
-    history = []
-    trainer.distill(config, tmp_path / "s", history=history, **QUIET)
-    (_, first), (_, second) = history
-    for key in ("dm_loss", "ca_loss", "fake_loss", "k"):
-        assert first[key] == straight_run[0][1][key], key
-    assert first["segment_loss"] > 0 and first["segment_grad_ratio"] > 0
-    assert second["dm_loss"] != straight_run[1][1]["dm_loss"]
-    steps = config.student.num_steps
-    config.guidance.update(cfg_scale=1.0, teachers=("base",), weights=(("*", ({"base": 1.0},) * steps),))
-    config.student.segment_substeps = 1
-    config.train.steps = 1
-    own = []
-    trainer.distill(config, tmp_path / "own", history=own, **QUIET)
-    assert own[0][1]["segment_loss"] < 1e-8 * first["segment_loss"] + 1e-10
-    for field, value, match in (("renoise", "fresh", "renoise='predicted'"),
-                                ("trajectory_grad", True, "trajectory_grad=False"),
-                                ("segment_weight", -1.0, "segment_weight must be >= 0"),
-                                ("segment_substeps", 0, "segment_substeps must be >= 1")):
-        bad = tiny_distill_config(cache)
-        bad.student.segment_weight = 1.0
-        bad.student[field] = value
-        with pytest.raises(trainer.ConfigError, match=match):
-            trainer.distill(bad, tmp_path / "w", **QUIET)
-        assert not (tmp_path / "w").exists()
-
-
 def _regression_config(cache):
     config = tiny_distill_config(cache)
     config.student.update(renoise="predicted", regression_weight=1.0, regression_batches=2)
@@ -351,49 +317,3 @@ def test_a_replicate_seed_changes_the_distillation_but_not_the_teachers(cache, s
     assert all(m["skipped"] == 0 for _, m in history)
     assert [m["dmd_loss"] for _, m in history] != [m["dmd_loss"] for _, m in straight_run[:2]]
     assert history[0][1]["fake_loss"] != straight_run[0][1]["fake_loss"]
-
-
-def test_final_step_training_with_the_trajectory_gradient(cache, tmp_path):
-    """`step_probs=(0, 0, 0, 1)` trains only the last step's samples (k is always K - 1). `trajectory_grad`
-    differentiates the whole sample: the first update sees the same sample and DMD loss, but a different gradient,
-    so the runs part from the second update on."""
-    config = tiny_distill_config(cache)
-    config.train.steps = 2
-    config.data.task_ratio = "1:0"
-    config.student.step_probs = (0, 0, 0, 1)
-    runs = {}
-    for trajectory in (False, True):
-        config.student.trajectory_grad = trajectory
-        runs[trajectory] = []
-        trainer.distill(config, tmp_path / str(trajectory), history=runs[trajectory], **QUIET)
-    (_, a1), (_, a2) = runs[False]
-    (_, b1), (_, b2) = runs[True]
-    assert all(m["k"] == 3 and m["skipped"] == 0 for m in (a1, a2, b1, b2))
-    np.testing.assert_allclose(b1["dmd_loss"], a1["dmd_loss"], rtol=1e-5)
-    assert abs(b1["grad_norm"] - a1["grad_norm"]) > 1e-3 * a1["grad_norm"]
-    assert b2["dmd_loss"] != a2["dmd_loss"]
-
-
-def test_the_critic_draws_its_student_step_from_its_own_distribution(cache, tmp_path):
-    """`fake_score.step_probs` sets which student step's samples the fake score learns, apart from the
-    generator's: () follows `student.step_probs` bit for bit, another distribution changes the fake score's loss
-    while the generator still trains step K - 1. A bad distribution is a ConfigError naming the field."""
-    config = tiny_distill_config(cache)
-    config.train.steps = 1
-    config.data.task_ratio = "1:0"
-    config.student.step_probs = (0, 0, 0, 1)
-    runs = {}
-    for name, probs in (("same", ()), ("explicit", (0, 0, 0, 1)), ("first", (1, 0, 0, 0))):
-        config.fake_score.step_probs = probs
-        runs[name] = []
-        trainer.distill(config, tmp_path / name, history=runs[name], **QUIET)
-    (_, same), = runs["same"]
-    (_, explicit), = runs["explicit"]
-    (_, first), = runs["first"]
-    assert same == explicit
-    assert first["k"] == same["k"] == 3
-    assert abs(first["fake_loss"] - same["fake_loss"]) > 1e-3 * same["fake_loss"]
-    config.fake_score.step_probs = (1, 0, 0)
-    with pytest.raises(trainer.ConfigError, match=r"fake_score.step_probs must be 4 non-negative"):
-        trainer.distill(config, tmp_path / "bad", **QUIET)
-    assert not (tmp_path / "bad").exists()

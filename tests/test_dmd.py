@@ -229,62 +229,6 @@ def test_student_timesteps_default_to_the_shifted_schedule_and_check_an_explicit
         dmd.student_timesteps(2, 0.5, (1.0, 0.0))
 
 
-@pytest.mark.parametrize("mode", ["fresh", "predicted"])
-def test_differentiable_simulation_reaches_the_same_input_and_passes_gradients_back(setup, mode):
-    """`trajectory_grad`'s simulation: the same step-k input as the backward simulation, but its gradient in the
-    parameters is non-zero for k > 0 (the earlier steps are differentiated), where the backward simulation's is 0."""
-    model, _, cond, _, noise = setup
-    times = dmd.student_timesteps(4, 0.5)
-    key = jax.random.key(7)
-
-    def total(params, k, differentiable):
-        simulate = dmd.differentiable_simulation if differentiable else dmd.backward_simulation
-        return jnp.sum(jnp.square(simulate(model, params, cond, noise, k, times, key, mode)))
-
-    for k in (0, 2, 3):
-        z_diff = jax.jit(lambda k: dmd.differentiable_simulation(model, model.params, cond, noise, k, times, key,
-                                                                 mode))(k)
-        z_sim = dmd.backward_simulation(model, model.params, cond, noise, k, times, key, mode)
-        np.testing.assert_allclose(z_diff, z_sim, rtol=1e-5, atol=1e-5)
-        norms = {}
-        for differentiable in (False, True):
-            grads = jax.grad(total)(model.params, k, differentiable)
-            norms[differentiable] = float(optax.global_norm(grads))
-        assert norms[False] == 0.0
-        assert (norms[True] > 0.0) == (k > 0), (k, norms)
-
-
-def test_student_step_probs_are_checked_and_normalised():
-    assert dmd.student_step_probs(4, ()) == ()
-    assert dmd.student_step_probs(4, (0, 0, 1, 3)) == (0.0, 0.0, 0.25, 0.75)
-    for bad in ((1, 1, 1), (1, -1, 1, 1), (0, 0, 0, 0)):
-        with pytest.raises(ConfigError, match="student.step_probs must be 4 non-negative"):
-            dmd.student_step_probs(4, bad)
-
-
-@pytest.mark.parametrize("k", [0, 2, 3])
-def test_the_segment_target_is_the_x0_whose_euler_step_lands_on_the_teachers_ode(setup, k):
-    """Student step k's segment target from input z: its Euler step to t_{k+1} (0 after the last step) lands where
-    the teacher's own guided Euler sampler lands from z over that segment in n steps; with one substep it is the
-    teacher's guided x0 at (z, t_k). Both teachers blend by the step-wise weights."""
-    model, teachers, cond, neg, z = setup
-    times = (1.0, 0.8, 0.5, 0.2)
-    t_k, t_next = times[k], (*times, 0.0)[k + 1]
-    only_base = jnp.array([[1.0, 0.0], [1.0, 0.0]])
-    target = jax.jit(lambda k: dmd.teacher_segment_x0(model, teachers, only_base, cond, neg, z, k, times, 4, 2.0))(k)
-    sigmas = np.linspace(t_k, t_next, 5)
-    lands = sampling.euler_sample(model, teachers["base"], z, cond, sigmas, neg_cond=neg, cfg_scale=2.0,
-                                  use_kv_cache=False)
-    np.testing.assert_allclose(z - (t_k - t_next) / t_k * (z - target), lands, rtol=1e-4, atol=1e-4)
-    mixed = jnp.array([[0.3, 0.7], [0.6, 0.4]])
-    one = dmd.teacher_segment_x0(model, teachers, mixed, cond, neg, z, k, times, 1, 2.0)
-    t = jnp.full((2,), t_k)
-    np.testing.assert_allclose(one, dmd.real_x0(model, teachers, mixed, cond, neg, z, t, 2.0), rtol=1e-4, atol=1e-4)
-    # More substeps follow the curved path: a different target than one Euler step of the same teacher.
-    one_base = dmd.teacher_segment_x0(model, teachers, only_base, cond, neg, z, k, times, 1, 2.0)
-    assert float(jnp.max(jnp.abs(target - one_base))) > 1e-3
-
-
 def test_the_regression_loss_gradient_is_the_distance_to_the_target_over_the_batch():
     """The segment term's loss (pairs.regression_loss): dmd_loss's scale, gradient x - target over the batch."""
     x = jax.random.normal(jax.random.key(0), (3, 4, 2))

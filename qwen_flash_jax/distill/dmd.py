@@ -47,16 +47,15 @@ def student_x0(model, params, cond, z, t):
     return flow.x0_from_velocity(z, v, t), v
 
 
-def student_step_probs(num_steps: int, probs=(), name: str = "student.step_probs",
-                       empty: str = "uniform") -> tuple[float, ...]:
-    """The distribution of the student step k an update trains on, checked and normalised; () = uniform over the
-    K steps (DMD2). `name` is the config field and `empty` what () means there, for the error."""
+def critic_step_probs(num_steps: int, probs=()) -> tuple[float, ...]:
+    """`fake_score.step_probs`, checked and normalised: how often the critic's update learns the samples of each
+    student step k. () = uniform over the K steps, as the generator's k (DMD2)."""
     if not len(probs):
         return ()
     p = np.asarray([float(x) for x in probs], np.float64)
     if len(p) != num_steps or np.any(p < 0) or p.sum() <= 0:
-        raise ConfigError(f"{name} must be {num_steps} non-negative weights with a positive sum "
-                          f"(one per student step; () = {empty}), got {list(probs)}")
+        raise ConfigError(f"fake_score.step_probs must be {num_steps} non-negative weights with a positive sum "
+                          f"(one per student step; () = uniform), got {list(probs)}")
     return tuple(float(x) for x in p / p.sum())
 
 
@@ -129,24 +128,6 @@ def _simulate(model, params, cond, noise, k, timesteps, key, mode, *, with_x0):
     return jax.lax.stop_gradient(out)
 
 
-def differentiable_simulation(model, params, cond, noise, k, timesteps, key, mode: str = "fresh"):
-    """`backward_simulation` without the stop-gradient: the same input of step k, differentiable in `params`
-    through every step before k. A traced trip count cannot be reverse-differentiated, so each k has its own
-    unrolled branch and `lax.switch` runs the taken one."""
-    times = np.asarray(timesteps, np.float32)
-    batch = noise.shape[0]
-
-    def prefix(n, params):
-        z = noise.astype(jnp.float32)
-        for j in range(n):
-            t = jnp.full((batch,), times[j])
-            x0, v = student_x0(model, params, cond, z, t)
-            z = renoise(x0, z, v, t, float(times[j + 1]), jax.random.fold_in(key, j), mode)
-        return z
-
-    return jax.lax.switch(k, [lambda p, n=n: prefix(n, p) for n in range(len(times))], params)
-
-
 def generate(model, params, cond, noise, timesteps, key, mode: str = "fresh"):
     """Few-step sampling (inference), K NFEs: x0 predictions re-noised between steps as in training (`renoise`)."""
     batch = noise.shape[0]
@@ -173,27 +154,6 @@ def real_x0(model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_sc
         return sampling.guided_velocity(model, params, cond, neg_cond, x_t, t, cfg_scale)[0]
 
     return _weighted_x0(teacher_params, weights, x_t, t, 1, lambda params: (guided(params),))[0]
-
-
-def teacher_segment_x0(model, teacher_params: dict, weights, cond, neg_cond, z, k, timesteps, substeps: int,
-                       cfg_scale: float, cfg_rescale: float = 0.0):
-    """Target of student step k from its input z at t_k: the x0 whose Euler step to t_{k+1} (0 after the last
-    step) lands where the teachers' guided ODE does in `substeps` Euler steps over the same segment. With
-    predicted re-noising each student step is an Euler step, so a student matching every segment samples like the
-    teacher's many-step sampler on the student's grid (toy: 5 substeps per segment score as 40 shifted steps).
-    The teachers are blended by the step-wise weights as in `real_x0`. `k` may be traced."""
-    times = jnp.asarray((*timesteps, 0.0), jnp.float32)
-    t_k, t_next = times[k], times[k + 1]
-    dt = (t_k - t_next) / substeps
-    t_of = lambda i: jnp.full((z.shape[0],), t_k - i * dt)  # noqa: E731
-
-    def body(i, z_i):
-        x0 = real_x0(model, teacher_params, weights, cond, neg_cond, z_i, t_of(i), cfg_scale, cfg_rescale)
-        return z_i - dt * (z_i - x0) / (t_k - i * dt)  # an Euler step along v = (z - x0) / t
-
-    z = z.astype(jnp.float32)
-    z_end = jax.lax.fori_loop(0, substeps, body, z)
-    return jax.lax.stop_gradient(z - t_k * (z - z_end) / (t_k - t_next))
 
 
 def real_x0_parts(model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_scale: float,
@@ -263,6 +223,14 @@ def dmd_loss(x, x0_real, x0_fake):
     return 0.5 * jnp.mean(jnp.sum(jnp.square(x - target).reshape(x.shape[0], -1), axis=-1))
 
 
+def first_step_fm_loss(v_student, v_teacher, k):
+    """DP-DMD's first-step flow-matching regulariser: the mean squared distance of the student's velocity at its
+    first step (k = 0, from pure noise) to the teacher's guided velocity there; 0 at any later step k. Anchors the
+    layout the first step fixes to the teacher's."""
+    diff = (v_student - jax.lax.stop_gradient(v_teacher)) * (k == 0)
+    return jnp.mean(jnp.square(diff))
+
+
 def dmd_times(key, batch: int, t_min: float, t_max: float):
     """Noise levels of the DMD comparison, uniform in [t_min, t_max] (DMD2). The fake score is trained on the same
     distribution: where it is rarely trained it keeps the teacher's (unguided) score instead of tracking the
@@ -281,7 +249,7 @@ def fake_score_loss(model, fake_params, cond, x, key, t_min: float, t_max: float
     return flow.flow_matching_loss(v, x, eps)
 
 
-# --- step-wise multi-teacher weights -----------------------------------------------------------------------------------
+# --- step-wise multi-teacher weights ----------------------------------------------------------------------------------
 
 def guidance_table(spec: dict, teachers: tuple[str, ...], conditions: tuple[str, ...], num_steps: int) -> np.ndarray:
     """(K, C, M) float32 table lambda[k, c, m] from a config mapping.

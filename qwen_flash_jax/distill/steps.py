@@ -3,10 +3,14 @@
 Both are pure functions of (state, frozen inputs, batch) compiled once per task layout. The generator step never
 differentiates through a teacher or the fake score: it takes the student sample's VJP, evaluates the frozen
 networks on the detached sample, and pulls the DMD gradient back through the VJP. A step whose loss or gradients
-are not finite leaves the state untouched and is counted. With DMD2's GAN term on (`gan_weight > 0`), the critic
-also trains a discriminator head on the fake trunk and the generator adds its non-saturating loss (`gan.py`);
-with the regression term on (`regression_weight > 0`) the generator also regresses onto teacher pairs (`pairs.py`).
-With `schedule="decoupled"` the generator's DMD gradient is two terms at separate noise levels (dmd.py says why).
+are not finite leaves the state untouched and is counted.
+
+Optional terms, each off at weight 0: DMD2's GAN term (`gan_weight > 0`: the critic also trains a discriminator
+head on the fake trunk and the generator adds its non-saturating loss, `gan.py`); DMD1's regression onto teacher
+pairs (`regression_weight > 0`, `pairs.py`); DP-DMD's first-step flow-matching regulariser
+(`first_step_fm_weight > 0`, `dmd.first_step_fm_loss`); an EMA of the student (`ema_decay > 0`), the weights that
+are evaluated. With `schedule="decoupled"` the generator's DMD gradient is two terms at separate noise levels
+(dmd.py says why).
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ class DistillState:
     fake: dict
     student_opt: object
     fake_opt: object
-    ema: dict  # student EMA (same tree as `student`; equals it when EMA is off)
+    ema: dict | None  # EMA of the student (same tree as `student`); None when EMA is off (ema_decay = 0)
     rng: jax.Array  # raw key data
     nonfinite_total: jax.Array
     nonfinite_run: jax.Array  # consecutive skipped steps
     disc: dict  # discriminator head on the fake trunk (untouched while the GAN term is off)
     disc_opt: object
+
+    def evaluated_student(self) -> dict:
+        """The student weights that are sampled and evaluated: the EMA when EMA is on, else the raw weights."""
+        return self.student if self.ema is None else self.ema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,25 +61,20 @@ class DistillSetup:
     cfg_rescale: float
     t_min: float
     t_max: float
-    ema_decay: float
-    first_step_fm_weight: float
+    ema_decay: float  # > 0: keep an EMA of the student (`ema_update`); 0 = off, and `DistillState.ema` is None
+    first_step_fm_weight: float  # DP-DMD's first-step regulariser (dmd.first_step_fm_loss); 0 = off
     disc_opt: object = None
     gan_weight: float = 0.0  # generator's GAN loss weight; 0 = pure DMD (the paper's objective)
     gan_tasks: tuple[str, ...] = ("t2i", "edit")  # the tasks whose updates carry the GAN term
     gan_critic_weight: float = 0.01  # weight of the head's classification loss in the critic update
     renoise: str = "fresh"  # how the student re-noises between its steps (dmd.renoise)
     regression_weight: float = 0.0  # weight of the regression onto teacher ODE pairs (pairs.py); 0 = off
-    step_probs: tuple[float, ...] = ()  # distribution of the trained student step k; () = uniform (DMD2)
-    # The critic's own distribution of k (whose samples the fake score learns); None = `step_probs`.
-    critic_step_probs: tuple[float, ...] | None = None
-    trajectory_grad: bool = False  # differentiate the generator's sample through the steps before k too
+    # The critic's distribution of the student step k whose samples the fake score learns (dmd.critic_step_probs);
+    # () = uniform, as the generator's k always is (DMD2).
+    critic_step_probs: tuple[float, ...] = ()
     # "shared": DMD2, one comparison against the guided real score. "decoupled": distribution matching against the
     # conditional real score on [t_min, t_max] plus the CFG term at noise levels up to the student step's time.
     schedule: str = "shared"
-    # Regression of each student step onto the teachers' guided ODE over its own segment (dmd.teacher_segment_x0),
-    # on the DMD loss's scale; 0 = off.
-    segment_weight: float = 0.0
-    segment_substeps: int = 5
 
 
 def _uses_gan(setup, spec) -> bool:
@@ -85,12 +88,27 @@ def _split(state):
     return jax.random.key_data(key), subkeys
 
 
-def _student_step(setup, batch_size, shape, key_noise, key_k, probs=None):
-    """Draws the student step k (from `probs`, default `setup.step_probs`), its time and the first step's noise."""
-    probs = setup.step_probs if probs is None else probs
+def initial_state(setup: DistillSetup, student: dict, fake: dict, disc: dict, rng) -> DistillState:
+    """The state before the first update. The EMA starts as a copy of the student and exists only when EMA is on;
+    `rng` is raw key data."""
+    return DistillState(
+        step=jnp.zeros((), jnp.int32), student=student, fake=fake,
+        student_opt=setup.student_opt.init(student), fake_opt=setup.fake_opt.init(fake),
+        ema=jax.tree.map(jnp.copy, student) if setup.ema_decay else None, rng=rng,
+        nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32),
+        disc=disc, disc_opt=setup.disc_opt.init(disc))
+
+
+def ema_update(ema: dict, student: dict, decay: float) -> dict:
+    """One step of the student's exponential moving average: decay * ema + (1 - decay) * student, per leaf."""
+    return jax.tree.map(lambda e, s: decay * e + (1 - decay) * s, ema, student)
+
+
+def _student_step(setup, batch_size, shape, key_noise, key_k, probs=()):
+    """Draws the student step k (from `probs`; () = uniform), its time and the first step's noise."""
     if probs:
         k = jax.random.choice(key_k, len(setup.timesteps), p=jnp.asarray(probs, jnp.float32))
-    else:  # uniform; kept as randint so that runs made before `step_probs` existed reproduce bit for bit
+    else:  # (`choice` with equal weights would draw other k from the same key than `randint`)
         k = jax.random.randint(key_k, (), 0, len(setup.timesteps))
     noise = jax.random.normal(key_noise, shape, jnp.float32)
     t = jnp.full((batch_size,), jnp.asarray(setup.timesteps)[k])
@@ -152,14 +170,10 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     neg_ids, neg_mask = conditioning.empty_prompt(spec, ids.shape[0])
     neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, **images)
     shape = batch["target_latents"].shape
-    if setup.trajectory_grad:
-        k, z, t = _student_step(setup, shape[0], shape, k_noise, k_k)  # z: the first step's noise
-        sample = lambda p: dmd.student_x0(setup.model, p, cond, dmd.differentiable_simulation(  # noqa: E731
-            setup.model, p, cond, z, k, setup.timesteps, k_sim, setup.renoise), t)
-    else:
-        k, z, t = _student_input(setup, state, cond, shape[0], shape, k_noise, k_k, k_sim)
-        sample = lambda p: dmd.student_x0(setup.model, p, cond, z, t)  # noqa: E731
-    (x, v_student), pullback = jax.vjp(sample, state.student)
+    # DMD2's backward simulation: the input z of step k comes from the student's own earlier steps, without
+    # gradients; the generator's gradient reaches only step k's network call.
+    k, z, t = _student_input(setup, state, cond, shape[0], shape, k_noise, k_k, k_sim)
+    (x, v_student), pullback = jax.vjp(lambda p: dmd.student_x0(setup.model, p, cond, z, t), state.student)
 
     # Re-noise the detached sample and compare the fake score with the step-wise multi-teacher real score.
     x_sg = jax.lax.stop_gradient(x)
@@ -189,16 +203,6 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
         ca_loss, grad_ca = jax.value_and_grad(dmd.dmd_loss)(x_sg, x0_guided, x0_cond)
         schedule_metrics = {"dm_loss": loss, "ca_loss": ca_loss}
         loss, grad_x = loss + ca_loss, grad_x + grad_ca
-    segment_metrics = {}
-    if setup.segment_weight:
-        # From the student's own input z at t_k (detached), the teachers' many-step guided ODE to t_{k+1}.
-        x0_seg = dmd.teacher_segment_x0(setup.model, teachers, weights, cond, neg, z, k, setup.timesteps,
-                                        setup.segment_substeps, setup.cfg_scale, setup.cfg_rescale)
-        seg_loss, grad_seg = jax.value_and_grad(pairs_lib.regression_loss)(x_sg, x0_seg)
-        grad_seg = setup.segment_weight * grad_seg
-        segment_metrics = {"segment_loss": seg_loss, "segment_grad_ratio":
-                           jnp.linalg.norm(grad_seg) / jnp.maximum(jnp.linalg.norm(grad_x), 1e-12)}
-        grad_x = grad_x + grad_seg
     gan_metrics = {}
     if use_gan:
         gan_grad_x = setup.gan_weight * grad_xt * (1.0 - t_dmd)[:, None, None]  # x_t = (1 - t) x + t noise
@@ -209,12 +213,12 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     grad_v = jnp.zeros_like(v_student)
     fm_loss = jnp.zeros(())
     if setup.first_step_fm_weight:
-        # DP-DMD's first-step regulariser: at k = 0, match the base teacher's guided velocity from pure noise.
+        # DP-DMD's first-step regulariser: at k = 0, match the base teacher's guided velocity from pure noise. Its
+        # velocity gradient joins the DMD gradient in one pull-back through the student.
         base = teachers[setup.teacher_names[0]]
         v_teacher, _ = sampling.guided_velocity(setup.model, base, cond, neg, z, t, setup.cfg_scale)
-        diff = (v_student - jax.lax.stop_gradient(v_teacher)) * (k == 0)
-        fm_loss = jnp.mean(jnp.square(diff))
-        grad_v = setup.first_step_fm_weight * 2.0 * diff / diff.size
+        fm_loss, grad_v = jax.value_and_grad(dmd.first_step_fm_loss)(v_student, v_teacher, k)
+        grad_v = setup.first_step_fm_weight * grad_v
     (grads,) = pullback((grad_x, grad_v))
     reg_loss = jnp.zeros(())
     if setup.regression_weight and pairs is not None:
@@ -231,12 +235,11 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
 
     updates, student_opt = setup.student_opt.update(grads, state.student_opt, state.student)
     student = jax.tree.map(jnp.add, state.student, updates)
-    ema = (jax.tree.map(lambda e, s: setup.ema_decay * e + (1 - setup.ema_decay) * s, state.ema, student)
-           if setup.ema_decay else student)
+    ema = ema_update(state.ema, student, setup.ema_decay) if setup.ema_decay else state.ema
     new = state.replace(step=state.step + 1, student=student, student_opt=student_opt, ema=ema, rng=rng)
     ok = _finite(loss, grads, reg_loss, *gan_metrics.values())
     metrics = {"dmd_loss": loss, "fm_loss": fm_loss, "regression_loss": reg_loss, "k": k, "skipped": ~ok,
-               **gan_metrics, **schedule_metrics, **segment_metrics,
+               **gan_metrics, **schedule_metrics,
                "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
     guarded = _guarded(state.replace(rng=rng), new, ok)
     return guarded.replace(step=state.step + 1), metrics

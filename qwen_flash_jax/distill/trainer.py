@@ -25,7 +25,7 @@ from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from qwen_flash_jax.distill import dmd, gan
 from qwen_flash_jax.distill import pairs as pairs_lib
-from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
+from qwen_flash_jax.distill.steps import DistillSetup, critic_step, generator_step, initial_state
 from qwen_flash_jax.eval import report
 from qwen_flash_jax.eval.generate import Generator
 from qwen_flash_jax.loading import from_params
@@ -78,20 +78,14 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight),
         gan_tasks=tuple(config.student.gan_tasks),
         renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight),
-        step_probs=dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs)),
-        critic_step_probs=_critic_step_probs(config),
-        trajectory_grad=bool(config.student.trajectory_grad), schedule=str(config.guidance.schedule),
-        segment_weight=float(config.student.segment_weight), segment_substeps=int(config.student.segment_substeps))
+        critic_step_probs=dmd.critic_step_probs(int(config.student.num_steps), tuple(config.fake_score.step_probs)),
+        schedule=str(config.guidance.schedule))
     student = model.params
     fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
     seed = config_lib.distill_seed(config)
     disc = gan.init_head(jax.random.key(seed + 2), model_cfg.inner_dim)
-    state = place_on_mesh(DistillState(
-        step=jnp.zeros((), jnp.int32), student=student, fake=fake,
-        student_opt=setup.student_opt.init(student), fake_opt=setup.fake_opt.init(fake),
-        ema=jax.tree.map(jnp.copy, student), rng=jax.random.key_data(jax.random.key(seed + 1)),
-        nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32),
-        disc=disc, disc_opt=setup.disc_opt.init(disc)), mesh)
+    state = place_on_mesh(initial_state(setup, student, fake, disc, jax.random.key_data(jax.random.key(seed + 1))),
+                          mesh)
 
     # One student update takes `ratio` critic batches and one generator batch, all of one task: the T2I:Edit
     # pattern steps once per update, so the generator and the critic both see the configured ratio.
@@ -173,15 +167,6 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     return results
 
 
-def _critic_step_probs(config):
-    """The critic's distribution of the student step k; None (its field is ()) = the generator's."""
-    probs = tuple(config.fake_score.step_probs)
-    if not probs:
-        return None
-    return dmd.student_step_probs(int(config.student.num_steps), probs, "fake_score.step_probs",
-                                  "the generator's")
-
-
 def _sample_prompts(config, sources: dict, count: int):
     """Up to `count` T2I captions and (source, instruction) edits for unjudged sample grids: the first records of
     each category the run trains on, in turn (deterministic)."""
@@ -222,8 +207,12 @@ def check_config(config) -> None:
     dmd.student_timesteps(int(config.student.num_steps), 0.0, tuple(config.student.timesteps))
     dmd.check_renoise(str(config.student.renoise))
     dmd.check_schedule(str(config.guidance.schedule))
-    dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs))
-    _critic_step_probs(config)
+    dmd.critic_step_probs(int(config.student.num_steps), tuple(config.fake_score.step_probs))
+    if not 0.0 <= float(config.student.ema_decay) < 1.0:
+        raise ConfigError(f"student.ema_decay must lie in [0, 1) (0 turns the EMA off), got {config.student.ema_decay}")
+    if float(config.student.first_step_fm_weight) < 0:
+        raise ConfigError(f"student.first_step_fm_weight must be >= 0 (0 turns it off), got "
+                          f"{config.student.first_step_fm_weight}")
     if float(config.student.regression_weight) < 0:
         raise ConfigError(f"student.regression_weight must be >= 0 (0 turns it off), got "
                           f"{config.student.regression_weight}")
@@ -233,14 +222,6 @@ def check_config(config) -> None:
                               "between steps the student's sample is no function of its first noise")
         if int(config.student.regression_batches) < 1:
             raise ConfigError(f"student.regression_batches must be >= 1, got {config.student.regression_batches}")
-    if float(config.student.segment_weight) < 0:
-        raise ConfigError(f"student.segment_weight must be >= 0 (0 turns it off), got {config.student.segment_weight}")
-    if float(config.student.segment_weight) > 0:
-        if str(config.student.renoise) != "predicted" or bool(config.student.trajectory_grad):
-            raise ConfigError("student.segment_weight > 0 needs student.renoise='predicted' (each step an Euler step "
-                              "of the student's flow) and trajectory_grad=False")
-        if int(config.student.segment_substeps) < 1:
-            raise ConfigError(f"student.segment_substeps must be >= 1, got {config.student.segment_substeps}")
     if int(config.fake_score.warmup_updates) < 0:
         raise ConfigError(f"fake_score.warmup_updates must be >= 0, got {config.fake_score.warmup_updates}")
     for field in ("student.gan_weight", "fake_score.gan_weight"):
@@ -294,7 +275,7 @@ def _make_probe(config, workdir, gen, writer, log):
                                 log=log)
 
     def probe(step, state):
-        params = state.ema if config.student.ema_decay else state.student
+        params = state.evaluated_student()
         # At step 0 the student is still its initial teacher weights, shared by every run from that teacher.
         key = _images_key(config, gen, assets_lib.params_fingerprint(params), student=True) if step == 0 else None
         student = report.Contender("student", k, lambda c: gen.t2i(params, c, num_steps=k, student=True),
@@ -341,7 +322,7 @@ def run_evaluation(config, workdir, gen, state, base, log):
     cfg = float(config.sampling.cfg_scale)
     k = int(config.student.num_steps)
     n_teacher = int(config.sampling.teacher_steps)
-    student = state.ema if config.student.ema_decay else state.student
+    student = state.evaluated_student()
 
     # Only the toy judge's benchmark images are cached (a digest reads every weight to the host: toy sizes only).
     base_digest = assets_lib.params_fingerprint(base) if config.eval.judge != "none" else None
