@@ -76,14 +76,16 @@ def _matmul_flops(fn, *args):
 
 def main(argv):
     del argv
-    from qwen_flash_jax import config_lib, sampling
+    from qwen_flash_jax import config_lib
+    from qwen_flash_jax.diffusion import sampling
     from qwen_flash_jax.distill import dmd, gan
     from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
     from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
     from qwen_flash_jax.loading import build_transformer
     from qwen_flash_jax.text import encoder as text_encoder
     from qwen_flash_jax.text.tokenizer import train_tokenizer
-    from qwen_flash_jax.train import conditioning, optim
+    from qwen_flash_jax.diffusion import conditioning
+from qwen_flash_jax.train import optim
     from qwen_flash_jax.data.pipeline import PromptEncoder
     from qwen_flash_jax.models.codec import SpaceToDepthCodec
 

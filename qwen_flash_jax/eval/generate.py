@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_flash_jax import flow, sampling
+from qwen_flash_jax import flow
+from qwen_flash_jax.data.world import contact_sheet, save_png
+from qwen_flash_jax.diffusion import conditioning, sampling
 from qwen_flash_jax.distill import dmd
-from qwen_flash_jax.train import conditioning
 
 
 @dataclasses.dataclass(eq=False)
@@ -105,8 +106,6 @@ class Generator:
 
 def save_grid(path, rows: list[np.ndarray], scale: int = 4) -> None:
     """Writes a PNG grid: each entry of `rows` is (N, H, W, 3) uint8, one row of the grid (pixel-doubled)."""
-    from qwen_flash_jax.data.world import contact_sheet, save_png
-
     cols = max(len(r) for r in rows)
     images = []
     for r in rows:

@@ -24,8 +24,16 @@ from flax import nnx
 from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, some_of
 from qwen_flash_jax.models.config import ConfigError, read_config_json
 from qwen_flash_jax.models.hf_keys import unflatten
-from qwen_flash_jax.models.vae import (QwenImageVAE, Resample, VAEConfig, denormalize_latents, normalize_latents,
-                                       pack_latents, unpack_latents)
+from qwen_flash_jax.models.vae import (
+    QwenImageVAE,
+    Resample,
+    VAEConfig,
+    denormalize_latents,
+    normalize_latents,
+    pack_latents,
+    unpack_latents,
+)
+from qwen_flash_jax.safetensors_reader import SafetensorsCheckpoint
 
 CONFIG_FILE = "config.json"
 
@@ -129,8 +137,6 @@ def load_vae(path, *, dtype: str = "float32", param_dtype: str = "float32") -> V
     (missing directory or config, another model's config, missing / unexpected tensors, a wrong shape, a corrupt
     file) raises `ConfigError` with one line naming the file and tensor.
     """
-    from qwen_flash_jax.safetensors_reader import SafetensorsCheckpoint
-
     path = Path(path)
     config = read_vae_config(path, dtype=dtype, param_dtype=param_dtype)
     paths, shapes = expected_tensors(config)

@@ -19,14 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers, periodic_actions
 
-from qwen_flash_jax import config_lib, sharding
+from qwen_flash_jax import cache, config_lib, sharding
 from qwen_flash_jax.data import mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from qwen_flash_jax.distill import dmd, gan
 from qwen_flash_jax.distill import pairs as pairs_lib
 from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
-from qwen_flash_jax.eval import report
+from qwen_flash_jax.eval import judge_io, report
 from qwen_flash_jax.eval.generate import Generator
 from qwen_flash_jax.loading import from_params
 from qwen_flash_jax.models.config import ConfigError
@@ -287,16 +287,14 @@ def _make_probe(config, workdir, gen, writer, log):
     every = int(config.train.sample_every)
     if every <= 0 or config.eval.judge == "none":
         return None
-    from qwen_flash_jax.eval.judge_io import load_or_train_judge
-
     k = int(config.student.num_steps)
-    judge = load_or_train_judge(assets_lib.cache_category(config, "judge", log), size=int(config.data.image_size),
+    judge = judge_io.load_or_train_judge(cache.cache_category(config, "judge", log), size=int(config.data.image_size),
                                 log=log)
 
     def probe(step, state):
         params = state.ema if config.student.ema_decay else state.student
         # At step 0 the student is still its initial teacher weights, shared by every run from that teacher.
-        key = _images_key(config, gen, assets_lib.params_fingerprint(params), student=True) if step == 0 else None
+        key = _images_key(config, gen, cache.params_fingerprint(params), student=True) if step == 0 else None
         student = report.Contender("student", k, lambda c: gen.t2i(params, c, num_steps=k, student=True),
                                    lambda s, i: gen.edit(params, s, i, num_steps=k, student=True), cache_key=key)
         results = report.evaluate([student], judge, size=int(config.data.image_size),
@@ -314,20 +312,20 @@ def _make_probe(config, workdir, gen, writer, log):
 
 def _image_cache(config) -> pathlib.Path:
     """Benchmark images of the frozen teachers' samplers, shared by every run on this cache (report.evaluate)."""
-    return assets_lib.cache_category(config, "eval_images")
+    return cache.cache_category(config, "eval_images")
 
 
 def _images_key(config, gen, params_digest: str | None, **sampler) -> str | None:
     """Everything a sampler's benchmark images depend on besides the benchmark itself (report.Contender.cache_key):
     the network's parameters, the text encoder, tokenizer and codec, the sampler and the jax version. None (not
     cached) when a digest cannot be taken on this process."""
-    text_digest = params_digest and assets_lib.params_fingerprint(gen.assets.text_encoder)
+    text_digest = params_digest and cache.params_fingerprint(gen.assets.text_encoder)
     if text_digest is None:
         return None
     d = config.data
     if sampler.pop("student", False):
         sampler.update(student=True, timesteps=gen.student_timesteps, renoise=gen.student_renoise)
-    return assets_lib.config_hash(
+    return cache.config_hash(
         params_digest, text_digest, config.model, config.text_encoder,
         config.codec, [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens,
                        d.get("edit_prompt_tokens", 0)],
@@ -336,15 +334,13 @@ def _images_key(config, gen, params_digest: str | None, **sampler) -> str | None
 
 def run_evaluation(config, workdir, gen, state, base, log):
     """Student (4 NFE) beside the base teacher at 4 and at `sampling.teacher_steps` steps, same prompts and seeds."""
-    from qwen_flash_jax.eval.judge_io import load_or_train_judge
-
     cfg = float(config.sampling.cfg_scale)
     k = int(config.student.num_steps)
     n_teacher = int(config.sampling.teacher_steps)
     student = state.ema if config.student.ema_decay else state.student
 
     # Only the toy judge's benchmark images are cached (a digest reads every weight to the host: toy sizes only).
-    base_digest = assets_lib.params_fingerprint(base) if config.eval.judge != "none" else None
+    base_digest = cache.params_fingerprint(base) if config.eval.judge != "none" else None
 
     def euler(params, steps, timesteps=None, label=""):
         kw = dict(num_steps=steps, cfg_scale=cfg, timesteps=timesteps)
@@ -365,7 +361,7 @@ def run_evaluation(config, workdir, gen, state, base, log):
                                          title=f"Distillation samples: {workdir.name}", log=log)
         log(f"samples of {len(contenders)} models written to {workdir}/grid_*.png (not scored: eval.judge='none')")
         return results
-    judge = load_or_train_judge(assets_lib.cache_category(config, "judge", log), size=int(config.data.image_size),
+    judge = judge_io.load_or_train_judge(cache.cache_category(config, "judge", log), size=int(config.data.image_size),
                                 log=log)
     results = report.evaluate(contenders, judge, size=int(config.data.image_size),
                               prompts_per_category=int(config.eval.prompts_per_category),

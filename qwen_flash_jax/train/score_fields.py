@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_flash_jax import config_lib, flow, sampling, sharding
+from qwen_flash_jax import config_lib, flow, sharding
+from qwen_flash_jax.diffusion import conditioning, sampling
 from qwen_flash_jax.distill import dmd
-from qwen_flash_jax.distill.trainer import CONDITIONS
 from qwen_flash_jax.eval import bench_sets
 from qwen_flash_jax.loading import build_transformer
 from qwen_flash_jax.train import assets as assets_lib
-from qwen_flash_jax.train import conditioning, teacher
+from qwen_flash_jax.train import teacher
+from qwen_flash_jax.train.distill_job import CONDITIONS
 
 
 def score_fields(config, *, category: str = "text", n: int = 4, t: float = 0.6, seed: int = 0,
