@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import transformers
 
-from qwen_flash_jax import sharding
+from qwen_flash_jax import config_lib
 from qwen_flash_jax.cache import cache_category, cache_root, config_hash
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.data import sources as sources_lib
@@ -155,7 +155,7 @@ def _qwen3_vl_text_encoder(config, log):
     log(f"loading the Qwen3-VL text encoder from {path}")
     # Sharded like the transformer (its logical axes, the config's rules): a replicated 8B encoder would not fit
     # beside the models on a 16 GiB chip.
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
+    mesh = config_lib.make_mesh(config)
     params = qwen3_vl.load_qwen3_vl(path, dtype=_frozen_dtype(config), mesh=mesh, rules=config.mesh.rules)
     if params.vision is None and pipeline_lib.mixing.parse_ratio(config.data.task_ratio)[1]:
         raise ConfigError(f"{path}: the checkpoint has no vision tower (model.visual.*), which edits need; "

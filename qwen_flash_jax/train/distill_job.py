@@ -49,8 +49,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     check_config(config)
     assets = assets_lib.build_assets(config, log)
     teachers = {name: teacher.ensure_teacher(config, name, log=log, assets=assets) for name in names}
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
-    rules = sharding.normalise_rules(config.mesh.rules)
+    mesh = config_lib.make_mesh(config)
+    rules = config_lib.mesh_rules(config)
     model_cfg = config_lib.transformer_config(config)
     base = teachers.get(config.student.init_from) or teacher.ensure_teacher(config, config.student.init_from)
     fake_init = teachers.get(config.fake_score.init_from) or teacher.ensure_teacher(config, config.fake_score.init_from)
@@ -261,8 +261,8 @@ def check_config(config) -> None:
 
 def check_batch_fits_mesh(config) -> None:
     """The global batch must split evenly over the mesh axes that shard the batch."""
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
-    spec = sharding.batch_sharding(mesh, sharding.normalise_rules(config.mesh.rules)).spec[0]
+    mesh = config_lib.make_mesh(config)
+    spec = sharding.batch_sharding(mesh, config_lib.mesh_rules(config)).spec[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
     ways = int(np.prod([mesh.shape[a] for a in axes]))
     if int(config.data.batch_size) % ways:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_flash_jax import config_lib, flow, sharding
+from qwen_flash_jax import config_lib, flow
 from qwen_flash_jax.diffusion import conditioning, sampling
 from qwen_flash_jax.distill import dmd
 from qwen_flash_jax.eval import bench_sets
@@ -29,9 +29,9 @@ def score_fields(config, *, category: str = "text", n: int = 4, t: float = 0.6, 
     assets = assets_lib.build_assets(config, log)
     names = tuple(config.guidance.teachers)
     teachers = {name: teacher.ensure_teacher(config, name, log=log, assets=assets) for name in names}
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
+    mesh = config_lib.make_mesh(config)
     model = build_transformer(config_lib.transformer_config(config), mesh=mesh,
-                              rules=sharding.normalise_rules(config.mesh.rules))
+                              rules=config_lib.mesh_rules(config))
     bench = bench_sets.t2i_bench(int(config.data.image_size), n, int(config.eval.seed))[category]
     spec, codec = assets.tasks["t2i"], assets.codec
     h, w = spec.latent_hw

@@ -74,8 +74,8 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
     train_cfg = config.teachers[name].train
     steps = int(train_cfg.steps)
     assets = assets or assets_lib.build_assets(run, log)
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
-    rules = sharding.normalise_rules(config.mesh.rules)
+    mesh = config_lib.make_mesh(config)
+    rules = config_lib.mesh_rules(config)
     model_cfg = config_lib.transformer_config(config)
     model = build_transformer(model_cfg, seed=int(config.seed), mesh=mesh, rules=rules)
     if init_params is not None:
@@ -288,9 +288,9 @@ def check_source(config, name: str) -> None:
 
 
 def _restore_standalone(config, directory):
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
+    mesh = config_lib.make_mesh(config)
     model = build_transformer(config_lib.transformer_config(config), seed=0, mesh=mesh,
-                              rules=sharding.normalise_rules(config.mesh.rules))
+                              rules=config_lib.mesh_rules(config))
     if not (pathlib.Path(directory) / "params").exists():
         raise config_lib.ConfigError(f"no teacher parameters at {directory}/params")
     if (pathlib.Path(directory) / "config.json").exists():  # a converted diffusers checkpoint (orbax v1 layout)
