@@ -9,7 +9,7 @@ from qwen_flash_jax.data import mixing
 from qwen_flash_jax.data.pipeline import CATEGORIES
 from qwen_flash_jax.distill import dmd
 from qwen_flash_jax.models.config import ConfigError
-from qwen_flash_jax.train.distill_job import CONDITIONS
+from qwen_flash_jax.train.components import CONDITIONS
 
 SPECS = ["configs/5to5.py:toy", "configs/5to5.py:full", "configs/7to3.py:toy", "configs/9to1.py:toy",
          "configs/t2i_only.py:toy", "configs/teacher.py:toy", "configs/teacher.py:toy,text",

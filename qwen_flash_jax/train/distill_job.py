@@ -10,32 +10,24 @@ good checkpoint.
 
 from __future__ import annotations
 
-import functools
 import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers, periodic_actions
 
 from qwen_flash_jax import cache, config_lib, sharding
 from qwen_flash_jax.data import mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
-from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
-from qwen_flash_jax.distill import dmd, gan
+from qwen_flash_jax.distill import dmd
 from qwen_flash_jax.distill import pairs as pairs_lib
-from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
 from qwen_flash_jax.eval import judge_io, report
 from qwen_flash_jax.eval.generate import Generator
-from qwen_flash_jax.loading import from_params
 from qwen_flash_jax.models.config import ConfigError
-from qwen_flash_jax.train import assets as assets_lib
-from qwen_flash_jax.train import optim, teacher
-from qwen_flash_jax.train.checkpoint import open_and_resume, place_on_mesh
-
-CONDITIONS = tuple(f"t2i/{c}" for c in T2I_CATEGORIES) + tuple(f"edit/{c}" for c in EDIT_CATEGORIES)
-CONDITION_OFFSET = {"t2i": 0, "edit": len(T2I_CATEGORIES)}
+from qwen_flash_jax.train import components, teacher
+from qwen_flash_jax.train.checkpoint import open_and_resume
+from qwen_flash_jax.train.components import CONDITION_OFFSET, CONDITIONS
 
 
 class NonFiniteError(RuntimeError):
@@ -47,51 +39,14 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     workdir = pathlib.Path(workdir).absolute()
     names = tuple(config.guidance.teachers)
     check_config(config)
-    assets = assets_lib.build_assets(config, log)
-    teachers = {name: teacher.ensure_teacher(config, name, log=log, assets=assets) for name in names}
-    mesh = config_lib.make_mesh(config)
-    rules = config_lib.mesh_rules(config)
-    model_cfg = config_lib.transformer_config(config)
-    base = teachers.get(config.student.init_from) or teacher.ensure_teacher(config, config.student.init_from)
-    fake_init = teachers.get(config.fake_score.init_from) or teacher.ensure_teacher(config, config.fake_score.init_from)
-    # Copies on device (no host round trip): the student and fake score are donated each step, the teachers not.
-    model = from_params(model_cfg, jax.tree.map(jnp.copy, base), mesh=mesh, rules=rules)
-
+    parts = components.build(config, log)
+    assets, teachers, base, mu = parts.assets, parts.teachers, parts.base, parts.mu
+    model = components.student_model(parts)
+    setup = components.distill_setup(config, model, mu)
+    state = components.initial_state(config, parts, setup)
     steps = int(config.train.steps)
     ratio = int(config.fake_score.updates_per_student)
     warmup = int(config.fake_score.warmup_updates)
-    mu = teacher.target_mu(config)
-    setup = DistillSetup(
-        model=model,
-        student_opt=optim.from_config(config.optim, steps, float(config.student.learning_rate)),
-        fake_opt=optim.from_config(config.optim, steps * ratio + warmup, float(config.fake_score.learning_rate)),
-        timesteps=tuple(float(t) for t in dmd.student_timesteps(int(config.student.num_steps), mu,
-                                                                 tuple(config.student.timesteps))),
-        guidance=dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS,
-                                    int(config.student.num_steps)),
-        teacher_names=names, cfg_scale=float(config.guidance.cfg_scale),
-        cfg_rescale=float(config.guidance.cfg_rescale), t_min=float(config.guidance.t_min),
-        t_max=float(config.guidance.t_max), ema_decay=float(config.student.ema_decay),
-        first_step_fm_weight=float(config.student.first_step_fm_weight),
-        disc_opt=optim.from_config(config.optim, steps * ratio + warmup,
-                                   float(config.fake_score.gan_head_learning_rate)),
-        gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight),
-        gan_tasks=tuple(config.student.gan_tasks),
-        renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight),
-        step_probs=dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs)),
-        critic_step_probs=_critic_step_probs(config),
-        trajectory_grad=bool(config.student.trajectory_grad), schedule=str(config.guidance.schedule),
-        segment_weight=float(config.student.segment_weight), segment_substeps=int(config.student.segment_substeps))
-    student = model.params
-    fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
-    seed = config_lib.distill_seed(config)
-    disc = gan.init_head(jax.random.key(seed + 2), model_cfg.inner_dim)
-    state = place_on_mesh(DistillState(
-        step=jnp.zeros((), jnp.int32), student=student, fake=fake,
-        student_opt=setup.student_opt.init(student), fake_opt=setup.fake_opt.init(fake),
-        ema=jax.tree.map(jnp.copy, student), rng=jax.random.key_data(jax.random.key(seed + 1)),
-        nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32),
-        disc=disc, disc_opt=setup.disc_opt.init(disc)), mesh)
 
     # One student update takes `ratio` critic batches and one generator batch, all of one task: the T2I:Edit
     # pattern steps once per update, so the generator and the critic both see the configured ratio.
@@ -101,10 +56,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator, label="distill",
                                   log=log)
 
-    critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",), donate_argnums=(0,))
-    generator = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"),
-                        donate_argnums=(0,))
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+    critic, generator = components.jitted_steps(setup)
+    batch_sharding = sharding.batch_sharding(parts.mesh, parts.rules)
 
     def next_batch():
         batch = next(iterator)
@@ -173,15 +126,6 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     return results
 
 
-def _critic_step_probs(config):
-    """The critic's distribution of the student step k; None (its field is ()) = the generator's."""
-    probs = tuple(config.fake_score.step_probs)
-    if not probs:
-        return None
-    return dmd.student_step_probs(int(config.student.num_steps), probs, "fake_score.step_probs",
-                                  "the generator's")
-
-
 def _sample_prompts(config, sources: dict, count: int):
     """Up to `count` T2I captions and (source, instruction) edits for unjudged sample grids: the first records of
     each category the run trains on, in turn (deterministic)."""
@@ -223,7 +167,7 @@ def check_config(config) -> None:
     dmd.check_renoise(str(config.student.renoise))
     dmd.check_schedule(str(config.guidance.schedule))
     dmd.student_step_probs(int(config.student.num_steps), tuple(config.student.step_probs))
-    _critic_step_probs(config)
+    components.critic_step_probs(config)
     if float(config.student.regression_weight) < 0:
         raise ConfigError(f"student.regression_weight must be >= 0 (0 turns it off), got "
                           f"{config.student.regression_weight}")
