@@ -9,12 +9,13 @@
 
 One iteration = `fake_score.updates_per_student` critic updates + one generator update: the main job's jitted
 steps, setup and initial state, built by `qwen_flash_jax.train.components` from the config, on one T2I batch of
-the job's input pipeline (the teachers are one random transformer: cost does not depend on values). The "sum of passes" counts what the iteration
-must run at its expected student step k ~ U{0..K-1}: the backward simulation (step 0 in full, later steps on its
-cached text/condition prefix), the student forward (+ backward for the generator), the fake score's forward
-(+ backward for the critic), and the teacher forwards: per active teacher one CFG forward on the doubled batch, and
-with the decoupled schedule (`guidance.schedule`, the toy default) one conditional forward more. Each pass is timed
-in isolation. Ratio ~1 means no waste.
+the job's input pipeline (the teachers are one random transformer: cost does not depend on values; the toy data
+and text encoder of the config's image size are built on the first run and cached). The "sum of passes" counts
+what the iteration must run at its expected student step k ~ U{0..K-1}: the backward simulation (step 0 in full,
+later steps on its cached text/condition prefix), the student forward (+ backward for the generator), the fake
+score's forward (+ backward for the critic), and the teacher forwards: per active teacher one CFG forward on the
+doubled batch, and with the decoupled schedule (`guidance.schedule`, the toy default) one conditional forward
+more. Each pass is timed in isolation. Ratio ~1 means no waste.
 """
 
 import statistics
@@ -107,6 +108,7 @@ def main(argv):
     K = int(config.student.num_steps)
     ratio = int(config.fake_score.updates_per_student)
 
+    t2i_offset = components.CONDITION_OFFSET["t2i"]
     carried = [state]
 
     def iteration():
@@ -115,7 +117,7 @@ def main(argv):
         s = carried[0]
         for _ in range(ratio):
             s, _ = critic(s, te_params, batch, spec=spec)
-        s, m = gen(s, te_params, teachers, batch, spec=spec, condition_offset=components.CONDITION_OFFSET["t2i"])
+        s, m = gen(s, te_params, teachers, batch, spec=spec, condition_offset=t2i_offset)
         carried[0] = s
         return s
 

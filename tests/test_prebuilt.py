@@ -75,7 +75,8 @@ def test_a_toy_run_reads_the_shipped_networks_instead_of_training(tmp_path, monk
     tokenizer, te_params = assets_lib._toy_text_encoder(config, log=lambda *_: None)
     assert te_params.config.feature_layers == (0, -1) and tokenizer.encode("a red house")
     params = teacher.ensure_teacher(config, "text", log=lambda *_: None)  # init_from base: both from the package
-    shipped = teacher._restore_standalone(config, cache.SHIPPED_ROOT / "teachers" / teacher.cache_dir(config, "text").name)
+    shipped_dir = cache.SHIPPED_ROOT / "teachers" / teacher.cache_dir(config, "text").name
+    shipped = teacher._restore_standalone(config, shipped_dir)
     assert all(np.array_equal(a, b) for a, b in zip(jax_leaves(params), jax_leaves(shipped)))
     assert sorted(p.name for p in (tmp_path / "cache" / "teachers").iterdir()) == sorted(
         p.name for p in (cache.SHIPPED_ROOT / "teachers").iterdir())

@@ -24,15 +24,8 @@ from flax import nnx
 from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, some_of
 from qwen_flash_jax.models.config import ConfigError, read_config_json
 from qwen_flash_jax.models.hf_keys import unflatten
-from qwen_flash_jax.models.vae import (
-    QwenImageVAE,
-    Resample,
-    VAEConfig,
-    denormalize_latents,
-    normalize_latents,
-    pack_latents,
-    unpack_latents,
-)
+from qwen_flash_jax.models.vae import (QwenImageVAE, Resample, VAEConfig, denormalize_latents, normalize_latents,
+                                       pack_latents, unpack_latents)
 from qwen_flash_jax.safetensors_reader import SafetensorsCheckpoint
 
 CONFIG_FILE = "config.json"

@@ -1,2 +1,3 @@
-"""Training jobs, the layer above evaluation: shared assets (text encoder, codec, data sources), optimisers,
-checkpoints, the teacher and distillation jobs, and the job dispatch of `qwen_flash_jax.main`."""
+"""Training jobs, the layer above evaluation: shared assets (text encoder, codec, data sources), the one builder
+of a distillation's components (`components`), optimisers, checkpoints, the teacher and distillation jobs, and the
+job dispatch of `qwen_flash_jax.main`."""

@@ -19,12 +19,7 @@ import jax.numpy as jnp
 from qwen_flash_jax import config_lib, sharding
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from qwen_flash_jax.distill import dmd, gan
-from qwen_flash_jax.distill.steps import (
-    DistillSetup,
-    DistillState,
-    critic_step,
-    generator_step,
-)
+from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
 from qwen_flash_jax.loading import TransformerModel, build_transformer, from_params
 from qwen_flash_jax.models.config import TransformerConfig
 from qwen_flash_jax.train import assets as assets_lib
