@@ -7,25 +7,31 @@
         --config.model.axes_dims_rope='(16,56,56)' --config.data.image_size=128 --config.data.max_prompt_tokens=320 \
         --matmul_size=8192 --matmul_dtype=bfloat16
 
-One iteration = `fake_score.updates_per_student` critic updates + one generator update, on the toy config's
-model and batch (random weights: cost does not depend on values). The "sum of passes" counts what the iteration
-must run at its expected student step k ~ U{0..K-1}: the backward simulation (step 0 in full, later steps on its
-cached text/condition prefix), the student forward (+ backward for the generator), the fake score's forward
-(+ backward for the critic), and the teacher forwards: per active teacher one CFG forward on the doubled batch, and
-with the decoupled schedule (`guidance.schedule`, the toy default) one conditional forward more. Each pass is timed
-in isolation. Ratio ~1 means no waste.
+One iteration = `fake_score.updates_per_student` critic updates + one generator update: the main job's jitted
+steps, setup and initial state, built by `qwen_flash_jax.train.components` from the config, on one T2I batch of
+the job's input pipeline (the teachers are one random transformer: cost does not depend on values; the toy data
+and text encoder of the config's image size are built on the first run and cached). The "sum of passes" counts
+what the iteration must run at its expected student step k ~ U{0..K-1}: the backward simulation (step 0 in full,
+later steps on its cached text/condition prefix), the student forward (+ backward for the generator), the fake
+score's forward (+ backward for the critic), and the teacher forwards: per active teacher one CFG forward on the
+doubled batch, and with the decoupled schedule (`guidance.schedule`, the toy default) one conditional forward
+more. Each pass is timed in isolation. Ratio ~1 means no waste.
 """
 
-import functools
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jax_core
 import numpy as np
 from absl import app, flags
+from jax.extend import core as jax_core
 from ml_collections import config_flags
+
+from qwen_flash_jax import config_lib, sharding
+from qwen_flash_jax.data import pipeline
+from qwen_flash_jax.diffusion import conditioning, sampling
+from qwen_flash_jax.train import components
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/5to5.py:toy", "Config file.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median is reported).")
@@ -76,53 +82,33 @@ def _matmul_flops(fn, *args):
 
 def main(argv):
     del argv
-    from qwen_flash_jax import config_lib, sampling
-    from qwen_flash_jax.distill import dmd, gan
-    from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
-    from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
-    from qwen_flash_jax.loading import build_transformer
-    from qwen_flash_jax.text import encoder as text_encoder
-    from qwen_flash_jax.text.tokenizer import train_tokenizer
-    from qwen_flash_jax.train import conditioning, optim
-    from qwen_flash_jax.data.pipeline import PromptEncoder
-    from qwen_flash_jax.models.codec import SpaceToDepthCodec
-
     config = _CONFIG.value
     repeats = _REPEATS.value
-    model = build_transformer(config_lib.transformer_config(config), seed=0)
-    codec = SpaceToDepthCodec(patch=int(config.codec.patch))
-    tokenizer = train_tokenizer(["a red sign that says CAT", "make it night"] * 10, vocab_size=300)
-    te_cfg = text_encoder.TextEncoderConfig.for_tokenizer(tokenizer, hidden_size=config.model.context_in_dim,
-                                                          condition_channels=config.model.in_channels)
-    te_params = text_encoder.init_params(te_cfg)
-    prompts = PromptEncoder(tokenizer, int(config.data.max_prompt_tokens))
-    spec = conditioning.task_specs(prompts, codec, int(config.data.image_size))["t2i"]
-    batch_size = int(config.data.batch_size)
-    ids, mask = conditioning.empty_prompt(spec, batch_size)
-    h, w = spec.latent_hw
-    latents = jax.random.normal(jax.random.key(0), (batch_size, h * w, config.model.in_channels))
-    batch = {"input_ids": ids, "attention_mask": mask, "target_latents": latents,
-             "category": jnp.zeros((batch_size,), jnp.int32)}
-    names = tuple(config.guidance.teachers)
-    teachers = {n: model.params for n in names}
+    # The main job's components, setup, initial state and jitted steps (donation included); the teachers are one
+    # random transformer, since cost does not depend on the weights.
+    parts = components.build(config, log=lambda *_: None, random_teachers=True)
+    model = components.student_model(parts)
+    setup = components.distill_setup(config, model, parts.mu)
+    state = components.initial_state(config, parts, setup)
+    critic, gen = components.jitted_steps(setup)
+    names = setup.teacher_names
+    teachers = parts.teachers
+    params = teachers[names[0]]  # never donated: the passes below are timed on it
+    te_params = parts.assets.text_encoder
+    # One T2I batch of the main job's input pipeline, on the mesh as the job places it.
+    batches = pipeline.build_pipeline(config_lib.distill_data_config(config), parts.assets.sources,
+                                      parts.assets.tokenizer, parts.assets.codec,
+                                      condition_pixels=parts.assets.condition_pixels)
+    batch = next(b for b in batches if b["task"] == "t2i")
+    batch.pop("task")
+    batch = pipeline.to_global(batch, sharding.batch_sharding(parts.mesh, parts.rules))
+    spec = parts.assets.tasks["t2i"]
+    ids, mask, latents = batch["input_ids"], batch["attention_mask"], batch["target_latents"]
+    batch_size, h, w = latents.shape[0], *spec.latent_hw
     K = int(config.student.num_steps)
     ratio = int(config.fake_score.updates_per_student)
-    setup = DistillSetup(model=model, student_opt=optim.adamw(1e-4, 100), fake_opt=optim.adamw(1e-4, 100),
-                         timesteps=tuple(float(t) for t in dmd.student_timesteps(K, 0.5)),
-                         guidance=np.full((K, len(T2I_CATEGORIES) + len(EDIT_CATEGORIES), len(names)),
-                                          1.0 / len(names), np.float32),
-                         teacher_names=names, cfg_scale=4.0, cfg_rescale=0.0, t_min=0.02, t_max=0.98,
-                         ema_decay=0.0, first_step_fm_weight=0.0, disc_opt=optim.adamw(1e-4, 100),
-                         gan_weight=float(config.student.gan_weight), schedule=str(config.guidance.schedule))
-    disc = gan.init_head(jax.random.key(1), model.config.inner_dim)
-    state = DistillState(step=jnp.zeros((), jnp.int32), student=model.params, fake=model.params,
-                         student_opt=setup.student_opt.init(model.params), fake_opt=setup.fake_opt.init(model.params),
-                         ema=model.params, rng=jax.random.key_data(jax.random.key(0)),
-                         nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32),
-                         disc=disc, disc_opt=setup.disc_opt.init(disc))
-    critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",))
-    gen = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"))
 
+    t2i_offset = components.CONDITION_OFFSET["t2i"]
     carried = [state]
 
     def iteration():
@@ -131,7 +117,7 @@ def main(argv):
         s = carried[0]
         for _ in range(ratio):
             s, _ = critic(s, te_params, batch, spec=spec)
-        s, m = gen(s, te_params, teachers, batch, spec=spec, condition_offset=0)
+        s, m = gen(s, te_params, teachers, batch, spec=spec, condition_offset=t2i_offset)
         carried[0] = s
         return s
 
@@ -144,14 +130,14 @@ def main(argv):
     fwd_bwd = jax.jit(jax.grad(lambda p, z: jnp.mean(sampling.velocity(model, p, cond, z, t)[0] ** 2)))
     causal = model.config.causal_condition
     if causal:  # the backward simulation's later steps run on step 0's prefix keys and values
-        _, prefix = sampling.velocity(model, model.params, cond, latents, t, kv_cache_mode="extract")
+        _, prefix = sampling.velocity(model, params, cond, latents, t, kv_cache_mode="extract")
         fwd_cached = jax.jit(lambda p, z: sampling.velocity(model, p, cond, z, t, prefix, "cached")[0])
     else:
         fwd_cached = fwd
-    t_fwd = _time(lambda: fwd(model.params, latents), repeats)
-    t_cached = _time(lambda: fwd_cached(model.params, latents), repeats)
-    t_fwd2 = _time(lambda: fwd2(model.params, jnp.concatenate([latents, latents])), repeats)
-    t_fb = _time(lambda: fwd_bwd(model.params, latents), repeats)
+    t_fwd = _time(lambda: fwd(params, latents), repeats)
+    t_cached = _time(lambda: fwd_cached(params, latents), repeats)
+    t_fwd2 = _time(lambda: fwd2(params, jnp.concatenate([latents, latents])), repeats)
+    t_fb = _time(lambda: fwd_bwd(params, latents), repeats)
     gan_on = bool(setup.gan_weight)
     decoupled = setup.schedule == "decoupled"
 
@@ -172,17 +158,17 @@ def main(argv):
 
     passes = iteration_total(t_fwd, t_cached, t_fwd2, t_fb)
     # Useful FLOPs of the iteration (a loop over a traced k has no static FLOP count of its own).
-    f_fwd = _matmul_flops(fwd, model.params, latents)
-    f_fb = _matmul_flops(fwd_bwd, model.params, latents)
-    flops = iteration_total(f_fwd, _matmul_flops(fwd_cached, model.params, latents),
-                            _matmul_flops(fwd2, model.params, jnp.concatenate([latents, latents])), f_fb)
+    f_fwd = _matmul_flops(fwd, params, latents)
+    f_fb = _matmul_flops(fwd_bwd, params, latents)
+    flops = iteration_total(f_fwd, _matmul_flops(fwd_cached, params, latents),
+                            _matmul_flops(fwd2, params, jnp.concatenate([latents, latents])), f_fb)
     n = _MATMUL_SIZE.value
     a = jax.random.normal(jax.random.key(1), (n, n), _MATMUL_DTYPE.value)
     matmul = jax.jit(lambda x: x @ x)
     t_mm = _time(lambda: matmul(a), repeats)
     mm_rate = 2 * n**3 / t_mm
-    params = sum(x.size for x in jax.tree.leaves(model.params))
-    print(f"device {jax.devices()[0].device_kind}; config {config.variant}: {params / 1e6:.1f}M parameters, "
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"device {jax.devices()[0].device_kind}; config {config.variant}: {n_params / 1e6:.1f}M parameters, "
           f"{config.model.dtype} matmuls, batch {batch_size}, {h * w} image tokens, {K}-step student, "
           f"{ratio} critic updates, teachers {names}, {setup.schedule} schedule")
     print(f"passes: forward {t_fwd * 1e3:.1f} ms, on the cached prefix {t_cached * 1e3:.1f} ms, "

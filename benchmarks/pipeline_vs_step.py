@@ -38,8 +38,8 @@ def main(argv):
     batches = [next(iterator) for _ in range(n)]
     pipeline_rate = n / (time.perf_counter() - start)
 
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
-    rules = sharding.normalise_rules(config.mesh.rules)
+    mesh = config_lib.make_mesh(config)
+    rules = config_lib.mesh_rules(config)
     model = build_transformer(config_lib.transformer_config(config), mesh=mesh, rules=rules)
     train = config.teachers[config.teacher_name or "base"].train
     opt = optim.adamw(float(train.learning_rate), 1000)

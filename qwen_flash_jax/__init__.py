@@ -1,6 +1,19 @@
 """qwen_flash_jax: few-step distillation of Qwen-Image 2.x in JAX/Flax.
 
 `load_transformer(path)` loads a checkpoint written by `python -m qwen_flash_jax.convert`.
+
+Layers, bottom to top; a module imports only from its own layer's lower modules and from layers below
+(tests/test_layering.py checks that no modules or packages import each other):
+    errors, flow, sharding, cache,                        one-line errors, flow-matching math, meshes, the cache,
+    safetensors_checkpoint                                streaming safetensors reads
+    models, config_lib, checkpoint_io, loading, convert   networks, configs, checkpoints
+    text                                                  tokenizers, prompt template, text encoders
+    data                                                  the toy world, dataset sources, the input pipeline
+    diffusion                                             conditioning from a batch, samplers
+    distill                                               the DMD2 objective and its jitted steps
+    eval                                                  judges, generation, benchmark reports
+    train                                                 assets, the teacher and distillation jobs, job dispatch
+    main, sweep, inspect_data                             command lines
 """
 
 from qwen_flash_jax.loading import TransformerModel, build_transformer, from_params, load_transformer

@@ -10,6 +10,7 @@ import pathlib
 
 import ml_collections
 
+from qwen_flash_jax import sharding
 from qwen_flash_jax.models.config import ConfigError, TransformerConfig
 
 
@@ -50,6 +51,16 @@ def _load_file(path: pathlib.Path, arg):
 def transformer_config(config) -> TransformerConfig:
     return TransformerConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
                                 for k, v in config.model.items()})
+
+
+def make_mesh(config) -> sharding.Mesh:
+    """The device mesh of `config.mesh.axes`: every job, teacher load and sharded encoder builds it here."""
+    return sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
+
+
+def mesh_rules(config) -> sharding.Rules:
+    """`config.mesh.rules`, the logical-axis rules, as tuples."""
+    return sharding.normalise_rules(config.mesh.rules)
 
 
 def teacher_run_config(config, name: str) -> ml_collections.ConfigDict:

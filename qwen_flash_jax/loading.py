@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from qwen_flash_jax import sharding
+from qwen_flash_jax import checkpoint_io, sharding
 from qwen_flash_jax.models.config import TransformerConfig
 from qwen_flash_jax.models.layout import TokenLayout, make_layout
 from qwen_flash_jax.models.transformer import QwenImageTransformer
@@ -110,8 +110,6 @@ def load_transformer(path, *, mesh: Mesh | None = None, rules=(), dtype: str | N
     Parameters are restored straight into their shardings on `mesh` (each host reads only its shards). `dtype`
     sets the activation dtype, `param_dtype` the stored dtype to restore into (default: as converted).
     """
-    from qwen_flash_jax import checkpoint_io
-
     config = checkpoint_io.read_config(path)
     overrides = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy).items()
                  if v is not None}

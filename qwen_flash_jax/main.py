@@ -9,6 +9,8 @@ Thin by design: parse `--config` (an ml_collections config file, `path[:arg]`, o
 from absl import app, flags
 from ml_collections import config_flags
 
+from qwen_flash_jax.train import jobs
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/5to5.py:toy", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and results.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-host JAX cluster first (TPU pods, see tpu/).")
@@ -22,8 +24,6 @@ def main(argv):
         import jax
 
         jax.distributed.initialize()
-    from qwen_flash_jax.train import jobs
-
     jobs.exit_on_failure(jobs.run, _CONFIG.value, _WORKDIR.value)
 
 

@@ -16,15 +16,17 @@ import math
 from typing import Sequence
 
 import jax
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
-    """Mesh from (name, size) pairs; one size may be -1 to take the remaining devices."""
+    """Mesh from (name, size) pairs; one size may be -1 to take the remaining devices.
+
+    `jax.make_mesh` orders the devices by the chips' topology on TPU and GPU (on CPU it keeps jax.devices()'
+    order). The axes are `Auto`: the compiler propagates shardings from the annotated parameters and batches."""
     devices = list(jax.devices() if devices is None else devices)
     names = tuple(name for name, _ in axes)
     sizes = [int(size) for _, size in axes]
@@ -37,7 +39,7 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), names)
+    return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
 def normalise_rules(rules) -> Rules:

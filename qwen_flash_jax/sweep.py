@@ -23,7 +23,10 @@ import time
 from absl import app, flags
 
 from qwen_flash_jax import config_lib
+from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
+from qwen_flash_jax.eval import report
 from qwen_flash_jax.models.config import ConfigError
+from qwen_flash_jax.train import distill_job, jobs
 
 SUITES = {
     "composition": tuple((e, f"configs/composition.py:{{variant}},{e}") for e in ("E1", "E2", "E3", "E4", "E5")),
@@ -42,14 +45,12 @@ flags.mark_flags_as_required(["suite", "workdir"])
 
 def row_configs(suite: str, variant: str, overrides=()) -> list[tuple[str, object]]:
     """(label, config) per row, overrides applied; every config is validated before any row runs."""
-    from qwen_flash_jax.distill import trainer
-
     rows = []
     for label, spec in SUITES[suite]:
         config = config_lib.load_config(spec.format(variant=variant))
         for override in overrides:
             apply_override(config, override)
-        trainer.check_config(config)
+        distill_job.check_config(config)
         rows.append((label, config))
     return rows
 
@@ -98,8 +99,6 @@ def combine(rows: list[tuple[str, dict]]) -> dict:
 
 
 def _in_world_order(result: dict) -> dict:
-    from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
-
     out = dict(result)
     for key, order in (("t2i", T2I_CATEGORIES), ("edit", EDIT_CATEGORIES)):
         for field in (key, f"{key}_scores", f"{key}_fd"):
@@ -109,9 +108,6 @@ def _in_world_order(result: dict) -> dict:
 
 
 def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print) -> dict:
-    from qwen_flash_jax.eval import report
-    from qwen_flash_jax.train import jobs
-
     workdir = pathlib.Path(workdir)
     rows = row_configs(suite, variant, overrides)
     done = []
@@ -139,8 +135,6 @@ def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from qwen_flash_jax.train import jobs
-
     jobs.exit_on_failure(run_suite, _SUITE.value, _WORKDIR.value, _VARIANT.value, tuple(_SET.value))
 
 

@@ -13,7 +13,7 @@ import sys
 
 import orbax.checkpoint as ocp
 
-from qwen_flash_jax.distill import trainer
+from qwen_flash_jax.train import distill_job
 from tests.test_distill import tiny_distill_config
 
 
@@ -27,7 +27,7 @@ def main(cache_dir, workdir, kill_step):
         return await write_json(self, item, directory)
 
     ocp.JsonCheckpointHandler._save_fn = die_while_saving
-    trainer.distill(tiny_distill_config(cache_dir), workdir, log=lambda *_: None, evaluate=False)
+    distill_job.distill(tiny_distill_config(cache_dir), workdir, log=lambda *_: None, evaluate=False)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from qwen_flash_jax import config_lib
 from qwen_flash_jax.data import mixing
 from qwen_flash_jax.data.pipeline import CATEGORIES
 from qwen_flash_jax.distill import dmd
-from qwen_flash_jax.distill.trainer import CONDITIONS
 from qwen_flash_jax.models.config import ConfigError
+from qwen_flash_jax.train.components import CONDITIONS
 
 SPECS = ["configs/5to5.py:toy", "configs/5to5.py:full", "configs/7to3.py:toy", "configs/9to1.py:toy",
          "configs/t2i_only.py:toy", "configs/teacher.py:toy", "configs/teacher.py:toy,text",
@@ -60,7 +60,7 @@ def test_bad_config_names_are_clear_errors(spec, match):
     ("guidance", {"schedule": "Decoupled"}, "guidance.schedule must be one of"),
 ])
 def test_bad_distillation_settings_are_clear_errors_before_any_work(section, values, match):
-    from qwen_flash_jax.distill import trainer
+    from qwen_flash_jax.train import distill_job
 
     config = config_lib.load_config("configs/5to5.py:toy")
     node = config
@@ -70,7 +70,7 @@ def test_bad_distillation_settings_are_clear_errors_before_any_work(section, val
     if section == "fake_score":
         config.student.gan_weight = 1.0  # the head's settings matter only with the GAN term on
     with pytest.raises(ConfigError, match=match):
-        trainer.check_config(config)
+        distill_job.check_config(config)
 
 
 @pytest.mark.parametrize("job", ["distill", "teacher"])

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from qwen_flash_jax.distill import trainer
+from qwen_flash_jax.train import distill_job
 from tests.test_teacher import tiny_config
 
 
@@ -36,7 +36,7 @@ QUIET = dict(log=lambda *_: None, evaluate=False)
 def straight_run(toy_cache, tmp_path_factory):
     """Per-step metrics of one uninterrupted tiny run, the reference the resumed runs must repeat."""
     history = []
-    trainer.distill(tiny_distill_config(toy_cache), tmp_path_factory.mktemp("straight"), history=history, **QUIET)
+    distill_job.distill(tiny_distill_config(toy_cache), tmp_path_factory.mktemp("straight"), history=history, **QUIET)
     return history
 
 
@@ -44,8 +44,8 @@ def test_resumed_distillation_reproduces_the_uninterrupted_losses_exactly(cache,
     config = tiny_distill_config(cache)
     assert len(straight_run) == 6 and all(m["skipped"] == 0 for _, m in straight_run)
     interrupted, resumed = [], []
-    trainer.distill(config, tmp_path / "b", history=interrupted, stop_at=3, **QUIET)
-    trainer.distill(config, tmp_path / "b", history=resumed, **QUIET)
+    distill_job.distill(config, tmp_path / "b", history=interrupted, stop_at=3, **QUIET)
+    distill_job.distill(config, tmp_path / "b", history=resumed, **QUIET)
     assert resumed[0][0] == 3  # the last complete checkpoint was step 2
     assert [m for s, m in straight_run if s > 2] == [m for _, m in resumed]
 
@@ -60,7 +60,7 @@ def test_a_job_killed_during_a_save_resumes_from_the_last_complete_checkpoint(ca
     assert any(name.startswith("4") for name in left), left
 
     resumed = []
-    trainer.distill(tiny_distill_config(cache), workdir, history=resumed, **QUIET)
+    distill_job.distill(tiny_distill_config(cache), workdir, history=resumed, **QUIET)
     assert resumed[0][0] == 3
     assert [m for s, m in straight_run if s > 2] == [m for _, m in resumed]
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "6"]  # temporaries cleaned up
@@ -71,8 +71,8 @@ def test_a_run_of_nonfinite_steps_stops_with_the_last_good_checkpoint(cache, tmp
     config.student.learning_rate = 1e30  # the first update blows the student up; every later step is non-finite
     config.nonfinite_limit = 3
     config.data.task_ratio = "1:0"  # one task is enough here: half the compilations
-    with pytest.raises(trainer.NonFiniteError, match="Last good checkpoint"):
-        trainer.distill(config, tmp_path / "nan", log=lambda *_: None, evaluate=False)
+    with pytest.raises(distill_job.NonFiniteError, match="Last good checkpoint"):
+        distill_job.distill(config, tmp_path / "nan", log=lambda *_: None, evaluate=False)
 
 
 def test_the_job_evaluates_the_student_and_writes_results_grids_and_probes(cache, tmp_path, monkeypatch):
@@ -94,7 +94,7 @@ def test_the_job_evaluates_the_student_and_writes_results_grids_and_probes(cache
     config.student.timesteps = (1.0, 0.8, 0.5, 0.2)
     workdir = tmp_path / "evaluated"
     lines = []
-    results = trainer.distill(config, workdir, log=lines.append)
+    results = distill_job.distill(config, workdir, log=lines.append)
 
     assert list(results) == ["teacher base (2 steps)", "teacher base (4 steps)",
                              "teacher base (4 steps, student's times)", "student (4 steps)"]
@@ -111,7 +111,7 @@ def test_the_job_evaluates_the_student_and_writes_results_grids_and_probes(cache
     # The same command again: the run is complete, so it only evaluates, and the frozen teacher's rows now come
     # from the shared image cache, with the same scores.
     again = []
-    assert trainer.distill(config, workdir, log=again.append) == results
+    assert distill_job.distill(config, workdir, log=again.append) == results
     reused = [line for line in again if "its images from" in line]
     assert len(reused) == 3 and all(line.startswith("evaluating teacher base") for line in reused), again
 
@@ -123,9 +123,9 @@ def test_with_the_gan_term_a_resumed_run_reproduces_the_uninterrupted_one(cache,
     config.train.steps = 4
     config.data.task_ratio = "1:0"  # one task is enough here: half the compilations
     straight, resumed = [], []
-    trainer.distill(config, tmp_path / "a", history=straight, **QUIET)
-    trainer.distill(config, tmp_path / "b", stop_at=3, **QUIET)
-    trainer.distill(config, tmp_path / "b", history=resumed, **QUIET)
+    distill_job.distill(config, tmp_path / "a", history=straight, **QUIET)
+    distill_job.distill(config, tmp_path / "b", stop_at=3, **QUIET)
+    distill_job.distill(config, tmp_path / "b", history=resumed, **QUIET)
     assert resumed[0][0] == 3 and all(m["skipped"] == 0 for _, m in straight)
     # The head's logit layer starts at zero and its first update is warm-up (lr 0): the GAN gradient reaches the
     # student from step 2, and the head's accuracy (measured before each critic update) moves off 0 after that.
@@ -141,24 +141,24 @@ def test_the_gan_term_reaches_only_the_tasks_in_gan_tasks(cache, tmp_path):
     config.train.steps = 3
     config.data.task_ratio = "1:2"
     plain, t2i_only, on_edits = [], [], []
-    trainer.distill(config, tmp_path / "plain", history=plain, **QUIET)
+    distill_job.distill(config, tmp_path / "plain", history=plain, **QUIET)
     config.student.gan_weight = 10.0
     config.student.gan_tasks = ("t2i",)
-    trainer.distill(config, tmp_path / "t2i_only", history=t2i_only, **QUIET)
+    distill_job.distill(config, tmp_path / "t2i_only", history=t2i_only, **QUIET)
     assert t2i_only[0] == plain[0] and "gan_loss" not in plain[0][1]
     assert ["gan_loss" in m for _, m in t2i_only] == [False, True, False]
     config.student.gan_tasks = ("edit",)
-    trainer.distill(config, tmp_path / "on_edits", history=on_edits, **QUIET)
+    distill_job.distill(config, tmp_path / "on_edits", history=on_edits, **QUIET)
     assert ["gan_loss" in m for _, m in on_edits] == [True, False, True]
     assert on_edits[2][1]["gan_grad_ratio"] > 0  # the head starts at zero: the first GAN update has no gradient
     config.student.gan_tasks = ("t2i", "video")
-    with pytest.raises(trainer.ConfigError, match=r"student.gan_tasks names unknown tasks \['video'\]"):
-        trainer.check_config(config)
+    with pytest.raises(distill_job.ConfigError, match=r"student.gan_tasks names unknown tasks \['video'\]"):
+        distill_job.check_config(config)
     config.data.task_ratio = "0:1"
     for tasks in (("t2i",), ()):
         config.student.gan_tasks = tasks
-        with pytest.raises(trainer.ConfigError, match="the GAN term would never run"):
-            trainer.check_config(config)
+        with pytest.raises(distill_job.ConfigError, match="the GAN term would never run"):
+            distill_job.check_config(config)
 
 
 @pytest.mark.parametrize("warmup", [0, 1])
@@ -171,7 +171,7 @@ def test_generator_updates_follow_the_task_ratio(cache, tmp_path, warmup):
     config.student.gan_tasks = ("t2i",)
     config.fake_score.warmup_updates = warmup
     history = []
-    trainer.distill(config, tmp_path / "run", history=history, **QUIET)
+    distill_job.distill(config, tmp_path / "run", history=history, **QUIET)
     carried = ["gan_loss" in m for _, m in history]
     assert carried in ([True, False, True, False], [False, True, False, True]), carried
 
@@ -183,9 +183,9 @@ def test_fake_score_warmup_runs_before_the_first_student_update_and_resumes_exac
     config.fake_score.warmup_updates = 3
     config.train.steps = 4
     straight, resumed = [], []
-    trainer.distill(config, tmp_path / "a", history=straight, **QUIET)
-    trainer.distill(config, tmp_path / "b", stop_at=3, **QUIET)
-    trainer.distill(config, tmp_path / "b", history=resumed, **QUIET)
+    distill_job.distill(config, tmp_path / "a", history=straight, **QUIET)
+    distill_job.distill(config, tmp_path / "b", stop_at=3, **QUIET)
+    distill_job.distill(config, tmp_path / "b", history=resumed, **QUIET)
     assert straight[0][1]["dmd_loss"] != straight_run[0][1]["dmd_loss"]
     assert resumed[0][0] == 3 and [m for s, m in straight if s > 2] == [m for _, m in resumed]
 
@@ -193,8 +193,8 @@ def test_fake_score_warmup_runs_before_the_first_student_update_and_resumes_exac
 def test_a_negative_fake_score_warmup_is_a_config_error(cache, tmp_path):
     config = tiny_distill_config(cache)
     config.fake_score.warmup_updates = -1
-    with pytest.raises(trainer.ConfigError, match="warmup_updates"):
-        trainer.distill(config, tmp_path / "w", **QUIET)
+    with pytest.raises(distill_job.ConfigError, match="warmup_updates"):
+        distill_job.distill(config, tmp_path / "w", **QUIET)
     assert not (tmp_path / "w").exists()
 
 
@@ -207,13 +207,13 @@ def test_both_renoising_modes_train_and_a_bad_mode_is_a_config_error(cache, stra
     config.student.renoise = "fresh"
     config.train.steps = 4
     history = []
-    trainer.distill(config, tmp_path / "p", history=history, **QUIET)
+    distill_job.distill(config, tmp_path / "p", history=history, **QUIET)
     assert all(m["skipped"] == 0 and np.isfinite(m["dmd_loss"]) for _, m in history)
     later = [(m, ref) for (_, m), (_, ref) in zip(history, straight_run) if m["k"] > 0 and ref["k"] == m["k"]]
     assert later and all(m["dmd_loss"] != ref["dmd_loss"] for m, ref in later)
     config.student.renoise = "ddim"
-    with pytest.raises(trainer.ConfigError, match="student.renoise"):
-        trainer.distill(config, tmp_path / "w", **QUIET)
+    with pytest.raises(distill_job.ConfigError, match="student.renoise"):
+        distill_job.distill(config, tmp_path / "w", **QUIET)
     assert not (tmp_path / "w").exists()
 
 
@@ -229,15 +229,15 @@ def test_the_decoupled_schedule_adds_the_cfg_term_alone_and_a_bad_schedule_is_a_
     for schedule in ("shared", "decoupled"):
         config.guidance.update(cfg_scale=1.0, schedule=schedule)
         runs[schedule] = []
-        trainer.distill(config, tmp_path / schedule, history=runs[schedule], **QUIET)
+        distill_job.distill(config, tmp_path / schedule, history=runs[schedule], **QUIET)
     assert len(runs["shared"]) == 2 and runs["shared"] == runs["decoupled"]
     assert "ca_loss" not in runs["shared"][0][1]
     assert straight_run[0][1]["dm_loss"] == runs["shared"][0][1]["dmd_loss"]
     for _, m in straight_run:
         assert m["ca_loss"] > 0 and m["dmd_loss"] == pytest.approx(m["dm_loss"] + m["ca_loss"], rel=1e-5)
     config.guidance.schedule = "split"
-    with pytest.raises(trainer.ConfigError, match="guidance.schedule"):
-        trainer.distill(config, tmp_path / "w", **QUIET)
+    with pytest.raises(distill_job.ConfigError, match="guidance.schedule"):
+        distill_job.distill(config, tmp_path / "w", **QUIET)
     assert not (tmp_path / "w").exists()
 
 
@@ -253,14 +253,14 @@ def test_regression_onto_teacher_pairs_resumes_exactly_and_needs_predicted_renoi
     error before any work."""
     config = _regression_config(cache)
     straight, interrupted, resumed = [], [], []
-    trainer.distill(config, tmp_path / "a", history=straight, **QUIET)
+    distill_job.distill(config, tmp_path / "a", history=straight, **QUIET)
     assert all(m["skipped"] == 0 and m["regression_loss"] > 0 for _, m in straight)
-    trainer.distill(config, tmp_path / "b", history=interrupted, stop_at=3, **QUIET)
-    trainer.distill(config, tmp_path / "b", history=resumed, **QUIET)
+    distill_job.distill(config, tmp_path / "b", history=interrupted, stop_at=3, **QUIET)
+    distill_job.distill(config, tmp_path / "b", history=resumed, **QUIET)
     assert [m for s, m in straight if s > 2] == [m for _, m in resumed]
     config.student.renoise = "fresh"
-    with pytest.raises(trainer.ConfigError, match="renoise='predicted'"):
-        trainer.distill(config, tmp_path / "w", **QUIET)
+    with pytest.raises(distill_job.ConfigError, match="renoise='predicted'"):
+        distill_job.distill(config, tmp_path / "w", **QUIET)
     assert not (tmp_path / "w").exists()
 
 
@@ -273,7 +273,7 @@ def test_regression_pulls_the_student_onto_the_teachers_samples(cache, tmp_path)
     config.guidance.weights = (("*", ({"base": 1.0},)),)
     config.train.update(steps=12, checkpoint_every=100)
     history = []
-    trainer.distill(config, tmp_path / "r", history=history, **QUIET)
+    distill_job.distill(config, tmp_path / "r", history=history, **QUIET)
     losses = [m["regression_loss"] for _, m in history]
     # 1:1 ratio: updates alternate between the T2I and the edit bank batch.
     for task_losses in (losses[0::2], losses[1::2]):
@@ -313,7 +313,7 @@ def test_a_replicate_seed_changes_the_distillation_but_not_the_teachers(cache, s
     assert all(teacher.cache_dir(config, n) == teacher.cache_dir(tiny_distill_config(cache), n)
                for n in config.teachers)
     history = []
-    trainer.distill(config, tmp_path / "r", history=history, **QUIET)
+    distill_job.distill(config, tmp_path / "r", history=history, **QUIET)
     assert all(m["skipped"] == 0 for _, m in history)
     assert [m["dmd_loss"] for _, m in history] != [m["dmd_loss"] for _, m in straight_run[:2]]
     assert history[0][1]["fake_loss"] != straight_run[0][1]["fake_loss"]

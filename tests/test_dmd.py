@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from qwen_flash_jax import flow, sampling
+from qwen_flash_jax import flow
+from qwen_flash_jax.diffusion import sampling
 from qwen_flash_jax.distill import dmd, pairs
 from qwen_flash_jax.loading import build_transformer, from_params
 from qwen_flash_jax.models import TransformerConfig, make_layout

@@ -14,11 +14,10 @@ pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
 from qwen_flash_jax import config_lib  # noqa: E402
-from qwen_flash_jax.distill import trainer  # noqa: E402
 from qwen_flash_jax.models.config import ConfigError  # noqa: E402
 from qwen_flash_jax.text import tokenizer as tokenizer_lib  # noqa: E402
 from qwen_flash_jax.train import assets as assets_lib  # noqa: E402
-from qwen_flash_jax.train import jobs  # noqa: E402
+from qwen_flash_jax.train import distill_job, jobs  # noqa: E402
 
 TEXT_WIDTH = 32
 LATENT_CHANNELS = 8
@@ -143,7 +142,7 @@ def test_full_scale_distillation_runs_from_local_checkpoints(checkpoints, tmp_pa
     config = full_config(checkpoints, tmp_path / "cache", ratio="1:1")
     config.mesh.axes = DATA_PARALLEL
     history = []
-    trainer.distill(config, tmp_path / "run", history=history, log=lambda *_: None)
+    distill_job.distill(config, tmp_path / "run", history=history, log=lambda *_: None)
     assert [step for step, _ in history] == [1, 2]
     assert all(np.isfinite(m["dmd_loss"]) and m["skipped"] == 0 for _, m in history)
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
@@ -162,7 +161,7 @@ def test_edit_conditioning_depends_on_the_condition_image(checkpoints, tmp_path)
     import jax
     import jax.numpy as jnp
 
-    from qwen_flash_jax.train import conditioning
+    from qwen_flash_jax.diffusion import conditioning
 
     config = full_config(checkpoints, tmp_path / "cache", ratio="1:1")
     config.mesh.axes = DATA_PARALLEL

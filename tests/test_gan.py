@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from qwen_flash_jax import sampling
+from qwen_flash_jax.diffusion import sampling
 from qwen_flash_jax.distill import gan
 from tests.test_dmd import setup  # noqa: F401  (module fixture: tiny model, conditioning, noisy sample)
 

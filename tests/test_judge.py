@@ -10,11 +10,12 @@ import os
 import numpy as np
 import pytest
 
-from qwen_flash_jax.data.world import T2I_CATEGORIES, EDIT_CATEGORIES, render, sample_edit, sample_t2i
+from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES, render, sample_edit, sample_t2i
 from qwen_flash_jax.eval import judge as judge_mod
 from qwen_flash_jax.eval import judge_calib
 from qwen_flash_jax.eval import judge_metrics as jm
-from qwen_flash_jax.eval.judge import ToyJudge, load_judge, load_or_train_judge, save_judge, train_judge
+from qwen_flash_jax.eval.judge import ToyJudge, train_judge
+from qwen_flash_jax.eval.judge_io import load_judge, load_or_train_judge, save_judge
 
 N_PER_CATEGORY = 60
 TEST_TRAIN = dict(steps=550, n_reference=400, n_eval=300)
@@ -60,6 +61,7 @@ def test_param_count_and_logical_axes(judge):
     n = sum(v.size for v in judge.params.values())
     assert 50_000 <= n <= 200_000, n
     from flax import nnx
+
     from qwen_flash_jax.eval.judge_net import JudgeNet
 
     model = nnx.eval_shape(lambda: JudgeNet(judge.config, rngs=nnx.Rngs(0)))
@@ -333,12 +335,12 @@ def test_evaluate_reuses_the_cached_images_of_keyed_contenders(judge, tmp_path):
 
 
 def test_the_image_cache_key_follows_the_weights():
-    from qwen_flash_jax.distill import trainer
-    from qwen_flash_jax.train.assets import params_fingerprint
+    from qwen_flash_jax.cache import params_fingerprint
+    from qwen_flash_jax.train import distill_job
 
     tree = {"w": np.ones(3, np.float32), "b": {"c": np.zeros(2, np.float32)}}
     same = {"w": np.ones(3, np.float32), "b": {"c": np.zeros(2, np.float32)}}
     assert params_fingerprint(tree) == params_fingerprint(same)
     assert params_fingerprint(tree) != params_fingerprint({**tree, "w": np.array([1, 1, 2], np.float32)})
     assert params_fingerprint(tree) != params_fingerprint({**tree, "w": np.ones(3, np.float64)})
-    assert trainer._images_key(None, None, None) is None  # no digest (weights sharded over hosts): not cached
+    assert distill_job._images_key(None, None, None) is None  # no digest (weights sharded over hosts): not cached

@@ -27,7 +27,7 @@ def test_main_rejects_bad_configs_with_one_line(tmp_path, overrides, message):
 
 def test_inspect_prints_counts_and_writes_a_contact_sheet(tmp_path):
     out = tmp_path / "sheet.png"
-    result = _run("qwen_flash_jax.data.inspect", "--config=configs/7to3.py:toy", "--batches=10", f"--out={out}",
+    result = _run("qwen_flash_jax.inspect_data", "--config=configs/7to3.py:toy", "--batches=10", f"--out={out}",
                   f"--config.cache_dir={tmp_path / 'cache'}", "--config.data.examples_per_category=16",
                   "--config.text_encoder.pretrain_steps=5")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -13,12 +13,13 @@ import numpy as np
 import optax
 import pytest
 
-from qwen_flash_jax import config_lib, sampling
-from qwen_flash_jax.distill import dmd, gan, steps, trainer
+from qwen_flash_jax import config_lib
+from qwen_flash_jax.diffusion import conditioning, sampling
+from qwen_flash_jax.distill import dmd, gan, steps
 from qwen_flash_jax.loading import build_transformer, from_params
 from qwen_flash_jax.models import TransformerConfig, make_layout
 from qwen_flash_jax.models.config import ConfigError
-from qwen_flash_jax.train import conditioning
+from qwen_flash_jax.train import distill_job
 from tests.torch_reference import TINY, make_inputs
 
 BATCH, TEXT_LEN = 2, 6
@@ -197,7 +198,7 @@ def test_the_critic_step_distribution_is_checked_normalised_and_drawn():
 ])
 def test_a_bad_term_setting_is_a_config_error(field, value, match):
     config = config_lib.load_config("configs/5to5.py:toy")
-    trainer.check_config(config)
+    distill_job.check_config(config)
     config.student[field] = value
     with pytest.raises(ConfigError, match=match):
-        trainer.check_config(config)
+        distill_job.check_config(config)

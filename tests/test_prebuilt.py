@@ -7,10 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from qwen_flash_jax import config_lib
+from qwen_flash_jax import cache, config_lib
 from qwen_flash_jax.train import assets as assets_lib
-from qwen_flash_jax.train import prebuilt
-from qwen_flash_jax.train import teacher
+from qwen_flash_jax.train import prebuilt, teacher
 
 
 def _toy(cache, **overrides):
@@ -28,14 +27,14 @@ def test_the_shipped_entries_are_the_ones_the_main_job_looks_up(tmp_path):
                        for name in ("base", "text")} | {
         "text_encoder/" + assets_lib.toy_text_encoder_key(_toy(tmp_path)), "judge/toy_judge_v1_size32_seed0"}
     for entry in shipped:
-        assert (prebuilt.ROOT / entry).is_dir(), entry
-    assert len(list((prebuilt.ROOT / "eval_images").glob("*.npz"))) == 4  # base teacher: 40, 4, 4 at the student's
+        assert (cache.SHIPPED_ROOT / entry).is_dir(), entry
+    assert len(list((cache.SHIPPED_ROOT / "eval_images").glob("*.npz"))) == 4  # base teacher: 40, 4, 4 at the student's
     # times; the step-0 probe
 
 
 def test_the_shipped_files_match_the_manifest():
-    manifest = json.loads((prebuilt.ROOT / prebuilt.MANIFEST).read_text())
-    assert manifest["files"] == prebuilt.file_digests()
+    manifest = json.loads((cache.SHIPPED_ROOT / cache.MANIFEST).read_text())
+    assert manifest["files"] == cache.file_digests()
 
 
 def test_seeding_copies_missing_entries_whole_and_keeps_present_ones(tmp_path, monkeypatch):
@@ -47,10 +46,10 @@ def test_seeding_copies_missing_entries_whole_and_keeps_present_ones(tmp_path, m
     target.mkdir(parents=True)
     (target / "b.npz").write_text("made here")
     lines = []
-    assert prebuilt.seed("things", target, root, log=lines.append) == ["a"]
+    assert cache.seed("things", target, root, log=lines.append) == ["a"]
     assert (target / "a" / "x.txt").read_text() == "shipped a" and (target / "b.npz").read_text() == "made here"
     assert len(lines) == 1 and "things a" in lines[0]
-    assert prebuilt.seed("things", target, root) == [] and prebuilt.seed("absent", target, root) == []
+    assert cache.seed("things", target, root) == [] and cache.seed("absent", target, root) == []
 
     # A copy that fails half-way leaves neither the entry nor its temporary behind.
     shutil.rmtree(target / "a")
@@ -62,7 +61,7 @@ def test_seeding_copies_missing_entries_whole_and_keeps_present_ones(tmp_path, m
 
     monkeypatch.setattr(shutil, "copytree", fail)
     with pytest.raises(OSError, match="disk full"):
-        prebuilt.seed("things", target, root)
+        cache.seed("things", target, root)
     assert sorted(p.name for p in target.iterdir()) == ["b.npz"]
 
 
@@ -76,10 +75,11 @@ def test_a_toy_run_reads_the_shipped_networks_instead_of_training(tmp_path, monk
     tokenizer, te_params = assets_lib._toy_text_encoder(config, log=lambda *_: None)
     assert te_params.config.feature_layers == (0, -1) and tokenizer.encode("a red house")
     params = teacher.ensure_teacher(config, "text", log=lambda *_: None)  # init_from base: both from the package
-    shipped = teacher._restore_standalone(config, prebuilt.ROOT / "teachers" / teacher.cache_dir(config, "text").name)
+    shipped_dir = cache.SHIPPED_ROOT / "teachers" / teacher.cache_dir(config, "text").name
+    shipped = teacher._restore_standalone(config, shipped_dir)
     assert all(np.array_equal(a, b) for a, b in zip(jax_leaves(params), jax_leaves(shipped)))
     assert sorted(p.name for p in (tmp_path / "cache" / "teachers").iterdir()) == sorted(
-        p.name for p in (prebuilt.ROOT / "teachers").iterdir())
+        p.name for p in (cache.SHIPPED_ROOT / "teachers").iterdir())
 
     # Switched off, the same lookups train.
     config = _toy(tmp_path / "other", prebuilt_cache=False)

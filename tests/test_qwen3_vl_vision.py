@@ -21,7 +21,7 @@ from qwen_flash_jax.text import encoder as enc  # noqa: E402
 from qwen_flash_jax.text import prompts  # noqa: E402
 from qwen_flash_jax.text import qwen3_vl  # noqa: E402
 from qwen_flash_jax.text import qwen3_vl_vision as vis  # noqa: E402
-from qwen_flash_jax.text.tokenizer import IMAGE_PAD, VISION_END, VISION_START, special_token_id  # noqa: E402
+from qwen_flash_jax.text.prompts import IMAGE_PAD, VISION_END, VISION_START, special_token_id  # noqa: E402
 from qwen_flash_jax.text.tokenizer import train_tokenizer  # noqa: E402
 
 F32_TOLERANCE = 1e-4  # max abs error relative to the reference's max magnitude (at valid positions)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen_flash_jax import flow, sampling
+from qwen_flash_jax import flow
+from qwen_flash_jax.diffusion import sampling
 from qwen_flash_jax.loading import build_transformer
 from qwen_flash_jax.models import TransformerConfig, make_layout
 from tests.torch_reference import TINY, make_inputs

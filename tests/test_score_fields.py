@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from qwen_flash_jax.eval.score_fields import score_fields
+from qwen_flash_jax.train.score_fields import score_fields
 from tests.test_distill import tiny_distill_config
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from qwen_flash_jax import sampling, sharding
+from qwen_flash_jax import sharding
+from qwen_flash_jax.diffusion import sampling
 from qwen_flash_jax.loading import build_transformer, from_params
 from qwen_flash_jax.models import TransformerConfig, make_layout
 from tests.torch_reference import make_inputs

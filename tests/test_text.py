@@ -7,10 +7,9 @@ encoder), and its `_get_qwen_prompt_embeds` must agree with `encode_prompts`.
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 import transformers
 from flax import nnx
 
@@ -18,7 +17,8 @@ from qwen_flash_jax.models.codec import SpaceToDepthCodec
 from qwen_flash_jax.models.layout import make_layout
 from qwen_flash_jax.text import encoder as enc
 from qwen_flash_jax.text import prompts as P
-from qwen_flash_jax.text.tokenizer import IMAGE_PAD, PAD, SPECIAL_TOKENS, special_token_id, train_tokenizer
+from qwen_flash_jax.text.prompts import IMAGE_PAD, special_token_id
+from qwen_flash_jax.text.tokenizer import PAD, SPECIAL_TOKENS, train_tokenizer
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "star", "ring"]

@@ -31,7 +31,7 @@ from qwen_flash_jax.data import mixing
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.text import prompts as prompt_lib
-from qwen_flash_jax.text.tokenizer import IMAGE_PAD, special_token_id
+from qwen_flash_jax.text.prompts import IMAGE_PAD, special_token_id
 
 CATEGORIES = {"t2i": T2I_CATEGORIES, "edit": EDIT_CATEGORIES}
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qwen_flash_jax import flow, sampling
+from qwen_flash_jax import flow
+from qwen_flash_jax.diffusion import sampling
 from qwen_flash_jax.distill.dmd import dmd_times
 from qwen_flash_jax.models.layers import layer_norm
 

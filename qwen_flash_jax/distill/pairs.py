@@ -5,7 +5,7 @@ n, the sampler the evaluation calls "teacher (40 steps)". With `student.renoise=
 reproduces the teacher's sampler exactly predicts y(n) at every one of its steps along its own trajectory from n
 (each step is then an Euler step whose x0 is y(n)), so the regression target at the sampled step k is y(n) too.
 With fresh noise between steps the student's output is no function of n, so the term needs predicted
-re-noising (checked in `trainer.check_config`).
+re-noising (checked in `train.distill_job.check_config`).
 
 The bank is drawn once per run from its own pipeline (the run's shuffle seed + 1, so the training stream is
 untouched), `student.regression_batches` batches split between the tasks by the T2I:Edit ratio, and the
@@ -23,7 +23,7 @@ import numpy as np
 
 from qwen_flash_jax import config_lib
 from qwen_flash_jax.data import pipeline as pipeline_lib
-from qwen_flash_jax.train import conditioning
+from qwen_flash_jax.diffusion import conditioning
 
 BANK_SEED_OFFSET = 1
 

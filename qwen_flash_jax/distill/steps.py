@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from qwen_flash_jax import flow, sampling
+from qwen_flash_jax import flow
+from qwen_flash_jax.diffusion import conditioning, sampling
 from qwen_flash_jax.distill import dmd, gan
 from qwen_flash_jax.distill import pairs as pairs_lib
-from qwen_flash_jax.train import conditioning
 
 
 @struct.dataclass

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_flash_jax import flow, sampling
+from qwen_flash_jax import flow
+from qwen_flash_jax.data.world import save_png
+from qwen_flash_jax.diffusion import conditioning, sampling
 from qwen_flash_jax.distill import dmd
-from qwen_flash_jax.train import conditioning
 
 
 @dataclasses.dataclass(eq=False)
@@ -233,6 +234,4 @@ def grid_image(sections: Sequence[GridSection], min_tile: int = 96) -> tuple[np.
 
 def save_grid(path, sections: Sequence[GridSection], min_tile: int = 96) -> None:
     """Writes `grid_image(sections, min_tile)` as a PNG (for people: no score depends on it)."""
-    from qwen_flash_jax.data.world import save_png
-
     save_png(grid_image(sections, min_tile)[0], str(path))

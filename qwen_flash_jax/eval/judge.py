@@ -312,8 +312,4 @@ def _fit_reference(judge: ToyJudge) -> None:
         th[f"{cat}/z"] = float(np.percentile(judge._low_stats(cat).z(low), 99))
 
 
-# ----------------------------------------------------------------------------------------------- persistence
-from .judge_io import load_judge, load_or_train_judge, save_judge  # noqa: E402  (needs ToyJudge / train_judge)
-
-__all__ = ["JUDGE_VERSION", "JudgeConfig", "ToyJudge", "load_judge", "load_or_train_judge", "save_judge",
-           "train_judge"]
+__all__ = ["JUDGE_VERSION", "JudgeConfig", "ToyJudge", "train_judge"]

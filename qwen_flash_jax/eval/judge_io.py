@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .judge_net import JUDGE_VERSION, JudgeConfig
+from qwen_flash_jax.eval import judge as judge_lib
+from qwen_flash_jax.eval.judge_net import JUDGE_VERSION, JudgeConfig
 
 _FORMAT = "qwen_flash_jax.toy_judge"
 _JSON, _ARRAYS = "judge.json", "arrays.npz"
@@ -73,8 +74,6 @@ def save_judge(judge, path, overwrite: bool = True) -> Path:
 
 def load_judge(path):
     """Read a judge written by :func:`save_judge`; ValueError if it is missing, corrupt or of another version."""
-    from .judge import ToyJudge
-
     path = _local_path(path)
     if not (path / _JSON).is_file() or not (path / _ARRAYS).is_file():
         raise ValueError(f"no toy judge at {path} (expected {_JSON} and {_ARRAYS})")
@@ -91,7 +90,7 @@ def load_judge(path):
     config = JudgeConfig.from_json(meta["config"])
     params = {k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")}
     reference = {k[len("reference/"):]: v for k, v in arrays.items() if k.startswith("reference/")}
-    judge = ToyJudge(config, params, reference, dict(meta["thresholds"]), dict(meta["accuracy"]),
+    judge = judge_lib.ToyJudge(config, params, reference, dict(meta["thresholds"]), dict(meta["accuracy"]),
                      float(meta.get("train_seconds", 0.0)))
     judge._forward(np.zeros((1, config.size, config.size, 3), np.uint8))  # checks parameter names and shapes
     return judge
@@ -107,8 +106,6 @@ def cache_name(size: int, seed: int, overrides: dict | None = None) -> str:
 
 def load_or_train_judge(cache_dir, size: int = 32, seed: int = 0, log=print, **train_overrides):
     """The judge for (size, seed) from ``cache_dir``, trained and cached there first if missing or unreadable."""
-    from .judge import train_judge
-
     path = _local_path(cache_dir) / cache_name(size, seed, train_overrides)
     stale = False
     if path.exists():
@@ -118,7 +115,7 @@ def load_or_train_judge(cache_dir, size: int = 32, seed: int = 0, log=print, **t
             stale = True
             if log is not None:
                 log(f"retraining the toy judge: {e}")
-    judge = train_judge(size=size, seed=seed, log=log, **train_overrides)
+    judge = judge_lib.train_judge(size=size, seed=seed, log=log, **train_overrides)
     # A concurrent trainer of the same (deterministic) judge may have saved it meanwhile: keep theirs then.
     save_judge(judge, path, overwrite=stale)
     return judge

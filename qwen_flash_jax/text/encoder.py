@@ -56,7 +56,7 @@ from flax import nnx
 
 from qwen_flash_jax.models.layers import Dense, RMSNorm
 from qwen_flash_jax.text import prompts as prompts_lib
-from qwen_flash_jax.text.tokenizer import IMAGE_PAD, special_token_id
+from qwen_flash_jax.text.prompts import IMAGE_PAD, special_token_id
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.npz"

@@ -17,7 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-from qwen_flash_jax.text.tokenizer import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, special_token_id
+# Qwen's chat and vision special tokens (each a single id in Qwen3-VL's tokenizer and in the toy one).
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
 
 SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
 
@@ -43,6 +48,14 @@ def build_prompt(prompt: str, num_condition_images: int = 0) -> str:
         f" <image{i}>{VISION_START}{IMAGE_PAD}{VISION_END}" for i in range(2, num_condition_images + 1)
     )
     return PROMPT_TEMPLATE_TI2I.replace(_FIRST_IMAGE, images).format(prompt)
+
+
+def special_token_id(tokenizer, token: str) -> int:
+    """The single id of a special token; raises if the tokenizer splits it or does not know it."""
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"{token!r} is not a single token in this tokenizer (got ids {ids})")
+    return int(ids[0])
 
 
 def system_prefix_len(tokenizer) -> int:

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen_flash_jax import sharding
 from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, some_of
 from qwen_flash_jax.models.config import ConfigError, read_config_json
 from qwen_flash_jax.safetensors_checkpoint import SafetensorsCheckpoint
@@ -399,8 +400,6 @@ jax.tree_util.register_dataclass(Qwen3VLParams, data_fields=["text", "vision"], 
 def _shardings(abstract_state, mesh, rules):
     if mesh is None:
         return None
-    from qwen_flash_jax import sharding
-
     return sharding.param_shardings(abstract_state, mesh, sharding.normalise_rules(rules))
 
 

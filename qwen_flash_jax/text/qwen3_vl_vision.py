@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen_flash_jax import sharding
 from qwen_flash_jax.errors import CheckpointError, some_of
 from qwen_flash_jax.models.config import ConfigError, read_config_json
 from qwen_flash_jax.safetensors_checkpoint import SafetensorsCheckpoint
@@ -486,8 +487,6 @@ def load_vision_tower(path: str | os.PathLike, dtype: str = "float32", mesh=None
         _, abstract = nnx.split(nnx.eval_shape(lambda: VisionTower(config, rngs=nnx.Rngs(0))))
         shardings = None
         if mesh is not None:
-            from qwen_flash_jax import sharding
-
             shardings = sharding.param_shardings(abstract, mesh, sharding.normalise_rules(rules))
         nested = checkpoint.read_nested({key: (leaf_path, _LAYOUTS[how])
                                          for key, (leaf_path, how, _) in keys.items()}, target, shardings)

@@ -12,11 +12,8 @@ from typing import Iterable
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
+from qwen_flash_jax.text.prompts import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, build_prompt
+
 PAD = "<|endoftext|>"  # Qwen's padding token
 
 # Order fixes the ids: special tokens take ids 0..5 of the toy vocabulary.
@@ -62,18 +59,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> transformers
 
 
 def _training_texts(texts: list[str]):
-    from qwen_flash_jax.text.prompts import build_prompt  # prompts imports this module's constants
-
     for text in texts:
         templated = build_prompt(text, num_condition_images=1)
         for special in SPECIAL_TOKENS:
             templated = templated.replace(special, "\n")
         yield templated
 
-
-def special_token_id(tokenizer, token: str) -> int:
-    """The single id of a special token; raises if the tokenizer splits it or does not know it."""
-    ids = tokenizer.encode(token, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"{token!r} is not a single token in this tokenizer (got ids {ids})")
-    return int(ids[0])

@@ -1,6 +1,6 @@
 """Everything a job needs besides the transformers: data sources, tokenizer + frozen text encoder, latent codec.
 
-Toy assets are built on first use and cached under `config.cache_dir` (default ~/.cache/qwen_flash_jax), keyed by
+Toy assets are built on first use and cached (`qwen_flash_jax.cache`), keyed by
 a hash of the config fields they depend on, so many runs (E1-E5, the ratio sweep ...) share one dataset and one
 text encoder. Full-scale assets come from local Hugging Face directories given by path: the Qwen3-VL text encoder
 (`text_encoder.kind="qwen3_vl"`, its tokenizer beside it or in the pipeline's `tokenizer/` folder) and the VAE
@@ -10,23 +10,27 @@ text encoder. Full-scale assets come from local Hugging Face directories given b
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import pathlib
 from typing import Any, Callable
 
 import numpy as np
+import transformers
 
-from qwen_flash_jax import sharding
+from qwen_flash_jax import config_lib
+from qwen_flash_jax.cache import cache_category, cache_root, config_hash
 from qwen_flash_jax.data import pipeline as pipeline_lib
+from qwen_flash_jax.data import sources as sources_lib
 from qwen_flash_jax.data import world
+from qwen_flash_jax.diffusion.conditioning import TaskSpec, task_specs
 from qwen_flash_jax.models.codec import SpaceToDepthCodec
 from qwen_flash_jax.models.config import ConfigError
+from qwen_flash_jax.models.vae_io import VAECodec, load_vae
 from qwen_flash_jax.text import encoder as text_encoder
 from qwen_flash_jax.text import prompts as prompt_lib
-from qwen_flash_jax.text.tokenizer import IMAGE_PAD, special_token_id, train_tokenizer
-from qwen_flash_jax.train.conditioning import TaskSpec, task_specs
+from qwen_flash_jax.text import qwen3_vl
+from qwen_flash_jax.text.prompts import IMAGE_PAD, special_token_id
+from qwen_flash_jax.text.tokenizer import train_tokenizer
 
 
 @dataclasses.dataclass
@@ -42,44 +46,6 @@ class Assets:
     def condition_pixels(self) -> bool:
         """Whether edit batches carry the condition image's pixels (the Qwen3-VL vision tower reads them)."""
         return getattr(self.text_encoder, "vision", None) is not None
-
-
-def cache_root(config) -> pathlib.Path:
-    root = config.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "qwen_flash_jax")
-    return pathlib.Path(root)
-
-
-def cache_category(config, category: str, log: Callable[[str], None] | None = None) -> pathlib.Path:
-    """`cache_root(config) / category`, holding the package's shipped toy entries of that category (train/prebuilt.py)
-    for toy-world runs, unless `config.prebuilt_cache` is False."""
-    from qwen_flash_jax.train import prebuilt
-
-    path = cache_root(config) / category
-    if config.get("prebuilt_cache", True) and config.text_encoder.kind == "toy":
-        prebuilt.seed(category, path, log=log)
-    return path
-
-
-def config_hash(*parts) -> str:
-    text = json.dumps([p.to_dict() if hasattr(p, "to_dict") else p for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def params_fingerprint(tree) -> str | None:
-    """A digest of a pytree's values (leaf paths, shapes, dtypes and bytes): equal digests, equal parameters.
-    Reads every leaf to the host, so it is meant for the toy world's small networks; None when some leaf is not
-    whole on this process (sharded over hosts)."""
-    import jax
-
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    if not all(getattr(leaf, "is_fully_addressable", True) for _, leaf in leaves):
-        return None
-    digest = hashlib.sha256()
-    for path, leaf in leaves:
-        value = np.asarray(jax.device_get(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}:{value.dtype}:{value.shape};".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()[:16]
 
 
 TEXT_ENCODER_KINDS = ("toy", "qwen3_vl")
@@ -111,8 +77,6 @@ def build_assets(config, log: Callable[[str], None] = print) -> Assets:
 
 
 def _sources(config, log):
-    from qwen_flash_jax.data import sources as sources_lib
-
     d = config.data
     if d.source == "toy_world":
         log(f"toy world data: {d.examples_per_category} records per category at {d.image_size}px")
@@ -164,8 +128,6 @@ def check_text_encoder(config) -> None:
 def _codec(config, log):
     if config.codec.kind == "space_to_depth":
         return SpaceToDepthCodec(patch=int(config.codec.patch))
-    from qwen_flash_jax.models.vae_io import VAECodec, load_vae
-
     log(f"loading the VAE from {config.codec.path}")
     codec = VAECodec(load_vae(config.codec.path, dtype=_frozen_dtype(config)))
     if codec.scale_factor != VAE_SCALE_FACTOR:
@@ -180,8 +142,6 @@ def _frozen_dtype(config) -> str:
 
 
 def _qwen3_vl_text_encoder(config, log):
-    from qwen_flash_jax.text import qwen3_vl
-
     path = pathlib.Path(config.text_encoder.path)
     # What config.json and the tokenizer say is checked before the minutes it takes to read an 8B checkpoint.
     te_config = qwen3_vl.read_config(path)
@@ -195,7 +155,7 @@ def _qwen3_vl_text_encoder(config, log):
     log(f"loading the Qwen3-VL text encoder from {path}")
     # Sharded like the transformer (its logical axes, the config's rules): a replicated 8B encoder would not fit
     # beside the models on a 16 GiB chip.
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
+    mesh = config_lib.make_mesh(config)
     params = qwen3_vl.load_qwen3_vl(path, dtype=_frozen_dtype(config), mesh=mesh, rules=config.mesh.rules)
     if params.vision is None and pipeline_lib.mixing.parse_ratio(config.data.task_ratio)[1]:
         raise ConfigError(f"{path}: the checkpoint has no vision tower (model.visual.*), which edits need; "
@@ -205,8 +165,6 @@ def _qwen3_vl_text_encoder(config, log):
 
 def _hf_tokenizer(text_encoder_path: pathlib.Path):
     """The tokenizer beside the text encoder, or in the diffusers pipeline's `tokenizer/` or `processor/` folder."""
-    import transformers
-
     for candidate in (text_encoder_path, text_encoder_path.parent / "tokenizer",
                       text_encoder_path.parent / "processor"):
         if (candidate / "tokenizer_config.json").exists() or (candidate / "tokenizer.json").exists():

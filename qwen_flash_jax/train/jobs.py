@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 
-from qwen_flash_jax.data.pipeline import PromptTooLongError
+from qwen_flash_jax.data.pipeline import PromptTooLongError, check_data_config
+from qwen_flash_jax.data.sources import DataError
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.models.layout import LayoutError
+from qwen_flash_jax.train import distill_job, teacher
+from qwen_flash_jax.train.assets import check_text_encoder
+from qwen_flash_jax.train.distill_job import NonFiniteError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, LayoutError, PromptTooLongError, FileNotFoundError)
-try:  # data-source errors (bad records, unreadable files)
-    from qwen_flash_jax.data.sources import DataError
-
-    USER_ERRORS += (DataError,)
-except ImportError:  # pragma: no cover
-    pass
+# Data-source errors are bad records or unreadable files: the user's to fix.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, LayoutError, PromptTooLongError, FileNotFoundError, DataError)
 
 
 def exit_on_failure(fn, *args):
     """Runs a command-line job: a user mistake ends with one `error: ...` line and status 2, a run stopped by
     non-finite steps with its message and status 1; anything else is a bug and keeps its traceback."""
-    import sys
-
-    from qwen_flash_jax.distill.trainer import NonFiniteError
-
     try:
         return fn(*args)
     except USER_ERRORS as e:
@@ -35,19 +31,13 @@ def exit_on_failure(fn, *args):
 
 
 def run(config, workdir) -> None:
-    from qwen_flash_jax.data.pipeline import check_data_config
-    from qwen_flash_jax.distill import trainer
-    from qwen_flash_jax.train import teacher
-
-    from qwen_flash_jax.train.assets import check_text_encoder
-
     workdir = pathlib.Path(workdir)
     # Validate first: a bad config must not leave a half-made workdir behind.
     if config.job == "teacher":
         check_data_config(config.data)
         teacher.check_source(config, config.teacher_name)
     elif config.job == "distill":
-        trainer.check_config(config)
+        distill_job.check_config(config)
     else:
         raise ConfigError(f"config.job must be 'teacher' or 'distill', got {config.job!r}")
     check_text_encoder(config)  # kinds, checkpoint directories, the toy encoder's width
@@ -57,4 +47,4 @@ def run(config, workdir) -> None:
         init = teacher.ensure_teacher(config, parent) if parent else None  # cached, trained on first use
         teacher.train_teacher(config, config.teacher_name, workdir, init_params=init)
     else:
-        trainer.distill(config, workdir)
+        distill_job.distill(config, workdir)

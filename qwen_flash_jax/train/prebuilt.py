@@ -17,67 +17,25 @@ Export from a cache that holds the toy default's entries (and only the main job'
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import json
 import os
 import pathlib
 import shutil
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent / "prebuilt_cache"
-MANIFEST = "MANIFEST.json"
+import jax
 
-
-def seed(category: str, target: pathlib.Path, root: pathlib.Path = ROOT, log=None) -> list[str]:
-    """Copies each shipped entry of `category` (a directory or a file under `root/category`) that `target` lacks,
-    whole or not at all: into a hidden temporary name first, then renamed. Entries already there are kept."""
-    source = root / category
-    if not source.is_dir():
-        return []
-    copied = []
-    for entry in sorted(source.iterdir()):
-        dest = target / entry.name
-        if dest.exists():
-            continue
-        target.mkdir(parents=True, exist_ok=True)
-        tmp = target / f".{entry.name}.{os.getpid()}.seeding"
-        try:
-            if entry.is_dir():
-                shutil.copytree(entry, tmp)
-            else:
-                shutil.copyfile(entry, tmp)
-            os.replace(tmp, dest)
-        except OSError:
-            if not dest.exists():  # a concurrent run that seeded it first is fine; anything else is not
-                raise
-        finally:
-            _remove(tmp)
-        copied.append(entry.name)
-    if copied and log is not None:
-        log(f"cache: copied the shipped toy {category} {', '.join(copied)} into {target}")
-    return copied
-
-
-def _remove(path: pathlib.Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def file_digests(root: pathlib.Path = ROOT) -> dict[str, str]:
-    """sha256 of every shipped file, by its path under `root` (the manifest's record)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+from qwen_flash_jax import config_lib
+from qwen_flash_jax.cache import MANIFEST, SHIPPED_ROOT, file_digests
+from qwen_flash_jax.eval.judge_io import cache_name
+from qwen_flash_jax.train import assets as assets_lib
+from qwen_flash_jax.train import teacher
 
 
 def entries_for(config, cache: pathlib.Path) -> list[pathlib.Path]:
     """The cache entries the toy main job of `config` reads: its trained teachers, text encoder and judge, and every
     stored benchmark image set in `cache` (export from a cache that only the main job has used)."""
-    from qwen_flash_jax.eval.judge_io import cache_name
-    from qwen_flash_jax.train import assets as assets_lib
-    from qwen_flash_jax.train import teacher
-
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.cache_dir, config.prebuilt_cache = str(cache), False  # names only: nothing is copied here
@@ -89,11 +47,9 @@ def entries_for(config, cache: pathlib.Path) -> list[pathlib.Path]:
     return entries
 
 
-def export(config, cache: pathlib.Path, root: pathlib.Path = ROOT) -> dict:
+def export(config, cache: pathlib.Path, root: pathlib.Path = SHIPPED_ROOT) -> dict:
     """Replaces `root` with the entries of `cache` that `config`'s toy main job reads (teachers: the final
     parameters and marker only, not the training checkpoints) and writes the manifest."""
-    import jax
-
     entries = entries_for(config, cache)
     missing = [str(e) for e in entries if not e.exists()]
     if missing:
@@ -123,10 +79,6 @@ def export(config, cache: pathlib.Path, root: pathlib.Path = ROOT) -> dict:
 
 
 def main(argv=None) -> None:
-    import argparse
-
-    from qwen_flash_jax import config_lib
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/5to5.py:toy")
     parser.add_argument("--from_cache", required=True, type=pathlib.Path)
@@ -136,8 +88,8 @@ def main(argv=None) -> None:
     except (FileNotFoundError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    size = sum((ROOT / name).stat().st_size for name in manifest["files"])
-    print(f"wrote {len(manifest['files'])} files ({size / 2**20:.1f} MiB) to {ROOT}")
+    size = sum((SHIPPED_ROOT / name).stat().st_size for name in manifest["files"])
+    print(f"wrote {len(manifest['files'])} files ({size / 2**20:.1f} MiB) to {SHIPPED_ROOT}")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ resumes from its last complete checkpoint; its final parameters are written to `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import pathlib
+import shutil
 import time
 
 import jax
@@ -21,13 +23,15 @@ import orbax.checkpoint as ocp
 from clu import metric_writers, periodic_actions
 from flax import struct
 
-from qwen_flash_jax import config_lib, flow, sampling, sharding
+from qwen_flash_jax import cache, checkpoint_io, config_lib, flow, sharding
 from qwen_flash_jax.data import pipeline as pipeline_lib
+from qwen_flash_jax.diffusion import conditioning, sampling
+from qwen_flash_jax.errors import CheckpointError
 from qwen_flash_jax.eval import bench_sets, report
 from qwen_flash_jax.eval.generate import Generator, save_grid
 from qwen_flash_jax.loading import build_transformer, from_params
 from qwen_flash_jax.train import assets as assets_lib
-from qwen_flash_jax.train import conditioning, optim
+from qwen_flash_jax.train import optim
 from qwen_flash_jax.train.checkpoint import open_and_resume, place_on_mesh
 
 MARKER = "teacher.json"
@@ -70,8 +74,8 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
     train_cfg = config.teachers[name].train
     steps = int(train_cfg.steps)
     assets = assets or assets_lib.build_assets(run, log)
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
-    rules = sharding.normalise_rules(config.mesh.rules)
+    mesh = config_lib.make_mesh(config)
+    rules = config_lib.mesh_rules(config)
     model_cfg = config_lib.transformer_config(config)
     model = build_transformer(model_cfg, seed=int(config.seed), mesh=mesh, rules=rules)
     if init_params is not None:
@@ -174,8 +178,6 @@ def _summarise(pending) -> dict[str, float]:
 def _write_final(workdir: pathlib.Path, params, meta: dict):
     path = workdir / "params"
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, params)
@@ -218,12 +220,12 @@ def cache_dir(config, name: str) -> pathlib.Path:
     # How the blocks run (scanned or unrolled) and how the work is laid out over devices (the mesh) change only
     # float rounding, so they stay out of the key: a teacher trained with fsdp serves a data-parallel run.
     model = {k: v for k, v in config.model.to_dict().items() if k != "scan_layers"}
-    key = assets_lib.config_hash(model, config.text_encoder, config.codec, spec.train.to_dict(),
+    key = cache.config_hash(model, config.text_encoder, config.codec, spec.train.to_dict(),
                                  [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens,
                                   # only when set, so that the keys of teachers cached before it existed hold
                                   *([d.edit_prompt_tokens] if d.get("edit_prompt_tokens") else [])],
                                  config.seed, parent, "v1")
-    return assets_lib.cache_category(config, "teachers") / f"{name}-{key}"
+    return cache.cache_category(config, "teachers") / f"{name}-{key}"
 
 
 def ensure_teacher(config, name: str, *, log=print, assets=None):
@@ -235,7 +237,7 @@ def ensure_teacher(config, name: str, *, log=print, assets=None):
         raise config_lib.ConfigError(f"teachers.{name}.train.uniform_t_fraction must lie in [0, 1], got {fraction}")
     if spec.path:
         return _restore_standalone(config, spec.path)
-    assets_lib.cache_category(config, "teachers", log)  # says so when the package's trained toy teachers are used
+    cache.cache_category(config, "teachers", log)  # says so when the package's trained toy teachers are used
     directory = cache_dir(config, name)
     if not is_trained(directory):
         init = ensure_teacher(config, spec.init_from, log=log, assets=assets) if spec.init_from else None
@@ -285,14 +287,12 @@ def check_source(config, name: str) -> None:
 
 
 def _restore_standalone(config, directory):
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
+    mesh = config_lib.make_mesh(config)
     model = build_transformer(config_lib.transformer_config(config), seed=0, mesh=mesh,
-                              rules=sharding.normalise_rules(config.mesh.rules))
+                              rules=config_lib.mesh_rules(config))
     if not (pathlib.Path(directory) / "params").exists():
         raise config_lib.ConfigError(f"no teacher parameters at {directory}/params")
     if (pathlib.Path(directory) / "config.json").exists():  # a converted diffusers checkpoint (orbax v1 layout)
-        from qwen_flash_jax import checkpoint_io
-
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), model.params)
         return checkpoint_io.restore_params(directory, target)  # cast to the model's param_dtype on read
     return load_params(directory, model)
@@ -304,11 +304,6 @@ _RUNTIME_FIELDS = ("param_dtype", "dtype", "remat_policy", "scan_layers")
 
 def _check_converted(config, directory, field: str) -> None:
     """A converted checkpoint's architecture against `config.model`, one line naming what differs."""
-    import dataclasses
-
-    from qwen_flash_jax import checkpoint_io
-    from qwen_flash_jax.errors import CheckpointError
-
     try:
         stored = dataclasses.asdict(checkpoint_io.read_config(directory))
     except CheckpointError as e:

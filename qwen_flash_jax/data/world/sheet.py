@@ -6,6 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
+from .core import T2I_CATEGORIES, sample_t2i
+from .edits import EDIT_CATEGORIES, sample_edit
+
 
 def _rgb(img: np.ndarray) -> np.ndarray:
     img = np.asarray(img)
@@ -46,9 +49,6 @@ def contact_sheet(images: Sequence[np.ndarray], cols: int, scale: int = 4, pad: 
 def demo_sheet(seed: int = 0, size: int = 32, t2i_per_category: int = 6, edits_per_category: int = 4,
                scale: int = 4) -> np.ndarray:
     """One row per T2I category (samples), then one row per edit category (source|target pairs)."""
-    from .core import T2I_CATEGORIES, sample_t2i
-    from .edits import EDIT_CATEGORIES, sample_edit
-
     rng = np.random.default_rng(seed)
     strips = []
     for cat in T2I_CATEGORIES:

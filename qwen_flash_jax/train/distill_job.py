@@ -10,32 +10,24 @@ good checkpoint.
 
 from __future__ import annotations
 
-import functools
 import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers, periodic_actions
 
-from qwen_flash_jax import config_lib, sharding
+from qwen_flash_jax import cache, config_lib, sharding
 from qwen_flash_jax.data import mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
-from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
-from qwen_flash_jax.distill import dmd, gan
+from qwen_flash_jax.distill import dmd
 from qwen_flash_jax.distill import pairs as pairs_lib
-from qwen_flash_jax.distill.steps import DistillSetup, critic_step, generator_step, initial_state
-from qwen_flash_jax.eval import report
+from qwen_flash_jax.eval import judge_io, report
 from qwen_flash_jax.eval.generate import Generator
-from qwen_flash_jax.loading import from_params
 from qwen_flash_jax.models.config import ConfigError
-from qwen_flash_jax.train import assets as assets_lib
-from qwen_flash_jax.train import optim, teacher
-from qwen_flash_jax.train.checkpoint import open_and_resume, place_on_mesh
-
-CONDITIONS = tuple(f"t2i/{c}" for c in T2I_CATEGORIES) + tuple(f"edit/{c}" for c in EDIT_CATEGORIES)
-CONDITION_OFFSET = {"t2i": 0, "edit": len(T2I_CATEGORIES)}
+from qwen_flash_jax.train import components, teacher
+from qwen_flash_jax.train.checkpoint import open_and_resume
+from qwen_flash_jax.train.components import CONDITION_OFFSET, CONDITIONS
 
 
 class NonFiniteError(RuntimeError):
@@ -47,45 +39,14 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     workdir = pathlib.Path(workdir).absolute()
     names = tuple(config.guidance.teachers)
     check_config(config)
-    assets = assets_lib.build_assets(config, log)
-    teachers = {name: teacher.ensure_teacher(config, name, log=log, assets=assets) for name in names}
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
-    rules = sharding.normalise_rules(config.mesh.rules)
-    model_cfg = config_lib.transformer_config(config)
-    base = teachers.get(config.student.init_from) or teacher.ensure_teacher(config, config.student.init_from)
-    fake_init = teachers.get(config.fake_score.init_from) or teacher.ensure_teacher(config, config.fake_score.init_from)
-    # Copies on device (no host round trip): the student and fake score are donated each step, the teachers not.
-    model = from_params(model_cfg, jax.tree.map(jnp.copy, base), mesh=mesh, rules=rules)
-
+    parts = components.build(config, log)
+    assets, teachers, base, mu = parts.assets, parts.teachers, parts.base, parts.mu
+    model = components.student_model(parts)
+    setup = components.distill_setup(config, model, mu)
+    state = components.initial_state(config, parts, setup)
     steps = int(config.train.steps)
     ratio = int(config.fake_score.updates_per_student)
     warmup = int(config.fake_score.warmup_updates)
-    mu = teacher.target_mu(config)
-    setup = DistillSetup(
-        model=model,
-        student_opt=optim.from_config(config.optim, steps, float(config.student.learning_rate)),
-        fake_opt=optim.from_config(config.optim, steps * ratio + warmup, float(config.fake_score.learning_rate)),
-        timesteps=tuple(float(t) for t in dmd.student_timesteps(int(config.student.num_steps), mu,
-                                                                 tuple(config.student.timesteps))),
-        guidance=dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS,
-                                    int(config.student.num_steps)),
-        teacher_names=names, cfg_scale=float(config.guidance.cfg_scale),
-        cfg_rescale=float(config.guidance.cfg_rescale), t_min=float(config.guidance.t_min),
-        t_max=float(config.guidance.t_max), ema_decay=float(config.student.ema_decay),
-        first_step_fm_weight=float(config.student.first_step_fm_weight),
-        disc_opt=optim.from_config(config.optim, steps * ratio + warmup,
-                                   float(config.fake_score.gan_head_learning_rate)),
-        gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight),
-        gan_tasks=tuple(config.student.gan_tasks),
-        renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight),
-        critic_step_probs=dmd.critic_step_probs(int(config.student.num_steps), tuple(config.fake_score.step_probs)),
-        schedule=str(config.guidance.schedule))
-    student = model.params
-    fake = from_params(model_cfg, jax.tree.map(jnp.copy, fake_init), mesh=mesh, rules=rules).params
-    seed = config_lib.distill_seed(config)
-    disc = gan.init_head(jax.random.key(seed + 2), model_cfg.inner_dim)
-    state = place_on_mesh(initial_state(setup, student, fake, disc, jax.random.key_data(jax.random.key(seed + 1))),
-                          mesh)
 
     # One student update takes `ratio` critic batches and one generator batch, all of one task: the T2I:Edit
     # pattern steps once per update, so the generator and the critic both see the configured ratio.
@@ -95,10 +56,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator, label="distill",
                                   log=log)
 
-    critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",), donate_argnums=(0,))
-    generator = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"),
-                        donate_argnums=(0,))
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+    critic, generator = components.jitted_steps(setup)
+    batch_sharding = sharding.batch_sharding(parts.mesh, parts.rules)
 
     def next_batch():
         batch = next(iterator)
@@ -242,8 +201,8 @@ def check_config(config) -> None:
 
 def check_batch_fits_mesh(config) -> None:
     """The global batch must split evenly over the mesh axes that shard the batch."""
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
-    spec = sharding.batch_sharding(mesh, sharding.normalise_rules(config.mesh.rules)).spec[0]
+    mesh = config_lib.make_mesh(config)
+    spec = sharding.batch_sharding(mesh, config_lib.mesh_rules(config)).spec[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
     ways = int(np.prod([mesh.shape[a] for a in axes]))
     if int(config.data.batch_size) % ways:
@@ -268,16 +227,14 @@ def _make_probe(config, workdir, gen, writer, log):
     every = int(config.train.sample_every)
     if every <= 0 or config.eval.judge == "none":
         return None
-    from qwen_flash_jax.eval.judge_io import load_or_train_judge
-
     k = int(config.student.num_steps)
-    judge = load_or_train_judge(assets_lib.cache_category(config, "judge", log), size=int(config.data.image_size),
+    judge = judge_io.load_or_train_judge(cache.cache_category(config, "judge", log), size=int(config.data.image_size),
                                 log=log)
 
     def probe(step, state):
         params = state.evaluated_student()
         # At step 0 the student is still its initial teacher weights, shared by every run from that teacher.
-        key = _images_key(config, gen, assets_lib.params_fingerprint(params), student=True) if step == 0 else None
+        key = _images_key(config, gen, cache.params_fingerprint(params), student=True) if step == 0 else None
         student = report.Contender("student", k, lambda c: gen.t2i(params, c, num_steps=k, student=True),
                                    lambda s, i: gen.edit(params, s, i, num_steps=k, student=True), cache_key=key)
         results = report.evaluate([student], judge, size=int(config.data.image_size),
@@ -295,20 +252,20 @@ def _make_probe(config, workdir, gen, writer, log):
 
 def _image_cache(config) -> pathlib.Path:
     """Benchmark images of the frozen teachers' samplers, shared by every run on this cache (report.evaluate)."""
-    return assets_lib.cache_category(config, "eval_images")
+    return cache.cache_category(config, "eval_images")
 
 
 def _images_key(config, gen, params_digest: str | None, **sampler) -> str | None:
     """Everything a sampler's benchmark images depend on besides the benchmark itself (report.Contender.cache_key):
     the network's parameters, the text encoder, tokenizer and codec, the sampler and the jax version. None (not
     cached) when a digest cannot be taken on this process."""
-    text_digest = params_digest and assets_lib.params_fingerprint(gen.assets.text_encoder)
+    text_digest = params_digest and cache.params_fingerprint(gen.assets.text_encoder)
     if text_digest is None:
         return None
     d = config.data
     if sampler.pop("student", False):
         sampler.update(student=True, timesteps=gen.student_timesteps, renoise=gen.student_renoise)
-    return assets_lib.config_hash(
+    return cache.config_hash(
         params_digest, text_digest, config.model, config.text_encoder,
         config.codec, [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens,
                        d.get("edit_prompt_tokens", 0)],
@@ -317,15 +274,13 @@ def _images_key(config, gen, params_digest: str | None, **sampler) -> str | None
 
 def run_evaluation(config, workdir, gen, state, base, log):
     """Student (4 NFE) beside the base teacher at 4 and at `sampling.teacher_steps` steps, same prompts and seeds."""
-    from qwen_flash_jax.eval.judge_io import load_or_train_judge
-
     cfg = float(config.sampling.cfg_scale)
     k = int(config.student.num_steps)
     n_teacher = int(config.sampling.teacher_steps)
     student = state.evaluated_student()
 
     # Only the toy judge's benchmark images are cached (a digest reads every weight to the host: toy sizes only).
-    base_digest = assets_lib.params_fingerprint(base) if config.eval.judge != "none" else None
+    base_digest = cache.params_fingerprint(base) if config.eval.judge != "none" else None
 
     def euler(params, steps, timesteps=None, label=""):
         kw = dict(num_steps=steps, cfg_scale=cfg, timesteps=timesteps)
@@ -346,7 +301,7 @@ def run_evaluation(config, workdir, gen, state, base, log):
                                          title=f"Distillation samples: {workdir.name}", log=log)
         log(f"samples of {len(contenders)} models written to {workdir}/grid_*.png (not scored: eval.judge='none')")
         return results
-    judge = load_or_train_judge(assets_lib.cache_category(config, "judge", log), size=int(config.data.image_size),
+    judge = judge_io.load_or_train_judge(cache.cache_category(config, "judge", log), size=int(config.data.image_size),
                                 log=log)
     results = report.evaluate(contenders, judge, size=int(config.data.image_size),
                               prompts_per_category=int(config.eval.prompts_per_category),

@@ -1,6 +1,6 @@
 """Shows what the input pipeline feeds a run: task and category counts per batch, and a contact sheet.
 
-    python -m qwen_flash_jax.data.inspect --config=configs/7to3.py:toy --batches=20 [--out=batch0.png]
+    python -m qwen_flash_jax.inspect_data --config=configs/7to3.py:toy --batches=20 [--out=batch0.png]
 """
 
 from __future__ import annotations
@@ -11,6 +11,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from qwen_flash_jax.data import pipeline
+from qwen_flash_jax.data.world import contact_sheet, save_png, side_by_side
+from qwen_flash_jax.train.assets import build_assets
+from qwen_flash_jax.train.jobs import USER_ERRORS
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/5to5.py:toy", lock_config=True)
 _BATCHES = flags.DEFINE_integer("batches", 10, "How many batches to read.")
 _OUT = flags.DEFINE_string("out", "inspect_batch0.png", "Where to write the first batch's contact sheet (PNG).")
@@ -18,10 +23,6 @@ flags.mark_flags_as_required(["config"])
 
 
 def inspect(config, batches: int, out: str, log=print) -> dict:
-    from qwen_flash_jax.data import pipeline
-    from qwen_flash_jax.data.world import contact_sheet, save_png
-    from qwen_flash_jax.train.assets import build_assets
-
     if batches < 1:
         raise ValueError("--batches must be at least 1")
     assets = build_assets(config, log=lambda *_: None)
@@ -48,8 +49,6 @@ def inspect(config, batches: int, out: str, log=print) -> dict:
 
 
 def _images(batch, assets):
-    from qwen_flash_jax.data.world import side_by_side
-
     codec = assets.codec
     h, w = assets.tasks[batch["task"]].latent_hw
 
@@ -65,8 +64,6 @@ def _images(batch, assets):
 
 def main(argv):
     del argv
-    from qwen_flash_jax.train.jobs import USER_ERRORS
-
     try:
         inspect(_CONFIG.value, _BATCHES.value, _OUT.value)
     except USER_ERRORS + (ValueError,) as e:

@@ -12,25 +12,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_flash_jax import config_lib, flow, sampling, sharding
+from qwen_flash_jax import flow
+from qwen_flash_jax.diffusion import conditioning, sampling
 from qwen_flash_jax.distill import dmd
-from qwen_flash_jax.distill.trainer import CONDITIONS
 from qwen_flash_jax.eval import bench_sets
 from qwen_flash_jax.loading import build_transformer
-from qwen_flash_jax.train import assets as assets_lib
-from qwen_flash_jax.train import conditioning, teacher
+from qwen_flash_jax.train import components
+from qwen_flash_jax.train.components import CONDITIONS
 
 
 def score_fields(config, *, category: str = "text", n: int = 4, t: float = 0.6, seed: int = 0,
                  fake_params=None, log=print) -> dict[str, np.ndarray]:
     """Decoded fields for `n` T2I prompts of `category`: keys `x`, `x_t`, `x0/<teacher>`, `blend/k<k>`, and
     `dmd_direction` (|x0_fake - x0_real| at the last step's blend, scaled to [0, 255]) when `fake_params` is given."""
-    assets = assets_lib.build_assets(config, log)
+    parts = components.build(config, log, initial_networks=False)
+    assets, teachers = parts.assets, parts.teachers
     names = tuple(config.guidance.teachers)
-    teachers = {name: teacher.ensure_teacher(config, name, log=log, assets=assets) for name in names}
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh.axes))
-    model = build_transformer(config_lib.transformer_config(config), mesh=mesh,
-                              rules=sharding.normalise_rules(config.mesh.rules))
+    model = build_transformer(parts.model_config, mesh=parts.mesh, rules=parts.rules)
     bench = bench_sets.t2i_bench(int(config.data.image_size), n, int(config.eval.seed))[category]
     spec, codec = assets.tasks["t2i"], assets.codec
     h, w = spec.latent_hw

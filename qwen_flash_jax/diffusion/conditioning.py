@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_flash_jax.data.pipeline import PromptEncoder
+from qwen_flash_jax.diffusion.sampling import Conditioning
 from qwen_flash_jax.models.layout import TokenLayout, make_layout
-from qwen_flash_jax.sampling import Conditioning
 from qwen_flash_jax.text import encoder as text_encoder
 from qwen_flash_jax.text import qwen3_vl
 from qwen_flash_jax.text import qwen3_vl_vision as vision_lib

@@ -1,0 +1,121 @@
+"""Everything a distillation builds from its config, built in one place: the mesh, the frozen text encoder and
+codec (with the data sources, `assets`), the teachers, the student and fake-score networks, the DMD setup, the
+initial state and the jitted steps.
+
+The distillation job (`train.distill_job`, which `main` and `sweep` run), the score-field notebook
+(`train.score_fields`) and `benchmarks/dmd_iteration.py` all build through here, so the benchmark times the very
+step the main job runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from qwen_flash_jax import config_lib, sharding
+from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
+from qwen_flash_jax.distill import dmd, gan
+from qwen_flash_jax.distill import steps as steps_lib
+from qwen_flash_jax.distill.steps import DistillSetup, DistillState, critic_step, generator_step
+from qwen_flash_jax.loading import TransformerModel, build_transformer, from_params
+from qwen_flash_jax.models.config import TransformerConfig
+from qwen_flash_jax.train import assets as assets_lib
+from qwen_flash_jax.train import optim, teacher
+from qwen_flash_jax.train.checkpoint import place_on_mesh
+
+# The conditions the guidance table has a row for: T2I categories first, then edit categories.
+CONDITIONS = tuple(f"t2i/{c}" for c in T2I_CATEGORIES) + tuple(f"edit/{c}" for c in EDIT_CATEGORIES)
+CONDITION_OFFSET = {"t2i": 0, "edit": len(T2I_CATEGORIES)}
+
+
+@dataclasses.dataclass
+class Components:
+    mesh: sharding.Mesh
+    rules: sharding.Rules
+    model_config: TransformerConfig
+    assets: assets_lib.Assets
+    teachers: dict[str, Any]  # the guiding teachers' frozen parameters, by name
+    base: Any  # parameters the student starts from (`student.init_from`)
+    fake_init: Any  # parameters the fake score starts from (`fake_score.init_from`)
+    mu: float  # the time shift of the config's image size
+
+
+def build(config, log: Callable[[str], None] = print, *, random_teachers: bool = False,
+          initial_networks: bool = True) -> Components:
+    """The distillation's components. Teachers come from their checkpoints or the cache (trained on first use);
+    with `random_teachers`, every teacher is one randomly initialised transformer (for timing only). Without
+    `initial_networks`, the student's and fake score's initial teachers are not loaded (`base` and `fake_init` are
+    None) unless they guide."""
+    assets = assets_lib.build_assets(config, log)
+    names = tuple(config.guidance.teachers)
+    model_config = config_lib.transformer_config(config)
+    if random_teachers:
+        mesh, rules = config_lib.make_mesh(config), config_lib.mesh_rules(config)
+        params = build_transformer(model_config, seed=0, mesh=mesh, rules=rules).params
+        teachers = {name: params for name in names}
+        base = fake_init = params
+    else:
+        teachers = {name: teacher.ensure_teacher(config, name, log=log, assets=assets) for name in names}
+        mesh, rules = config_lib.make_mesh(config), config_lib.mesh_rules(config)
+        base, fake_init = teachers.get(config.student.init_from), teachers.get(config.fake_score.init_from)
+        if initial_networks:
+            base = base or teacher.ensure_teacher(config, config.student.init_from)
+            fake_init = fake_init or teacher.ensure_teacher(config, config.fake_score.init_from)
+    return Components(mesh, rules, model_config, assets, teachers, base, fake_init, teacher.target_mu(config))
+
+
+def student_model(parts: Components) -> TransformerModel:
+    """The student network, a copy of its initial teacher on device (no host round trip): the student and fake
+    score are donated each step, the teachers not."""
+    return from_params(parts.model_config, jax.tree.map(jnp.copy, parts.base), mesh=parts.mesh, rules=parts.rules)
+
+
+def distill_setup(config, model: TransformerModel, mu: float) -> DistillSetup:
+    """The DMD step's static settings, from the config."""
+    steps = int(config.train.steps)
+    ratio = int(config.fake_score.updates_per_student)
+    warmup = int(config.fake_score.warmup_updates)
+    names = tuple(config.guidance.teachers)
+    return DistillSetup(
+        model=model,
+        student_opt=optim.from_config(config.optim, steps, float(config.student.learning_rate)),
+        fake_opt=optim.from_config(config.optim, steps * ratio + warmup, float(config.fake_score.learning_rate)),
+        timesteps=tuple(float(t) for t in dmd.student_timesteps(int(config.student.num_steps), mu,
+                                                                 tuple(config.student.timesteps))),
+        guidance=dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS,
+                                    int(config.student.num_steps)),
+        teacher_names=names, cfg_scale=float(config.guidance.cfg_scale),
+        cfg_rescale=float(config.guidance.cfg_rescale), t_min=float(config.guidance.t_min),
+        t_max=float(config.guidance.t_max), ema_decay=float(config.student.ema_decay),
+        first_step_fm_weight=float(config.student.first_step_fm_weight),
+        disc_opt=optim.from_config(config.optim, steps * ratio + warmup,
+                                   float(config.fake_score.gan_head_learning_rate)),
+        gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight),
+        gan_tasks=tuple(config.student.gan_tasks),
+        renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight),
+        critic_step_probs=dmd.critic_step_probs(int(config.student.num_steps), tuple(config.fake_score.step_probs)),
+        schedule=str(config.guidance.schedule))
+
+
+def initial_state(config, parts: Components, setup: DistillSetup) -> DistillState:
+    """Step 0: the student (`setup.model`'s parameters), a copy of the fake score's initial teacher, their
+    optimisers, the EMA (only when EMA is on), the discriminator head and the RNG, placed on the mesh."""
+    student = setup.model.params
+    fake = from_params(parts.model_config, jax.tree.map(jnp.copy, parts.fake_init), mesh=parts.mesh,
+                       rules=parts.rules).params
+    seed = config_lib.distill_seed(config)
+    disc = gan.init_head(jax.random.key(seed + 2), parts.model_config.inner_dim)
+    rng = jax.random.key_data(jax.random.key(seed + 1))
+    return place_on_mesh(steps_lib.initial_state(setup, student, fake, disc, rng), parts.mesh)
+
+
+def jitted_steps(setup: DistillSetup):
+    """(critic update, generator update), jitted; each donates the state it is given."""
+    critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",), donate_argnums=(0,))
+    generator = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"),
+                        donate_argnums=(0,))
+    return critic, generator
