@@ -16,6 +16,7 @@ from the first row: every row distils the same cached teacher and is scored on t
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import pathlib
 import time
@@ -107,9 +108,12 @@ def _in_world_order(result: dict) -> dict:
     return out
 
 
-def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print) -> dict:
+def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print,
+              library_logs_to_file: bool = False) -> dict:
     workdir = pathlib.Path(workdir)
     rows = row_configs(suite, variant, overrides)
+    if library_logs_to_file:  # after the rows' configs are checked: a bad one leaves no directory behind
+        jobs.send_library_logs_to_file(workdir / "logs")
     done = []
     for i, (label, config) in enumerate(rows):
         row_dir = workdir / row_dirname(label)
@@ -135,7 +139,8 @@ def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    jobs.exit_on_failure(run_suite, _SUITE.value, _WORKDIR.value, _VARIANT.value, tuple(_SET.value))
+    jobs.exit_on_failure(functools.partial(run_suite, library_logs_to_file=True), _SUITE.value, _WORKDIR.value,
+                        _VARIANT.value, tuple(_SET.value))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pathlib
 import sys
 
+from absl import flags, logging
+
 from qwen_flash_jax.data.pipeline import PromptTooLongError, check_data_config
 from qwen_flash_jax.data.sources import DataError
 from qwen_flash_jax.models.config import ConfigError
@@ -30,7 +32,22 @@ def exit_on_failure(fn, *args):
         sys.exit(1)
 
 
-def run(config, workdir) -> None:
+def send_library_logs_to_file(log_dir) -> None:
+    """Keeps the console to the job's own progress and results: absl INFO records (orbax's checkpoint chatter,
+    clu's metric lines) go to `log_dir/<program>.*.INFO` instead; warnings and errors still reach stderr.
+    `--logtostderr` or an explicit `--stderrthreshold` keeps absl's own behaviour."""
+    if flags.FLAGS["logtostderr"].value:
+        return
+    if not flags.FLAGS["stderrthreshold"].present:
+        flags.FLAGS.stderrthreshold = "warning"
+    pathlib.Path(log_dir).mkdir(parents=True, exist_ok=True)
+    logging.get_absl_handler().use_absl_log_file(log_dir=str(log_dir))
+    logging.set_verbosity(logging.INFO)
+
+
+def run(config, workdir, *, library_logs_to_file: bool = False) -> None:
+    """Validates `config`, then runs its job in `workdir`. With `library_logs_to_file` (the command lines), library
+    INFO logging goes to `workdir/logs` rather than the console."""
     workdir = pathlib.Path(workdir)
     # Validate first: a bad config must not leave a half-made workdir behind.
     if config.job == "teacher":
@@ -42,6 +59,8 @@ def run(config, workdir) -> None:
         raise ConfigError(f"config.job must be 'teacher' or 'distill', got {config.job!r}")
     check_text_encoder(config)  # kinds, checkpoint directories, the toy encoder's width
     workdir.mkdir(parents=True, exist_ok=True)
+    if library_logs_to_file:
+        send_library_logs_to_file(workdir / "logs")
     if config.job == "teacher":
         parent = config.teachers[config.teacher_name].init_from
         init = teacher.ensure_teacher(config, parent) if parent else None  # cached, trained on first use
