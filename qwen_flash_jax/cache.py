@@ -22,6 +22,8 @@ from typing import Callable
 import jax
 import numpy as np
 
+from qwen_flash_jax import atomic
+
 SHIPPED_ROOT = pathlib.Path(__file__).resolve().parent / "prebuilt_cache"
 MANIFEST = "MANIFEST.json"
 
@@ -62,7 +64,8 @@ def params_fingerprint(tree) -> str | None:
 
 def seed(category: str, target: pathlib.Path, root: pathlib.Path = SHIPPED_ROOT, log=None) -> list[str]:
     """Copies each shipped entry of `category` (a directory or a file under `root/category`) that `target` lacks,
-    whole or not at all: into a hidden temporary name first, then renamed. Entries already there are kept."""
+    whole or not at all (`atomic.publish`). Entries already there, or seeded meanwhile by a concurrent run, are
+    kept."""
     source = root / category
     if not source.is_dir():
         return []
@@ -71,30 +74,15 @@ def seed(category: str, target: pathlib.Path, root: pathlib.Path = SHIPPED_ROOT,
         dest = target / entry.name
         if dest.exists():
             continue
-        target.mkdir(parents=True, exist_ok=True)
-        tmp = target / f".{entry.name}.{os.getpid()}.seeding"
-        try:
+        with atomic.publish(dest, if_exists="keep") as tmp:
             if entry.is_dir():
                 shutil.copytree(entry, tmp)
             else:
                 shutil.copyfile(entry, tmp)
-            os.replace(tmp, dest)
-        except OSError:
-            if not dest.exists():  # a concurrent run that seeded it first is fine; anything else is not
-                raise
-        finally:
-            _remove(tmp)
         copied.append(entry.name)
     if copied and log is not None:
         log(f"cache: copied the shipped toy {category} {', '.join(copied)} into {target}")
     return copied
-
-
-def _remove(path: pathlib.Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def file_digests(root: pathlib.Path = SHIPPED_ROOT) -> dict[str, str]:

@@ -36,15 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from qwen_flash_jax import atomic
 from qwen_flash_jax.checkpoint_io import CONFIG_FILE, PARAMS_DIR
 from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, some_of
 from qwen_flash_jax.models import hf_keys
@@ -134,17 +133,12 @@ def convert(
     with SafetensorsCheckpoint(src) as ckpt:  # parses and validates every shard header
         check_checkpoint(ckpt, config)
         config = config.replace(param_dtype=dtype)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
-        try:
+        with atomic.publish(dst, if_exists="error") as tmp:
+            tmp.mkdir()
             _write_params(ckpt, config, tmp / PARAMS_DIR, np.dtype(_np_dtype(dtype)), progress)
             (tmp / CONFIG_FILE).write_text(config.to_json())
             if dst.exists():  # appeared while we were converting; never replace it
                 raise CheckpointError(f"destination {dst} appeared during conversion; not replacing it")
-            os.rename(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     if progress:
         _log(f"wrote {dst}")
     return config

@@ -94,7 +94,7 @@ def run_main(argv, capsys) -> tuple[int, str]:
 
 
 def no_leftovers(dst: Path) -> bool:
-    return not dst.exists() and not list(dst.parent.glob(f"{dst.name}.tmp-*"))
+    return not dst.exists() and not list(dst.parent.glob(f".{dst.name}.tmp-*"))
 
 
 # --- successful conversions ----------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_existing_dst(diffusers_model, tmp_path, capsys):
     code, err = run_main(["--src", src, "--dst", dst], capsys)
     assert code == 2 and err.startswith("error: ") and "already exists" in err and len(err.splitlines()) == 1
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
-    assert not list(tmp_path.glob("out.tmp-*"))
+    assert not list(tmp_path.glob(".out.tmp-*"))
 
 
 def test_bad_dtype(diffusers_model, tmp_path, capsys):

@@ -331,7 +331,7 @@ def test_evaluate_reuses_the_cached_images_of_keyed_contenders(judge, tmp_path):
     calls.clear()
     assert report.evaluate([contender("keyed", "k1", 100)], judge, **kw)["keyed"] == first["keyed"]
     assert calls == ["keyed"] * per_contender
-    assert not list(cache.glob("*.tmp"))
+    assert not list(cache.glob(".*.tmp-*"))
 
 
 def test_the_image_cache_key_follows_the_weights():

@@ -1,6 +1,6 @@
 """Saving, loading and caching toy judges: a directory with ``judge.json`` (config, thresholds, accuracies) and
 ``arrays.npz`` (parameters and reference statistics, loaded without pickle). Writes go to a temporary sibling
-directory that is renamed into place, so a reader never sees a half-written judge. Local paths only.
+directory that is renamed into place (`atomic.publish`), so a reader never sees a half-written judge. Local paths only.
 """
 
 from __future__ import annotations
@@ -8,12 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from qwen_flash_jax import atomic
 from qwen_flash_jax.eval import judge as judge_lib
 from qwen_flash_jax.eval.judge_net import JUDGE_VERSION, JudgeConfig
 
@@ -42,9 +41,8 @@ def save_judge(judge, path, overwrite: bool = True) -> Path:
     }
     arrays = {f"params/{k}": np.asarray(v) for k, v in judge.params.items()}
     arrays.update({f"reference/{k}": np.asarray(v) for k, v in judge.reference.items()})
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the judge is an ordinary cache entry
+    with atomic.publish(path, if_exists="replace" if overwrite else "keep") as tmp:
+        tmp.mkdir()
         with open(tmp / _ARRAYS, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -53,22 +51,6 @@ def save_judge(judge, path, overwrite: bool = True) -> Path:
             json.dump(meta, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
-            if not overwrite:
-                return path
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "judge")  # move the old judge aside, then put the new one in its place
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another process created it meanwhile (non-empty directory)
-                if overwrite:
-                    raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 from typing import Callable
 
 import numpy as np
 
+from qwen_flash_jax import atomic
 from qwen_flash_jax.eval import bench_sets
 from qwen_flash_jax.eval.generate import GridSection, save_grid
 
@@ -91,15 +91,10 @@ def _benchmark_images(c: Contender, t2i, edits, bench: list, image_cache, log):
     t2i_images = {cat: c.t2i(b.captions) for cat, b in t2i.items()}
     edit_images = {cat: c.edit(b.sources, b.instructions) for cat, b in edits.items()}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent runs each write their own, then rename
-        try:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **{f"t2i/{cat}": x for cat, x in t2i_images.items()},
-                                    **{f"edit/{cat}": x for cat, x in edit_images.items()})
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
+        # Concurrent runs each write their own, then rename.
+        with atomic.publish(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **{f"t2i/{cat}": x for cat, x in t2i_images.items()},
+                                **{f"edit/{cat}": x for cat, x in edit_images.items()})
     return t2i_images, edit_images
 
 
@@ -217,6 +212,5 @@ def write_results(workdir, results: dict, *, title: str, notes: str = "", stem: 
 
 
 def _write_atomically(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic.publish(path) as tmp:
+        tmp.write_text(text)

@@ -43,8 +43,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Sequence
 
@@ -54,6 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from qwen_flash_jax import atomic
 from qwen_flash_jax.models.layers import Dense, RMSNorm
 from qwen_flash_jax.text import prompts as prompts_lib
 from qwen_flash_jax.text.prompts import IMAGE_PAD, special_token_id
@@ -412,29 +411,17 @@ def pretrain_text_encoder(tokenizer, captions: Sequence[str], config: TextEncode
 # --- save / load ------------------------------------------------------------------------------------------------------
 
 def save(path: str | os.PathLike, params: TextEncoderParams, tokenizer) -> None:
-    """Writes config.json, params.npz and tokenizer/ to `path` atomically (temp dir beside it, then rename)."""
-    path = os.path.abspath(os.fspath(path))
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+    """Writes config.json, params.npz and tokenizer/ to `path` atomically (`atomic.publish`), replacing what is
+    there."""
+    with atomic.publish(os.path.abspath(os.fspath(path))) as tmp:
+        tmp.mkdir()
+        with open(tmp / CONFIG_FILE, "w") as f:
             json.dump(params.config.to_dict(), f, indent=2)
         pure = nnx.to_pure_dict(params.state)
         flat = {"/".join(str(k) for k in key): np.asarray(v) for key, v in _flatten(pure)}
-        with open(os.path.join(tmp, PARAMS_FILE), "wb") as f:
+        with open(tmp / PARAMS_FILE, "wb") as f:
             np.savez(f, **flat)
-        tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rename(path, os.path.join(old, name))
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
 
 
 def load(path: str | os.PathLike):

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import shutil
 import sys
 
 import jax
 
-from qwen_flash_jax import config_lib
+from qwen_flash_jax import atomic, config_lib
 from qwen_flash_jax.cache import MANIFEST, SHIPPED_ROOT, file_digests
 from qwen_flash_jax.eval.judge_io import cache_name
 from qwen_flash_jax.train import assets as assets_lib
@@ -55,9 +54,8 @@ def export(config, cache: pathlib.Path, root: pathlib.Path = SHIPPED_ROOT) -> di
     if missing:
         raise FileNotFoundError(f"not in {cache}: {', '.join(missing)}; run the toy main job with "
                                 f"--config.cache_dir={cache} first")
-    staging = root.with_name(root.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic.publish(root) as staging:  # a failed export leaves the shipped entries as they were
+        staging.mkdir()
         for entry in entries:
             dest = staging / entry.relative_to(cache)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -70,11 +68,6 @@ def export(config, cache: pathlib.Path, root: pathlib.Path = SHIPPED_ROOT) -> di
                 shutil.copytree(entry, dest)
         manifest = {"jax": jax.__version__, "files": file_digests(staging)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed export leaves the shipped entries as they were
-        raise
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(staging, root)
     return manifest
 
 
