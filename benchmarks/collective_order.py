@@ -7,8 +7,8 @@ runs whichever is ready first, and a device waiting in one for devices waiting i
 and reports, per module, the collectives by kind and the number of such unordered pairs over all computations
 (0: the hang cannot happen).
 
-    XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*(generator_step|critic_step).*" \
-        python -m pytest -q tests/test_full_scale_job.py -k runs_from_local
+  XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*(generator_step|critic_step).*" \
+      python -m pytest -q tests/test_full_scale_job.py -k runs_from_local
     python benchmarks/collective_order.py /tmp/hlo
 """
 
@@ -72,20 +72,26 @@ def unordered_pairs(computations: dict[str, list[str]]) -> int:
     def holds_collective(name: str) -> bool:
         if name not in holds:
             holds[name] = False  # breaks cycles
-            holds[name] = any(_opcode(i).removesuffix("-start") in COLLECTIVES
-                              or any(holds_collective(c) for c in _callees(i) if c in computations)
-                              for i in computations.get(name, ()))
+            holds[name] = any(
+                _opcode(i).removesuffix("-start") in COLLECTIVES
+                or any(holds_collective(c) for c in _callees(i) if c in computations)
+                for i in computations.get(name, ())
+            )
         return holds[name]
 
     total = 0
-    for name, instructions in computations.items():
+    for instructions in computations.values():
         deps = {_name(i): _operands(i) for i in instructions}
-        nested = [_name(i) for i in instructions if _opcode(i) in ("while", "conditional", "call")
-                  and any(holds_collective(c) for c in _callees(i) if c in computations)]
+        nested = [
+            _name(i)
+            for i in instructions
+            if _opcode(i) in ("while", "conditional", "call")
+            and any(holds_collective(c) for c in _callees(i) if c in computations)
+        ]
         direct = [_name(i) for i in instructions if _opcode(i).removesuffix("-start") in COLLECTIVES]
         ancestors: dict[str, set[str]] = {}
 
-        def above(node: str) -> set[str]:
+        def above(node: str, deps=deps, ancestors=ancestors) -> set[str]:
             if node not in ancestors:
                 seen, stack = set(), [node]
                 while stack:
@@ -98,7 +104,7 @@ def unordered_pairs(computations: dict[str, list[str]]) -> int:
 
         ops = nested + direct
         for i, a in enumerate(nested):
-            for b in ops[i + 1:]:
+            for b in ops[i + 1 :]:
                 total += a not in above(b) and b not in above(a)
     return total
 
@@ -113,10 +119,12 @@ def main() -> None:
     print(f"{'module':<58} " + " ".join(f"{k:>18}" for k in COLLECTIVES) + f" {'unordered pairs':>16}")
     for path in files:
         computations = parse(path.read_text())
-        counts = collections.Counter(_opcode(i).removesuffix("-start") for body in computations.values()
-                                     for i in body)
-        print(f"{path.name[:58]:<58} " + " ".join(f"{counts[k]:>18}" for k in COLLECTIVES)
-              + f" {unordered_pairs(computations):>16}")
+        counts = collections.Counter(_opcode(i).removesuffix("-start") for body in computations.values() for i in body)
+        print(
+            f"{path.name[:58]:<58} "
+            + " ".join(f"{counts[k]:>18}" for k in COLLECTIVES)
+            + f" {unordered_pairs(computations):>16}"
+        )
 
 
 if __name__ == "__main__":

@@ -114,14 +114,34 @@ def main():
     try:
         t = time.monotonic()
         src_bytes = write_checkpoint(work / "src", config, int(args.shard_gb * GIB))
-        print(f"wrote {src_bytes / GIB:.2f} GiB checkpoint (num_layers={config.num_layers}, "
-              f"inner_dim={config.inner_dim}, {len(list((work / 'src').glob('*.safetensors')))} shards) "
-              f"in {time.monotonic() - t:.0f}s", flush=True)
+        print(
+            f"wrote {src_bytes / GIB:.2f} GiB checkpoint (num_layers={config.num_layers}, "
+            f"inner_dim={config.inner_dim}, {len(list((work / 'src').glob('*.safetensors')))} shards) "
+            f"in {time.monotonic() - t:.0f}s",
+            flush=True,
+        )
         # Fixed cost of the interpreter + jax + orbax imports, to read the peak against.
-        code, base_rss, _ = run_measured([sys.executable, "-c", "import jax, orbax.checkpoint.experimental.v1; "
-                                          "import qwen_flash_jax.convert; jax.devices()"])
-        code, peak, seconds = run_measured([sys.executable, "-m", "qwen_flash_jax.convert", "--src", str(work / "src"),
-                                            "--dst", str(work / "dst"), "--dtype", args.dtype, "--quiet"])
+        code, base_rss, _ = run_measured(
+            [
+                sys.executable,
+                "-c",
+                "import jax, orbax.checkpoint.experimental.v1; import qwen_flash_jax.convert; jax.devices()",
+            ]
+        )
+        code, peak, seconds = run_measured(
+            [
+                sys.executable,
+                "-m",
+                "qwen_flash_jax.convert",
+                "--src",
+                str(work / "src"),
+                "--dst",
+                str(work / "dst"),
+                "--dtype",
+                args.dtype,
+                "--quiet",
+            ]
+        )
         if code != 0:
             raise SystemExit(f"converter failed with status {code}")
         print(f"converted in {seconds:.1f}s; output {du(work / 'dst') / GIB:.2f} GiB on disk ({args.dtype})")

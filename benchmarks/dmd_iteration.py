@@ -36,8 +36,12 @@ from qwen_flash_jax.train import components
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/5to5.py:toy", "Config file.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median is reported).")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that sets the reference rate.")
-_MATMUL_DTYPE = flags.DEFINE_enum("matmul_dtype", "float32", ["float32", "bfloat16"],
-                                  "The reference matmul's dtype: the model's matmul dtype (config.model.dtype).")
+_MATMUL_DTYPE = flags.DEFINE_enum(
+    "matmul_dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "The reference matmul's dtype: the model's matmul dtype (config.model.dtype).",
+)
 
 
 def _time(fn, repeats):
@@ -96,9 +100,13 @@ def main(argv):
     params = teachers[names[0]]  # never donated: the passes below are timed on it
     te_params = parts.assets.text_encoder
     # One T2I batch of the main job's input pipeline, on the mesh as the job places it.
-    batches = pipeline.build_pipeline(config_lib.distill_data_config(config), parts.assets.sources,
-                                      parts.assets.tokenizer, parts.assets.codec,
-                                      condition_pixels=parts.assets.condition_pixels)
+    batches = pipeline.build_pipeline(
+        config_lib.distill_data_config(config),
+        parts.assets.sources,
+        parts.assets.tokenizer,
+        parts.assets.codec,
+        condition_pixels=parts.assets.condition_pixels,
+    )
     batch = next(b for b in batches if b["task"] == "t2i")
     batch.pop("task")
     batch = pipeline.to_global(batch, sharding.batch_sharding(parts.mesh, parts.rules))
@@ -160,21 +168,30 @@ def main(argv):
     # Useful FLOPs of the iteration (a loop over a traced k has no static FLOP count of its own).
     f_fwd = _matmul_flops(fwd, params, latents)
     f_fb = _matmul_flops(fwd_bwd, params, latents)
-    flops = iteration_total(f_fwd, _matmul_flops(fwd_cached, params, latents),
-                            _matmul_flops(fwd2, params, jnp.concatenate([latents, latents])), f_fb)
+    flops = iteration_total(
+        f_fwd,
+        _matmul_flops(fwd_cached, params, latents),
+        _matmul_flops(fwd2, params, jnp.concatenate([latents, latents])),
+        f_fb,
+    )
     n = _MATMUL_SIZE.value
     a = jax.random.normal(jax.random.key(1), (n, n), _MATMUL_DTYPE.value)
     matmul = jax.jit(lambda x: x @ x)
     t_mm = _time(lambda: matmul(a), repeats)
     mm_rate = 2 * n**3 / t_mm
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"device {jax.devices()[0].device_kind}; config {config.variant}: {n_params / 1e6:.1f}M parameters, "
-          f"{config.model.dtype} matmuls, batch {batch_size}, {h * w} image tokens, {K}-step student, "
-          f"{ratio} critic updates, teachers {names}, {setup.schedule} schedule")
-    print(f"passes: forward {t_fwd * 1e3:.1f} ms, on the cached prefix {t_cached * 1e3:.1f} ms, "
-          f"CFG forward (2x batch) {t_fwd2 * 1e3:.1f} ms, forward+backward {t_fb * 1e3:.1f} ms")
-    print(f"DMD iteration {t_iter * 1e3:.1f} ms vs sum of its passes {passes * 1e3:.1f} ms: "
-          f"ratio {t_iter / passes:.2f}")
+    print(
+        f"device {jax.devices()[0].device_kind}; config {config.variant}: {n_params / 1e6:.1f}M parameters, "
+        f"{config.model.dtype} matmuls, batch {batch_size}, {h * w} image tokens, {K}-step student, "
+        f"{ratio} critic updates, teachers {names}, {setup.schedule} schedule"
+    )
+    print(
+        f"passes: forward {t_fwd * 1e3:.1f} ms, on the cached prefix {t_cached * 1e3:.1f} ms, "
+        f"CFG forward (2x batch) {t_fwd2 * 1e3:.1f} ms, forward+backward {t_fb * 1e3:.1f} ms"
+    )
+    print(
+        f"DMD iteration {t_iter * 1e3:.1f} ms vs sum of its passes {passes * 1e3:.1f} ms: ratio {t_iter / passes:.2f}"
+    )
     rate = lambda f, t: f"{f / t / 1e9:.1f} GFLOP/s = {f / t / mm_rate:.2f} of the matmul"  # noqa: E731
     print(f"{n}^3 {_MATMUL_DTYPE.value} matmul: {mm_rate / 1e9:.1f} GFLOP/s")
     print(f"forward {rate(f_fwd, t_fwd)}; forward+backward {rate(f_fb, t_fb)}")

@@ -24,8 +24,10 @@ def check_order(tables: dict) -> list[str]:
             continue
         t = {cond: row[cat] for cond, row in tables["t2i"].items()}
         if not t["real"] > t["mild"] > t["heavy"] > t["noise"]:
-            bad.append(f"t2i {cat}: real {t['real']:.2f} > mild {t['mild']:.2f} > heavy {t['heavy']:.2f} > "
-                       f"noise {t['noise']:.2f} fails")
+            bad.append(
+                f"t2i {cat}: real {t['real']:.2f} > mild {t['mild']:.2f} > heavy {t['heavy']:.2f} > "
+                f"noise {t['noise']:.2f} fails"
+            )
         if not t["wrong_spec"] < t["real"]:
             bad.append(f"t2i {cat}: wrong_spec {t['wrong_spec']:.2f} < real {t['real']:.2f} fails")
     for cat in tables["edit"]["target"]:

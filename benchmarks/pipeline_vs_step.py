@@ -18,7 +18,8 @@ _BATCHES = flags.DEFINE_integer("batches", 40, "Batches to time for each side.")
 
 def main(argv):
     del argv
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from qwen_flash_jax import config_lib, sharding
     from qwen_flash_jax.data import pipeline as pipeline_lib
@@ -31,8 +32,11 @@ def main(argv):
     assets = assets_lib.build_assets(run, log=lambda *_: None)
     n = _BATCHES.value
 
-    iterator = iter(pipeline_lib.build_pipeline(run.data, assets.sources, assets.tokenizer, assets.codec,
-                                                  condition_pixels=assets.condition_pixels))
+    iterator = iter(
+        pipeline_lib.build_pipeline(
+            run.data, assets.sources, assets.tokenizer, assets.codec, condition_pixels=assets.condition_pixels
+        )
+    )
     next(iterator)
     start = time.perf_counter()
     batches = [next(iterator) for _ in range(n)]
@@ -43,9 +47,13 @@ def main(argv):
     model = build_transformer(config_lib.transformer_config(config), mesh=mesh, rules=rules)
     train = config.teachers[config.teacher_name or "base"].train
     opt = optim.adamw(float(train.learning_rate), 1000)
-    state = teacher.TeacherState(step=jax.numpy.zeros((), "int32"), params=model.params,
-                                 ema=jax.tree.map(jax.numpy.copy, model.params),
-                                 opt_state=opt.init(model.params), rng=jax.random.key_data(jax.random.key(0)))
+    state = teacher.TeacherState(
+        step=jax.numpy.zeros((), "int32"),
+        params=model.params,
+        ema=jax.tree.map(jax.numpy.copy, model.params),
+        opt_state=opt.init(model.params),
+        rng=jax.random.key_data(jax.random.key(0)),
+    )
     step = teacher._make_step(model, opt, teacher.target_mu(config), 0.1, 0.99)
     shard = NamedSharding(mesh, P(sharding.logical_to_spec(("batch",), rules, mesh)[0]))
     staged = []

@@ -52,8 +52,17 @@ def _jsonl_fixture(folder: str, n: int, image_size: int) -> str:
     path = os.path.join(folder, "pairs.jsonl")
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"instruction": f"edit {i}", "category": "style", "source": f"{i % 16}.png",
-                                "target": f"{(i + 1) % 16}.png"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "instruction": f"edit {i}",
+                        "category": "style",
+                        "source": f"{i % 16}.png",
+                        "target": f"{(i + 1) % 16}.png",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -74,20 +83,26 @@ def main() -> None:
         toy_world_sources(data_dir, size=args.size, examples_per_category=args.n)
         t2 = time.perf_counter()
         total = sum(len(s) for cats in sources.values() for s in cats.values())
-        print(f"prepare {total} examples (n={args.n}/category, {args.size}px) into {data_dir}: {t1 - t0:.2f} s "
-              f"(0 s if already prepared); reuse: {t2 - t1:.3f} s")
+        print(
+            f"prepare {total} examples (n={args.n}/category, {args.size}px) into {data_dir}: {t1 - t0:.2f} s "
+            f"(0 s if already prepared); reuse: {t2 - t1:.3f} s"
+        )
         for task, cats in sources.items():
             source = ConcatSource(list(cats.values()))
             ra = _random_access(source, args.seconds)
             th = _threaded(source, args.seconds, args.threads)
-            print(f"{task:4s} ({len(cats)} categories, {len(source)} records): random access {ra:8.0f} records/s, "
-                  f"grain iterator with {args.threads} read threads {th:8.0f} records/s")
+            print(
+                f"{task:4s} ({len(cats)} categories, {len(source)} records): random access {ra:8.0f} records/s, "
+                f"grain iterator with {args.threads} read threads {th:8.0f} records/s"
+            )
         if args.jsonl:
             path = _jsonl_fixture(tmp, 2000, 256)
             source = jsonl_edit_sources(path, size=args.size)["edit"]["style"]
             ra, th = _random_access(source, args.seconds), _threaded(source, args.seconds, args.threads)
-            print(f"jsonl edit (256px PNG pairs -> {args.size}px): random access {ra:6.0f} records/s, "
-                  f"grain iterator with {args.threads} read threads {th:6.0f} records/s")
+            print(
+                f"jsonl edit (256px PNG pairs -> {args.size}px): random access {ra:6.0f} records/s, "
+                f"grain iterator with {args.threads} read threads {th:6.0f} records/s"
+            )
 
 
 if __name__ == "__main__":

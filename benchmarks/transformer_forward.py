@@ -38,15 +38,29 @@ def main():
 
     side = int(round(args.image_tokens**0.5))
     heads = args.width // 128
-    arch = dict(num_layers=args.layers, attention_head_dim=128, num_attention_heads=heads, in_channels=64,
-                out_channels=64, context_in_dim=args.width, axes_dims_rope=(16, 56, 56))
+    arch = dict(
+        num_layers=args.layers,
+        attention_head_dim=128,
+        num_attention_heads=heads,
+        in_channels=64,
+        out_channels=64,
+        context_in_dim=args.width,
+        axes_dims_rope=(16, 56, 56),
+    )
     reference = random_diffusers_transformer(0, std=0.02, **arch)
     config = TransformerConfig(**arch)
     model = from_params(config, state_dict_to_params(state_dict_numpy(reference), config))
     conditions = [(1, side, side)] if args.condition else []
     text_runs = [args.text_tokens // 2, args.text_tokens // 2] if args.condition else [args.text_tokens]
-    inputs = make_inputs(np.random.default_rng(0), batch=args.batch, conditions=conditions, target=(1, side, side),
-                         text_runs=text_runs, in_channels=64, context_in_dim=args.width)
+    inputs = make_inputs(
+        np.random.default_rng(0),
+        batch=args.batch,
+        conditions=conditions,
+        target=(1, side, side),
+        text_runs=text_runs,
+        in_channels=64,
+        context_in_dim=args.width,
+    )
 
     def run_flax():
         return jax.block_until_ready(model.apply(model.params, **inputs))
@@ -64,8 +78,10 @@ def main():
             times.append(time.perf_counter() - start)
     seq = model_seq_len(inputs)
     f, t = statistics.median(flax_times), statistics.median(torch_times)
-    print(f"config: layers={args.layers} width={args.width} heads={heads} image_tokens={side * side} "
-          f"text_tokens={args.text_tokens} condition={args.condition} batch={args.batch} joint_seq={seq}")
+    print(
+        f"config: layers={args.layers} width={args.width} heads={heads} image_tokens={side * side} "
+        f"text_tokens={args.text_tokens} condition={args.condition} batch={args.batch} joint_seq={seq}"
+    )
     print(f"threads: torch={torch.get_num_threads()} cpu_count={os.cpu_count()} jax={jax.devices()[0].platform}")
     print(f"flax  median {f * 1e3:8.1f} ms  (min {min(flax_times) * 1e3:.1f})")
     print(f"torch median {t * 1e3:8.1f} ms  (min {min(torch_times) * 1e3:.1f})")

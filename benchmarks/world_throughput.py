@@ -34,8 +34,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=2.0, help="measuring time per task type")
     args = ap.parse_args()
-    for name, fn, cats, target in (("t2i", sample_t2i, T2I_CATEGORIES, 2000),
-                                   ("edit", sample_edit, EDIT_CATEGORIES, 800)):
+    for name, fn, cats, target in (
+        ("t2i", sample_t2i, T2I_CATEGORIES, 2000),
+        ("edit", sample_edit, EDIT_CATEGORIES, 800),
+    ):
         overall, per_cat = _rate(fn, cats, args.size, args.seconds)
         detail = ", ".join(f"{c} {r:.0f}" for c, r in per_cat.items())
         flag = "" if args.size != 32 else ("  (target >= %d: %s)" % (target, "ok" if overall >= target else "BELOW"))

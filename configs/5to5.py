@@ -32,216 +32,248 @@ def get_config(arg=None):
     c.prebuilt_cache = True
 
     # The transformer (student, fake score and teachers share it). Fields of models.TransformerConfig.
-    c.model = ml_collections.ConfigDict(dict(
-        patch_size=1,
-        in_channels=64,
-        out_channels=64,
-        num_layers=32,
-        attention_head_dim=128,
-        num_attention_heads=32,
-        context_in_dim=4096,  # = text encoder output width
-        mlp_ratio=3,
-        axes_dims_rope=(16, 56, 56),
-        eps=1e-6,
-        causal_condition=True,
-        param_dtype="float32",
-        dtype="bfloat16",
-        remat_policy="dots_with_no_batch_dims_saveable",
-        scan_layers=True,
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            patch_size=1,
+            in_channels=64,
+            out_channels=64,
+            num_layers=32,
+            attention_head_dim=128,
+            num_attention_heads=32,
+            context_in_dim=4096,  # = text encoder output width
+            mlp_ratio=3,
+            axes_dims_rope=(16, 56, 56),
+            eps=1e-6,
+            causal_condition=True,
+            param_dtype="float32",
+            dtype="bfloat16",
+            remat_policy="dots_with_no_batch_dims_saveable",
+            scan_layers=True,
+        )
+    )
 
     # The toy encoder's sizes below are used by kind="toy" only; the Qwen3-VL encoder's come from its checkpoint.
-    c.text_encoder = ml_collections.ConfigDict(dict(
-        kind="qwen3_vl",
-        path="",  # full: a converted Qwen3-VL text encoder directory
-        vocab_size=1024,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        mlp_dim=128,
-        pretrain_steps=300,
-        feature_layers=(-1,),  # Qwen-Image uses the last layer only
-    ))
+    c.text_encoder = ml_collections.ConfigDict(
+        dict(
+            kind="qwen3_vl",
+            path="",  # full: a converted Qwen3-VL text encoder directory
+            vocab_size=1024,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            mlp_dim=128,
+            pretrain_steps=300,
+            feature_layers=(-1,),  # Qwen-Image uses the last layer only
+        )
+    )
     c.codec = ml_collections.ConfigDict(dict(kind="vae", patch=4, path=""))
 
-    c.data = ml_collections.ConfigDict(dict(
-        source="jsonl",
-        image_size=1024,
-        examples_per_category=2000,  # toy world: records per category and task
-        t2i_jsonl="",
-        edit_jsonl="",
-        image_root="",
-        on_bad_record="error",  # or "skip" (skipped records are counted and logged)
-        t2i_weights=dict(landscape=1.0, portrait=1.0, text=1.0),
-        edit_weights=dict(scene=1.0, enhance=1.0, object=1.0, text_edit=1.0, identity=1.0, style=1.0),
-        task_ratio="5:5",
-        batch_size=64,  # global batch
-        max_prompt_tokens=512,
-        # Edit prompts also hold the condition image's slots (one per 2x2 latents: 1024 at 1024 px); 0 = as T2I.
-        edit_prompt_tokens=1536,
-        seed=0,
-    ))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="jsonl",
+            image_size=1024,
+            examples_per_category=2000,  # toy world: records per category and task
+            t2i_jsonl="",
+            edit_jsonl="",
+            image_root="",
+            on_bad_record="error",  # or "skip" (skipped records are counted and logged)
+            t2i_weights=dict(landscape=1.0, portrait=1.0, text=1.0),
+            edit_weights=dict(scene=1.0, enhance=1.0, object=1.0, text_edit=1.0, identity=1.0, style=1.0),
+            task_ratio="5:5",
+            batch_size=64,  # global batch
+            max_prompt_tokens=512,
+            # Edit prompts also hold the condition image's slots (one per 2x2 latents: 1024 at 1024 px); 0 = as T2I.
+            edit_prompt_tokens=1536,
+            seed=0,
+        )
+    )
 
     # Multi-step teachers. `train` describes how the toy teachers are trained when no `path` is given; the data
     # fields there override `data` for that training run only.
     c.teachers = ml_collections.ConfigDict()
-    c.teachers.base = ml_collections.ConfigDict(dict(
-        path="",
-        init_from="",
-        train=ml_collections.ConfigDict(dict(
-            steps=0,
-            learning_rate=2e-3,
-            warmup_steps=100,
-            batch_size=16,
-            caption_dropout=0.1,
-            # Share of training times drawn uniformly instead of logit-normal (flow.sample_training_t).
-            uniform_t_fraction=0.0,
-            ema_decay=0.995,
-            task_ratio="1:1",
-            t2i_weights=dict(landscape=1.0, portrait=1.0, text=1.0),
-            edit_weights=dict(scene=1.0, enhance=1.0, object=1.0, text_edit=1.0, identity=1.0, style=1.0),
-        )),
-    ))
-    c.teachers.text = ml_collections.ConfigDict(dict(
-        path="",
-        init_from="base",
-        train=ml_collections.ConfigDict(dict(
-            steps=0,
-            learning_rate=5e-4,
-            warmup_steps=20,
-            batch_size=16,
-            caption_dropout=0.1,
-            uniform_t_fraction=0.0,
-            ema_decay=0.99,
-            task_ratio="1:1",
-            t2i_weights=dict(text=1.0),
-            edit_weights=dict(text_edit=1.0),
-        )),
-    ))
+    c.teachers.base = ml_collections.ConfigDict(
+        dict(
+            path="",
+            init_from="",
+            train=ml_collections.ConfigDict(
+                dict(
+                    steps=0,
+                    learning_rate=2e-3,
+                    warmup_steps=100,
+                    batch_size=16,
+                    caption_dropout=0.1,
+                    # Share of training times drawn uniformly instead of logit-normal (flow.sample_training_t).
+                    uniform_t_fraction=0.0,
+                    ema_decay=0.995,
+                    task_ratio="1:1",
+                    t2i_weights=dict(landscape=1.0, portrait=1.0, text=1.0),
+                    edit_weights=dict(scene=1.0, enhance=1.0, object=1.0, text_edit=1.0, identity=1.0, style=1.0),
+                )
+            ),
+        )
+    )
+    c.teachers.text = ml_collections.ConfigDict(
+        dict(
+            path="",
+            init_from="base",
+            train=ml_collections.ConfigDict(
+                dict(
+                    steps=0,
+                    learning_rate=5e-4,
+                    warmup_steps=20,
+                    batch_size=16,
+                    caption_dropout=0.1,
+                    uniform_t_fraction=0.0,
+                    ema_decay=0.99,
+                    task_ratio="1:1",
+                    t2i_weights=dict(text=1.0),
+                    edit_weights=dict(text_edit=1.0),
+                )
+            ),
+        )
+    )
 
     # The few-step student and the fake score; both start from the base teacher's weights.
-    c.student = ml_collections.ConfigDict(dict(
-        num_steps=4,
-        # The student's K input times, decreasing; () = the teacher's shifted Euler schedule.
-        timesteps=(),
-        # Between steps the student's x0 is re-noised with "fresh" noise (DMD2) or with the noise its velocity
-        # implies ("predicted": Euler steps, the teacher's own sampler at initialisation).
-        renoise="fresh",
-        init_from="base",
-        learning_rate=2e-6,
-        # In [0, 1): > 0 keeps an EMA of the student, evaluated instead of the raw weights; 0 = off (no EMA state).
-        ema_decay=0.0,
-        first_step_fm_weight=0.0,  # DP-DMD's first-step flow-matching regulariser (paper 6.1); 0 = off
-        # DMD2's GAN term (distill/gan.py): weight of the generator's non-saturating loss against real data, on
-        # the DMD loss's scale. 0 = pure DMD, the paper's objective.
-        gan_weight=0.0,
-        gan_tasks=("t2i", "edit"),  # the tasks whose updates carry the GAN term (critic and generator)
-        # DMD1's regression onto the base teacher's multi-step samples (distill/pairs.py), on the DMD loss's scale;
-        # needs renoise="predicted". 0 = off. The bank holds `regression_batches` batches drawn once per run.
-        regression_weight=0.0,
-        regression_batches=512,
-    ))
-    c.fake_score = ml_collections.ConfigDict(dict(
-        init_from="base",
-        learning_rate=2e-6,
-        updates_per_student=5,  # critic-to-student update ratio (DMD2's two time-scale rule)
-        # How often each student step k is the one whose samples (its x0) the fake score learns; () = uniform, as
-        # the generator's k always is (DMD2).
-        step_probs=(),
-        # Critic-only updates before the first student update (the fake score starts as the teacher's score, so the
-        # first DMD gradients are only the CFG direction). toy: 300 changes neither task
-        # (docs/experiments/objective.md).
-        warmup_updates=0,
-        # Weight of the discriminator's classification loss in the critic update (used when student.gan_weight > 0).
-        # It also trains the fake trunk: at 1.0 it pulled the trunk off the student's score (toy fake-score loss
-        # 0.15 -> 0.31); 0.01 leaves the fake score intact. The head has its own learning rate below.
-        gan_weight=0.01,
-        gan_head_learning_rate=2e-5,  # the head starts from scratch, the trunk from the teacher
-    ))
+    c.student = ml_collections.ConfigDict(
+        dict(
+            num_steps=4,
+            # The student's K input times, decreasing; () = the teacher's shifted Euler schedule.
+            timesteps=(),
+            # Between steps the student's x0 is re-noised with "fresh" noise (DMD2) or with the noise its velocity
+            # implies ("predicted": Euler steps, the teacher's own sampler at initialisation).
+            renoise="fresh",
+            init_from="base",
+            learning_rate=2e-6,
+            # In [0, 1): > 0 keeps an EMA of the student, evaluated instead of the raw weights; 0 = off (no EMA state).
+            ema_decay=0.0,
+            first_step_fm_weight=0.0,  # DP-DMD's first-step flow-matching regulariser (paper 6.1); 0 = off
+            # DMD2's GAN term (distill/gan.py): weight of the generator's non-saturating loss against real data, on
+            # the DMD loss's scale. 0 = pure DMD, the paper's objective.
+            gan_weight=0.0,
+            gan_tasks=("t2i", "edit"),  # the tasks whose updates carry the GAN term (critic and generator)
+            # DMD1's regression onto the base teacher's multi-step samples (distill/pairs.py), on the DMD loss's scale;
+            # needs renoise="predicted". 0 = off. The bank holds `regression_batches` batches drawn once per run.
+            regression_weight=0.0,
+            regression_batches=512,
+        )
+    )
+    c.fake_score = ml_collections.ConfigDict(
+        dict(
+            init_from="base",
+            learning_rate=2e-6,
+            updates_per_student=5,  # critic-to-student update ratio (DMD2's two time-scale rule)
+            # How often each student step k is the one whose samples (its x0) the fake score learns; () = uniform, as
+            # the generator's k always is (DMD2).
+            step_probs=(),
+            # Critic-only updates before the first student update (the fake score starts as the teacher's score, so the
+            # first DMD gradients are only the CFG direction). toy: 300 changes neither task
+            # (docs/experiments/objective.md).
+            warmup_updates=0,
+            # Weight of the discriminator's classification loss in the critic update (used when student.gan_weight > 0).
+            # It also trains the fake trunk: at 1.0 it pulled the trunk off the student's score (toy fake-score loss
+            # 0.15 -> 0.31); 0.01 leaves the fake score intact. The head has its own learning rate below.
+            gan_weight=0.01,
+            gan_head_learning_rate=2e-5,  # the head starts from scratch, the trunk from the teacher
+        )
+    )
     # Step-wise multi-teacher guidance: lambda[k, m](c) per student step k and condition c (task or task/category;
     # the most specific rule wins; each row sums to 1). The base teacher anchors the early steps, the text
     # specialist joins at the later steps of text-centric prompts.
-    c.guidance = ml_collections.ConfigDict(dict(
-        teachers=("base", "text"),
-        cfg_scale=4.0,
-        cfg_rescale=0.0,
-        # "shared" (DMD2): the student's sample is compared once, at a noise level in [t_min, t_max], with the guided
-        # real score. "decoupled" (Decoupled DMD): the comparison with the fake score uses the conditional teachers
-        # (CFG 1), and the CFG direction (guided - conditional) is applied on its own at noise levels in
-        # [t_min, min(t_k, t_max)], never noisier than the trained student step's input.
-        schedule="shared",
-        t_min=0.02,
-        t_max=0.98,
-        weights=(
-            ("*", ({"base": 1.0},) * 4),
-            ("t2i/text", ({"base": 1.0}, {"base": 1.0}, {"base": 0.5, "text": 0.5}, {"base": 0.5, "text": 0.5})),
-            ("edit/text_edit", ({"base": 1.0}, {"base": 1.0}, {"base": 0.5, "text": 0.5},
-                                {"base": 0.5, "text": 0.5})),
-        ),
-    ))
+    c.guidance = ml_collections.ConfigDict(
+        dict(
+            teachers=("base", "text"),
+            cfg_scale=4.0,
+            cfg_rescale=0.0,
+            # "shared" (DMD2): the student's sample is compared once, at a noise level in [t_min, t_max], with the
+            # guided real score. "decoupled" (Decoupled DMD): the comparison with the fake score uses the conditional
+            # teachers (CFG 1), and the CFG direction (guided - conditional) is applied on its own at noise levels in
+            # [t_min, min(t_k, t_max)], never noisier than the trained student step's input.
+            schedule="shared",
+            t_min=0.02,
+            t_max=0.98,
+            weights=(
+                ("*", ({"base": 1.0},) * 4),
+                ("t2i/text", ({"base": 1.0}, {"base": 1.0}, {"base": 0.5, "text": 0.5}, {"base": 0.5, "text": 0.5})),
+                (
+                    "edit/text_edit",
+                    ({"base": 1.0}, {"base": 1.0}, {"base": 0.5, "text": 0.5}, {"base": 0.5, "text": 0.5}),
+                ),
+            ),
+        )
+    )
     c.nonfinite_limit = 10  # consecutive skipped (non-finite) steps that stop the job
 
-    c.sampling = ml_collections.ConfigDict(dict(
-        teacher_steps=40,
-        cfg_scale=4.0,
-        # Timestep shift: mu from the target token count, as Qwen-Image's scheduler does (dynamic shifting).
-        base_seq_len=256,
-        max_seq_len=4096,
-        base_shift=0.5,
-        max_shift=1.15,
-        use_kv_cache=True,
-    ))
+    c.sampling = ml_collections.ConfigDict(
+        dict(
+            teacher_steps=40,
+            cfg_scale=4.0,
+            # Timestep shift: mu from the target token count, as Qwen-Image's scheduler does (dynamic shifting).
+            base_seq_len=256,
+            max_seq_len=4096,
+            base_shift=0.5,
+            max_shift=1.15,
+            use_kv_cache=True,
+        )
+    )
 
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=2e-6,
-        b1=0.9,
-        b2=0.999,
-        weight_decay=0.01,
-        clip_norm=1.0,
-        warmup_steps=100,
-    ))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            learning_rate=2e-6,
+            b1=0.9,
+            b2=0.999,
+            weight_decay=0.01,
+            clip_norm=1.0,
+            warmup_steps=100,
+        )
+    )
 
     # Mesh axes and logical-axis rules (see qwen_flash_jax/sharding.py). -1 takes the remaining devices; full
     # scale shards the parameters (fsdp).
-    c.mesh = ml_collections.ConfigDict(dict(
-        axes=(("data", 1), ("fsdp", -1), ("tensor", 1)),
-        rules=(
-            ("batch", ("data", "fsdp")),
-            ("embed", "fsdp"),
-            ("mlp", "tensor"),
-            ("heads", "tensor"),
-            ("kv_heads", "tensor"),
-            ("vocab", "tensor"),
-            ("act_mlp", "tensor"),
-            ("act_heads", "tensor"),
-        ),
-    ))
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            axes=(("data", 1), ("fsdp", -1), ("tensor", 1)),
+            rules=(
+                ("batch", ("data", "fsdp")),
+                ("embed", "fsdp"),
+                ("mlp", "tensor"),
+                ("heads", "tensor"),
+                ("kv_heads", "tensor"),
+                ("vocab", "tensor"),
+                ("act_mlp", "tensor"),
+                ("act_heads", "tensor"),
+            ),
+        )
+    )
 
-    c.train = ml_collections.ConfigDict(dict(
-        steps=2000,
-        # Distillation replicate: offsets the student's RNG and the data order, not the teachers (`seed` and
-        # `data.seed` are in the toy teachers' cache key; this is not), so replicates share their teachers.
-        seed=0,
-        log_every=50,
-        checkpoint_every=250,
-        sample_every=500,  # student sample grids + small validation scores (0 = off)
-        keep_checkpoints=2,
-    ))
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=2000,
+            # Distillation replicate: offsets the student's RNG and the data order, not the teachers (`seed` and
+            # `data.seed` are in the toy teachers' cache key; this is not), so replicates share their teachers.
+            seed=0,
+            log_every=50,
+            checkpoint_every=250,
+            sample_every=500,  # student sample grids + small validation scores (0 = off)
+            keep_checkpoints=2,
+        )
+    )
 
-    c.eval = ml_collections.ConfigDict(dict(
-        # "toy": score on the toy world's benchmarks with the toy judge. "none": write sample grids of student and
-        # teachers on the first `unjudged_samples` prompts per task of the training data, unscored (full scale: the
-        # VLM judges score T2I-Bench / Editing-Bench offline).
-        judge="none",
-        unjudged_samples=8,
-        prompts_per_category=600,
-        edits_per_category=250,
-        seed=1234,
-        probe_prompts_per_category=32,  # the periodic validation probe (train.sample_every)
-        probe_edits_per_category=16,
-    ))
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            # "toy": score on the toy world's benchmarks with the toy judge. "none": write sample grids of student and
+            # teachers on the first `unjudged_samples` prompts per task of the training data, unscored (full scale: the
+            # VLM judges score T2I-Bench / Editing-Bench offline).
+            judge="none",
+            unjudged_samples=8,
+            prompts_per_category=600,
+            edits_per_category=250,
+            seed=1234,
+            probe_prompts_per_category=32,  # the periodic validation probe (train.sample_every)
+            probe_edits_per_category=16,
+        )
+    )
 
     if arg == "toy":
         _toy_overrides(c)

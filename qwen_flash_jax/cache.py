@@ -87,5 +87,8 @@ def seed(category: str, target: pathlib.Path, root: pathlib.Path = SHIPPED_ROOT,
 
 def file_digests(root: pathlib.Path = SHIPPED_ROOT) -> dict[str, str]:
     """sha256 of every shipped file, by its path under `root` (the manifest's record)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }

@@ -49,8 +49,7 @@ def _load_file(path: pathlib.Path, arg):
 
 
 def transformer_config(config) -> TransformerConfig:
-    return TransformerConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-                                for k, v in config.model.items()})
+    return TransformerConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.model.items()})
 
 
 def make_mesh(config) -> sharding.Mesh:

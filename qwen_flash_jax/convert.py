@@ -101,7 +101,6 @@ def check_checkpoint(ckpt: SafetensorsCheckpoint, config: TransformerConfig) -> 
         raise CheckpointError(f"{len(bad)} tensors have the wrong shape: " + "; ".join(bad[:MAX_LISTED]))
 
 
-
 Plan = list[tuple[tuple[str, ...], tuple[int, ...], list[tuple[str, hf_keys.ParamSpec]]]]
 
 

@@ -37,8 +37,13 @@ def cfg_combine(v_cond, v_uncond, scale: float):
     return v_uncond + scale * (v_cond - v_uncond)
 
 
-def dynamic_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def dynamic_shift_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """Qwen-Image's resolution-dependent shift: mu is linear in the number of target image tokens."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * slope + base_shift - slope * base_seq_len
@@ -71,8 +76,11 @@ def sample_training_t(key, batch: int, mu: float, logit_normal_std: float = 1.0,
     if uniform_fraction <= 0.0:  # the key used as before, so earlier runs reproduce bit for bit
         return shift_time(jax.nn.sigmoid(logit_normal_std * jax.random.normal(key, (batch,))), mu)
     k_normal, k_pick, k_uniform = jax.random.split(key, 3)
-    u = jnp.where(jax.random.bernoulli(k_pick, uniform_fraction, (batch,)), jax.random.uniform(k_uniform, (batch,)),
-                  jax.nn.sigmoid(logit_normal_std * jax.random.normal(k_normal, (batch,))))
+    u = jnp.where(
+        jax.random.bernoulli(k_pick, uniform_fraction, (batch,)),
+        jax.random.uniform(k_uniform, (batch,)),
+        jax.nn.sigmoid(logit_normal_std * jax.random.normal(k_normal, (batch,))),
+    )
     return shift_time(u, mu)
 
 

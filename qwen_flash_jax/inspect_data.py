@@ -1,6 +1,6 @@
 """Shows what the input pipeline feeds a run: task and category counts per batch, and a contact sheet.
 
-    python -m qwen_flash_jax.inspect_data --config=configs/7to3.py:toy --batches=20 [--out=batch0.png]
+python -m qwen_flash_jax.inspect_data --config=configs/7to3.py:toy --batches=20 [--out=batch0.png]
 """
 
 from __future__ import annotations
@@ -26,9 +26,17 @@ def inspect(config, batches: int, out: str, log=print) -> dict:
     if batches < 1:
         raise ValueError("--batches must be at least 1")
     assets = build_assets(config, log=lambda *_: None)
-    iterator = iter(pipeline.build_pipeline(config.data, assets.sources, assets.tokenizer, assets.codec,
-                                            condition_pixels=assets.condition_pixels,
-                                            process_index=0, process_count=1))
+    iterator = iter(
+        pipeline.build_pipeline(
+            config.data,
+            assets.sources,
+            assets.tokenizer,
+            assets.codec,
+            condition_pixels=assets.condition_pixels,
+            process_index=0,
+            process_count=1,
+        )
+    )
     totals = collections.Counter()
     log(f"ratio {config.data.task_ratio}, global batch {config.data.batch_size}")
     for i in range(batches):

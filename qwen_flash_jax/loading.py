@@ -38,18 +38,55 @@ class TransformerModel:
     mesh: Mesh | None = None
     rules: sharding.Rules = ()
 
-    def forward(self, params, layout: TokenLayout, hidden_states, encoder_hidden_states, timestep,
-                encoder_hidden_states_mask=None, kv_cache=None, kv_cache_mode=None, return_features=False):
+    def forward(
+        self,
+        params,
+        layout: TokenLayout,
+        hidden_states,
+        encoder_hidden_states,
+        timestep,
+        encoder_hidden_states_mask=None,
+        kv_cache=None,
+        kv_cache_mode=None,
+        return_features=False,
+    ):
         model = nnx.merge(self.graphdef, params)
-        return model(hidden_states, encoder_hidden_states, timestep, layout, encoder_hidden_states_mask,
-                     kv_cache=kv_cache, kv_cache_mode=kv_cache_mode, return_features=return_features)
+        return model(
+            hidden_states,
+            encoder_hidden_states,
+            timestep,
+            layout,
+            encoder_hidden_states_mask,
+            kv_cache=kv_cache,
+            kv_cache_mode=kv_cache_mode,
+            return_features=return_features,
+        )
 
-    def apply(self, params, *, hidden_states, encoder_hidden_states, timestep, img_shapes, img_mask,
-              encoder_hidden_states_mask=None, kv_cache=None, kv_cache_mode=None):
+    def apply(
+        self,
+        params,
+        *,
+        hidden_states,
+        encoder_hidden_states,
+        timestep,
+        img_shapes,
+        img_mask,
+        encoder_hidden_states_mask=None,
+        kv_cache=None,
+        kv_cache_mode=None,
+    ):
         layout = make_layout(img_shapes, img_mask)
         timestep = jnp.asarray(timestep, jnp.float32).reshape(-1)
-        return self._jitted_forward(params, layout, hidden_states, encoder_hidden_states, timestep,
-                                    encoder_hidden_states_mask, kv_cache=kv_cache, kv_cache_mode=kv_cache_mode)
+        return self._jitted_forward(
+            params,
+            layout,
+            hidden_states,
+            encoder_hidden_states,
+            timestep,
+            encoder_hidden_states_mask,
+            kv_cache=kv_cache,
+            kv_cache_mode=kv_cache_mode,
+        )
 
     @functools.cached_property
     def _jitted_forward(self):
@@ -71,8 +108,9 @@ def _module(config, mesh, rules, seed):
     return QwenImageTransformer(config, rngs=nnx.Rngs(seed), **kwargs)
 
 
-def build_transformer(config: TransformerConfig, *, seed: int = 0, mesh: Mesh | None = None,
-                      rules=()) -> TransformerModel:
+def build_transformer(
+    config: TransformerConfig, *, seed: int = 0, mesh: Mesh | None = None, rules=()
+) -> TransformerModel:
     """Randomly initialised model, created directly in its sharded layout.
 
     The module is first traced abstractly (`nnx.eval_shape`), its logical axes give the shardings, and a jitted init
@@ -103,24 +141,37 @@ def from_params(config: TransformerConfig, params, *, mesh: Mesh | None = None, 
     return dataclasses.replace(model, params=params)
 
 
-def load_transformer(path, *, mesh: Mesh | None = None, rules=(), dtype: str | None = None,
-                     param_dtype: str | None = None, remat_policy: str | None = None) -> TransformerModel:
+def load_transformer(
+    path,
+    *,
+    mesh: Mesh | None = None,
+    rules=(),
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    remat_policy: str | None = None,
+) -> TransformerModel:
     """Loads a checkpoint written by `python -m qwen_flash_jax.convert`.
 
     Parameters are restored straight into their shardings on `mesh` (each host reads only its shards). `dtype`
     sets the activation dtype, `param_dtype` the stored dtype to restore into (default: as converted).
     """
     config = checkpoint_io.read_config(path)
-    overrides = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy).items()
-                 if v is not None}
+    overrides = {
+        k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy).items() if v is not None
+    }
     config = config.replace(**overrides)
     rules = sharding.normalise_rules(rules)
     abstract = nnx.eval_shape(lambda: _module(config, mesh, rules, 0))
     graphdef, abstract_state = nnx.split(abstract)
-    shardings = (sharding.param_shardings(abstract_state, mesh, rules) if mesh is not None
-                 else jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-                                   nnx.to_pure_dict(abstract_state)))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nnx.to_pure_dict(abstract_state), shardings)
+    shardings = (
+        sharding.param_shardings(abstract_state, mesh, rules)
+        if mesh is not None
+        else jax.tree.map(
+            lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), nnx.to_pure_dict(abstract_state)
+        )
+    )
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.to_pure_dict(abstract_state), shardings
+    )
     params = checkpoint_io.restore_params(path, target)
     return TransformerModel(config, graphdef, params, mesh, rules)

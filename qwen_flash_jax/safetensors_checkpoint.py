@@ -86,19 +86,24 @@ class SafetensorsCheckpoint:
             for name in shard.keys():  # noqa: SIM118 -- a safe_open handle is not iterable
                 header = shard.get_slice(name)  # reads nothing: shape and dtype come from the parsed header
                 if header.get_dtype() not in FLOAT_DTYPES:
-                    raise CheckpointError(f"{shard_path}: tensor {name!r} has unsupported dtype {header.get_dtype()!r} "
-                                          f"(supported: {', '.join(FLOAT_DTYPES)})")
+                    raise CheckpointError(
+                        f"{shard_path}: tensor {name!r} has unsupported dtype {header.get_dtype()!r} "
+                        f"(supported: {', '.join(FLOAT_DTYPES)})"
+                    )
                 if name in self.tensors:
                     raise CheckpointError(
-                        f"tensor {name!r} is in two shards: {self.tensors[name].file.name} and {shard_path.name}")
+                        f"tensor {name!r} is in two shards: {self.tensors[name].file.name} and {shard_path.name}"
+                    )
                 self.tensors[name] = TensorInfo(tuple(header.get_shape()), header.get_dtype(), shard_path)
         if weight_map is not None:
             for name, shard_name in weight_map.items():
                 if name not in self.tensors:
                     raise CheckpointError(f"{index_path}: tensor {name!r} is not in its shard {shard_name!r}")
                 if self.tensors[name].file.name != shard_name:
-                    raise CheckpointError(f"{index_path}: tensor {name!r} is mapped to {shard_name!r} but stored in "
-                                          f"{self.tensors[name].file.name!r}")
+                    raise CheckpointError(
+                        f"{index_path}: tensor {name!r} is mapped to {shard_name!r} but stored in "
+                        f"{self.tensors[name].file.name!r}"
+                    )
 
     def keys(self) -> list[str]:
         return list(self.tensors)

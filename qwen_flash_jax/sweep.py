@@ -31,10 +31,16 @@ from qwen_flash_jax.train import distill_job, jobs
 
 SUITES = {
     "composition": tuple((e, f"configs/composition.py:{{variant}},{e}") for e in ("E1", "E2", "E3", "E4", "E5")),
-    "guidance": (("single", "configs/guidance.py:{variant},single"),
-                 ("stepwise", "configs/guidance.py:{variant},stepwise")),
-    "ratio": (("T2I only", "configs/t2i_only.py:{variant}"), ("9:1", "configs/9to1.py:{variant}"),
-              ("7:3", "configs/7to3.py:{variant}"), ("5:5", "configs/5to5.py:{variant}")),
+    "guidance": (
+        ("single", "configs/guidance.py:{variant},single"),
+        ("stepwise", "configs/guidance.py:{variant},stepwise"),
+    ),
+    "ratio": (
+        ("T2I only", "configs/t2i_only.py:{variant}"),
+        ("9:1", "configs/9to1.py:{variant}"),
+        ("7:3", "configs/7to3.py:{variant}"),
+        ("5:5", "configs/5to5.py:{variant}"),
+    ),
 }
 
 _SUITE = flags.DEFINE_enum("suite", None, sorted(SUITES), "Which table to produce.")
@@ -108,8 +114,9 @@ def _in_world_order(result: dict) -> dict:
     return out
 
 
-def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print,
-              library_logs_to_file: bool = False) -> dict:
+def run_suite(
+    suite: str, workdir, variant: str = "toy", overrides=(), log=print, library_logs_to_file: bool = False
+) -> dict:
     workdir = pathlib.Path(workdir)
     rows = row_configs(suite, variant, overrides)
     if library_logs_to_file:  # after the rows' configs are checked: a bad one leaves no directory behind
@@ -128,10 +135,15 @@ def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print
         done.append((label, json.loads(results_file.read_text())))
     combined = combine(done)
     teachers = [name for name in combined if name.startswith("teacher ")]
-    report.write_results(workdir, combined, title=f"{suite} sweep ({variant})", stem="table",
-                         reference=teachers[-1] if teachers else None,  # fewest steps: the teacher's few-step sampling
-                         notes=f"One distillation per student row ({', '.join(label for label, _ in rows)}); "
-                               f"overrides: {list(overrides) or 'none'}. Per-row details in the row directories.")
+    report.write_results(
+        workdir,
+        combined,
+        title=f"{suite} sweep ({variant})",
+        stem="table",
+        reference=teachers[-1] if teachers else None,  # fewest steps: the teacher's few-step sampling
+        notes=f"One distillation per student row ({', '.join(label for label, _ in rows)}); "
+        f"overrides: {list(overrides) or 'none'}. Per-row details in the row directories.",
+    )
     log((workdir / "table.md").read_text())
     return combined
 
@@ -139,8 +151,13 @@ def run_suite(suite: str, workdir, variant: str = "toy", overrides=(), log=print
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    jobs.exit_on_failure(functools.partial(run_suite, library_logs_to_file=True), _SUITE.value, _WORKDIR.value,
-                        _VARIANT.value, tuple(_SET.value))
+    jobs.exit_on_failure(
+        functools.partial(run_suite, library_logs_to_file=True),
+        _SUITE.value,
+        _WORKDIR.value,
+        _VARIANT.value,
+        tuple(_SET.value),
+    )
 
 
 if __name__ == "__main__":

@@ -81,8 +81,9 @@ class TaskInterleaveIterDataset(grain.IterDataset):
         self._streams = {t: streams[t] for t in self._tasks}
 
     def __iter__(self) -> "_TaskInterleaveIterator":
-        return _TaskInterleaveIterator({t: iter(ds) for t, ds in self._streams.items()}, self._pattern,
-                                       self._slot_batches)
+        return _TaskInterleaveIterator(
+            {t: iter(ds) for t, ds in self._streams.items()}, self._pattern, self._slot_batches
+        )
 
     def __str__(self) -> str:
         return f"TaskInterleaveIterDataset(pattern={''.join(t[0].upper() for t in self._pattern)})"

@@ -63,12 +63,16 @@ class PromptEncoder:
 
     def __call__(self, text: str, condition_slots=()) -> tuple[np.ndarray, np.ndarray]:
         ids = prompt_lib.tokenize_prompts(self.tokenizer, [text], condition_slots)["input_ids"][0]
-        length, field = ((self.max_edit_tokens, "data.edit_prompt_tokens") if condition_slots and self.max_edit_tokens
-                         else (self.max_tokens, "data.max_prompt_tokens"))
+        length, field = (
+            (self.max_edit_tokens, "data.edit_prompt_tokens")
+            if condition_slots and self.max_edit_tokens
+            else (self.max_tokens, "data.max_prompt_tokens")
+        )
         if len(ids) > length:
             raise PromptTooLongError(
                 f"prompt {text[:60]!r} takes {len(ids)} tokens with the template and {sum(condition_slots)} image "
-                f"slots; {field} is {length}")
+                f"slots; {field} is {length}"
+            )
         input_ids = np.full(length, self.tokenizer.pad_token_id, np.int32)
         input_ids[: len(ids)] = ids
         mask = np.zeros(length, np.int32)
@@ -141,16 +145,28 @@ class EncodeImages:
         return np.asarray(self.codec.pack(self.codec.encode(pixels)), np.float32)
 
 
-def task_stream(task: str, sources: dict, weights: dict[str, float], *, batch_size: int, preprocess: Preprocess,
-                encode: EncodeImages, seed: int, process_index: int, process_count: int) -> grain.IterDataset:
+def task_stream(
+    task: str,
+    sources: dict,
+    weights: dict[str, float],
+    *,
+    batch_size: int,
+    preprocess: Preprocess,
+    encode: EncodeImages,
+    seed: int,
+    process_index: int,
+    process_count: int,
+) -> grain.IterDataset:
     """One task's batches: per-category shuffled repeats mixed by weight, this process's shard, batched, encoded."""
     weights = mixing.normalise_weights(weights, CATEGORIES[task], f"{task} category")
     missing = [c for c in weights if c not in sources or len(sources[c]) == 0]
     if missing:
         raise ConfigError(f"{task} categories {missing} have weight > 0 but no data")
     names = sorted(weights, key=CATEGORIES[task].index)
-    parts = [grain.MapDataset.source(sources[c]).shuffle(seed=seed + 7919 * CATEGORIES[task].index(c)).repeat()
-             for c in names]
+    parts = [
+        grain.MapDataset.source(sources[c]).shuffle(seed=seed + 7919 * CATEGORIES[task].index(c)).repeat()
+        for c in names
+    ]
     mixed = grain.MapDataset.mix(parts, [weights[c] for c in names]) if len(parts) > 1 else parts[0]
     local = mixed[process_index::process_count]
     return local.map(preprocess).to_iter_dataset().batch(batch_size, drop_remainder=True).map(encode)
@@ -164,9 +180,17 @@ def check_data_config(data_config) -> None:
             mixing.normalise_weights(dict(data_config[f"{task}_weights"]), CATEGORIES[task], f"{task} category")
 
 
-def build_pipeline(data_config, sources: dict, tokenizer, codec, *, process_index: int | None = None,
-                   process_count: int | None = None, condition_pixels: bool = False,
-                   slot_batches: int = 1) -> grain.IterDataset:
+def build_pipeline(
+    data_config,
+    sources: dict,
+    tokenizer,
+    codec,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    condition_pixels: bool = False,
+    slot_batches: int = 1,
+) -> grain.IterDataset:
     """The interleaved T2I/edit batch stream of this process (per-process batch = global batch / processes).
     `condition_pixels`: edit examples also carry the condition image (for a text encoder with a vision tower).
     `slot_batches`: consecutive batches per task slot (`mixing.TaskInterleaveIterDataset`)."""
@@ -182,15 +206,23 @@ def build_pipeline(data_config, sources: dict, tokenizer, codec, *, process_inde
             continue
         weights = dict(data_config[f"{task}_weights"])
         preprocess = Preprocess(task, prompts, codec, int(data_config.image_size))
-        streams[task] = task_stream(task, sources.get(task, {}), weights,
-                                    batch_size=data_config.batch_size // process_count, preprocess=preprocess,
-                                    encode=EncodeImages(codec, condition_pixels),
-                                    seed=int(data_config.seed), process_index=process_index,
-                                    process_count=process_count)
+        streams[task] = task_stream(
+            task,
+            sources.get(task, {}),
+            weights,
+            batch_size=data_config.batch_size // process_count,
+            preprocess=preprocess,
+            encode=EncodeImages(codec, condition_pixels),
+            seed=int(data_config.seed),
+            process_index=process_index,
+            process_count=process_count,
+        )
     return mixing.TaskInterleaveIterDataset(streams, ratio, slot_batches)
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:
     """Process-local numpy batch -> global jax arrays sharded along the batch axis (non-array fields pass)."""
-    return {k: (jax.make_array_from_process_local_data(sharding, v) if isinstance(v, np.ndarray) else v)
-            for k, v in batch.items()}
+    return {
+        k: (jax.make_array_from_process_local_data(sharding, v) if isinstance(v, np.ndarray) else v)
+        for k, v in batch.items()
+    }

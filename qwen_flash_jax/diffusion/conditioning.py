@@ -54,17 +54,25 @@ def task_specs(prompts: PromptEncoder, codec, image_size: int, vision_config=Non
     if vision_config is not None:
         vision_grid, tokens = vision_lib.image_grid(image_size, image_size, vision_config)
         if tokens != h * w // 4:  # the prompt's image slots are the vision tokens, one per 2x2 latent group
-            raise ValueError(f"a {image_size}px condition image gives {tokens} vision tokens but {h * w // 4} "
-                             "2x2 latent groups; the vision tower and the VAE do not fit together")
+            raise ValueError(
+                f"a {image_size}px condition image gives {tokens} vision tokens but {h * w // 4} "
+                "2x2 latent groups; the vision tower and the VAE do not fit together"
+            )
     specs = {}
     for task, slots in (("t2i", []), ("edit", [h * w // 4])):
         ids, mask = prompts("", slots)
-        slot_mask = ids[prompts.drop_idx:] == prompts.image_pad_id
+        slot_mask = ids[prompts.drop_idx :] == prompts.image_pad_id
         slot_mask = np.concatenate([slot_mask, np.ones(h * w // 4, bool)])
         shapes = [(1, h, w)] * (2 if task == "edit" else 1)
-        specs[task] = TaskSpec(task, make_layout(shapes, slot_mask), (h, w), prompts.drop_idx,
-                               tuple(int(i) for i in ids), tuple(int(m) for m in mask),
-                               vision_grid if task == "edit" else None)
+        specs[task] = TaskSpec(
+            task,
+            make_layout(shapes, slot_mask),
+            (h, w),
+            prompts.drop_idx,
+            tuple(int(i) for i in ids),
+            tuple(int(m) for m in mask),
+            vision_grid if task == "edit" else None,
+        )
     return specs
 
 
@@ -73,8 +81,9 @@ def image_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in IMAGE_INPUTS if k in batch}
 
 
-def encode(te_params, spec: TaskSpec, input_ids, attention_mask, condition_latents=None,
-           condition_pixels=None) -> Conditioning:
+def encode(
+    te_params, spec: TaskSpec, input_ids, attention_mask, condition_latents=None, condition_pixels=None
+) -> Conditioning:
     """Runs the text encoder and assembles the Conditioning (call inside jit). `condition_pixels`: the edit's
     uint8 condition images (B, H, W, 3), needed by Qwen3-VL (`te_params` a `Qwen3VLParams`)."""
     if isinstance(te_params, qwen3_vl.Qwen3VLParams):
@@ -91,8 +100,8 @@ def encode(te_params, spec: TaskSpec, input_ids, attention_mask, condition_laten
     if condition_latents is None:
         condition_latents = jnp.zeros((batch, 0, 1), jnp.float32)
     return Conditioning(
-        encoder_hidden_states=hidden[:, spec.drop_idx:],
-        encoder_hidden_states_mask=attention_mask[:, spec.drop_idx:].astype(bool),
+        encoder_hidden_states=hidden[:, spec.drop_idx :],
+        encoder_hidden_states_mask=attention_mask[:, spec.drop_idx :].astype(bool),
         condition_latents=condition_latents,
         layout=spec.layout,
     )

@@ -30,8 +30,10 @@ class Conditioning:
     def pair(self, other: "Conditioning") -> "Conditioning":
         """Both conditionings as one batch of 2B rows in `pair`'s interleaved order."""
         if other.layout != self.layout:
-            raise ValueError("positive and negative conditioning must share a token layout to be batched together; "
-                             "pad both prompts to the same length")
+            raise ValueError(
+                "positive and negative conditioning must share a token layout to be batched together; "
+                "pad both prompts to the same length"
+            )
         return jax.tree.map(pair, self, other)
 
 
@@ -58,20 +60,35 @@ def _hidden(cond: Conditioning, z):
 
 def velocity_and_features(model, params, cond: Conditioning, z, t):
     """(velocity (B, T, C) float32, trunk features of the target tokens (B, T, D)) in one forward."""
-    out, features = model.forward(params, cond.layout, _hidden(cond, z), cond.encoder_hidden_states, t,
-                                  cond.encoder_hidden_states_mask, return_features=True)
-    return out[:, -z.shape[1]:].astype(jnp.float32), features[:, -z.shape[1]:]
+    out, features = model.forward(
+        params,
+        cond.layout,
+        _hidden(cond, z),
+        cond.encoder_hidden_states,
+        t,
+        cond.encoder_hidden_states_mask,
+        return_features=True,
+    )
+    return out[:, -z.shape[1] :].astype(jnp.float32), features[:, -z.shape[1] :]
 
 
 def velocity(model, params, cond: Conditioning, z, t, kv_cache=None, kv_cache_mode=None):
     """Velocity for the packed noisy target `z` (B, T, C) at times `t` (B,). Returns (v, kv_cache or None)."""
     hidden = _hidden(cond, z)
-    out = model.forward(params, cond.layout, hidden, cond.encoder_hidden_states, t,
-                        cond.encoder_hidden_states_mask, kv_cache=kv_cache, kv_cache_mode=kv_cache_mode)
+    out = model.forward(
+        params,
+        cond.layout,
+        hidden,
+        cond.encoder_hidden_states,
+        t,
+        cond.encoder_hidden_states_mask,
+        kv_cache=kv_cache,
+        kv_cache_mode=kv_cache_mode,
+    )
     if kv_cache_mode == "extract":
         out, kv_cache = out
     if kv_cache_mode != "cached":
-        out = out[:, -z.shape[1]:]
+        out = out[:, -z.shape[1] :]
     return out.astype(jnp.float32), kv_cache
 
 
@@ -84,8 +101,17 @@ def guided_velocity(model, params, cond, neg_cond, z, t, cfg_scale, kv_cache=Non
     return flow.cfg_combine(v_cond, v_uncond, cfg_scale), kv_cache
 
 
-def euler_sample(model, params, noise, cond: Conditioning, sigmas, *, neg_cond: Conditioning | None = None,
-                 cfg_scale: float = 1.0, use_kv_cache: bool = True):
+def euler_sample(
+    model,
+    params,
+    noise,
+    cond: Conditioning,
+    sigmas,
+    *,
+    neg_cond: Conditioning | None = None,
+    cfg_scale: float = 1.0,
+    use_kv_cache: bool = True,
+):
     """Integrates the flow ODE from sigmas[0] (noise) to sigmas[-1] (= 0) with Euler steps; returns the sample.
 
     `sigmas` is a host array of N + 1 values (see `flow.sampling_sigmas`). With the KV cache (requires the model's

@@ -35,8 +35,10 @@ def student_timesteps(num_steps: int, mu: float, explicit=()) -> np.ndarray:
         return flow.sampling_sigmas(num_steps, mu)[:-1]
     times = np.asarray([float(t) for t in explicit], np.float32)
     if len(times) != num_steps:
-        raise ConfigError(f"student.timesteps has {len(times)} entries, student.num_steps is {num_steps} "
-                          f"(student.timesteps=() takes the shifted schedule of any length)")
+        raise ConfigError(
+            f"student.timesteps has {len(times)} entries, student.num_steps is {num_steps} "
+            f"(student.timesteps=() takes the shifted schedule of any length)"
+        )
     if not (times[0] <= 1.0 and times[-1] > 0.0 and np.all(np.diff(times) < 0)):
         raise ConfigError(f"student.timesteps must decrease strictly within (0, 1], got {list(explicit)}")
     return times
@@ -55,8 +57,10 @@ def critic_step_probs(num_steps: int, probs=()) -> tuple[float, ...]:
         return ()
     p = np.asarray([float(x) for x in probs], np.float64)
     if len(p) != num_steps or np.any(p < 0) or p.sum() <= 0:
-        raise ConfigError(f"fake_score.step_probs must be {num_steps} non-negative weights with a positive sum "
-                          f"(one per student step; () = uniform), got {list(probs)}")
+        raise ConfigError(
+            f"fake_score.step_probs must be {num_steps} non-negative weights with a positive sum "
+            f"(one per student step; () = uniform), got {list(probs)}"
+        )
     return tuple(float(x) for x in p / p.sum())
 
 
@@ -115,6 +119,7 @@ def _simulate(model, params, cond, noise, k, timesteps, key, mode, *, with_x0):
     if not model.config.causal_condition or len(timesteps) == 1:  # (one step: k is always 0)
         out = steps(0, z0)
     else:
+
         def from_prefix_cache():
             v, cache = sampling.velocity(model, params, cond, z0, at(0), kv_cache_mode="extract")
             x0 = flow.x0_from_velocity(z0, v, at(0))
@@ -142,13 +147,13 @@ def generate(model, params, cond, noise, timesteps, key, mode: str = "fresh"):
     return x0
 
 
-def real_x0(model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_scale: float,
-            cfg_rescale: float = 0.0):
+def real_x0(model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_scale: float, cfg_rescale: float = 0.0):
     """sum_m weights[:, m] * x0_m, each teacher with CFG against the empty prompt.
 
     `weights` is (B, M) in the order of `teacher_params`; a teacher whose weight is zero for the whole batch is not
     evaluated (lax.cond runs only the taken branch), so a specialist costs nothing at the steps it sits out.
     """
+
     def guided(params):
         if cfg_rescale:
             return _teacher_velocities(model, params, cond, neg_cond, x_t, t, cfg_scale, cfg_rescale)[1]
@@ -157,12 +162,19 @@ def real_x0(model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_sc
     return _weighted_x0(teacher_params, weights, x_t, t, 1, lambda params: (guided(params),))[0]
 
 
-def real_x0_parts(model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_scale: float,
-                  cfg_rescale: float = 0.0):
+def real_x0_parts(
+    model, teacher_params: dict, weights, cond, neg_cond, x_t, t, cfg_scale: float, cfg_rescale: float = 0.0
+):
     """(conditional x0, guided x0), each blended over the teachers like `real_x0`, from one batched forward per
     teacher. Their difference is the CFG direction the decoupled schedule applies on its own (`decoupled_times`)."""
-    return _weighted_x0(teacher_params, weights, x_t, t, 2, lambda params: _teacher_velocities(
-        model, params, cond, neg_cond, x_t, t, cfg_scale, cfg_rescale))
+    return _weighted_x0(
+        teacher_params,
+        weights,
+        x_t,
+        t,
+        2,
+        lambda params: _teacher_velocities(model, params, cond, neg_cond, x_t, t, cfg_scale, cfg_rescale),
+    )
 
 
 def _weighted_x0(teacher_params: dict, weights, x_t, t, count: int, velocities):
@@ -252,6 +264,7 @@ def fake_score_loss(model, fake_params, cond, x, key, t_min: float, t_max: float
 
 # --- step-wise multi-teacher weights ----------------------------------------------------------------------------------
 
+
 def guidance_table(spec: dict, teachers: tuple[str, ...], conditions: tuple[str, ...], num_steps: int) -> np.ndarray:
     """(K, C, M) float32 table lambda[k, c, m] from a config mapping.
 
@@ -277,8 +290,10 @@ def guidance_table(spec: dict, teachers: tuple[str, ...], conditions: tuple[str,
                     raise ConfigError(f"guidance[{key!r}] step {k}: weight of {name!r} must lie in [0, 1], got {value}")
                 table[k, c, m] = value
             if abs(table[k, c].sum() - 1.0) > 1e-5:
-                raise ConfigError(f"guidance[{key!r}] step {k}: weights {dict(row)} must sum to 1, "
-                                  f"they sum to {table[k, c].sum():.4f}")
+                raise ConfigError(
+                    f"guidance[{key!r}] step {k}: weights {dict(row)} must sum to 1, "
+                    f"they sum to {table[k, c].sum():.4f}"
+                )
     return table
 
 

@@ -21,8 +21,10 @@ from qwen_flash_jax.models.layers import layer_norm
 
 def init_head(key, dim: int) -> dict:
     """Per-token MLP head: LayerNorm -> Dense(dim) -> SiLU -> Dense(1); the logit layer starts at zero."""
-    return {"hidden": jax.random.normal(key, (dim, dim), jnp.float32) / jnp.sqrt(dim),
-            "logit": jnp.zeros((dim, 1), jnp.float32)}
+    return {
+        "hidden": jax.random.normal(key, (dim, dim), jnp.float32) / jnp.sqrt(dim),
+        "logit": jnp.zeros((dim, 1), jnp.float32),
+    }
 
 
 def head_logits(head: dict, features):

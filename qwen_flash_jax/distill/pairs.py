@@ -37,8 +37,11 @@ def build_pair_bank(config, gen, teacher_params, to_device, *, log=print) -> dic
     num_batches = int(config.student.regression_batches)
     data = config_lib.distill_data_config(config, offset=BANK_SEED_OFFSET)
     assets = gen.assets
-    iterator = iter(pipeline_lib.build_pipeline(data, assets.sources, assets.tokenizer, assets.codec,
-                                                condition_pixels=assets.condition_pixels))
+    iterator = iter(
+        pipeline_lib.build_pipeline(
+            data, assets.sources, assets.tokenizer, assets.codec, condition_pixels=assets.condition_pixels
+        )
+    )
     steps, cfg = int(config.sampling.teacher_steps), float(config.sampling.cfg_scale)
     key = jax.random.key(config_lib.distill_seed(config) + 3)
     bank: dict[str, list[dict]] = {}
@@ -53,13 +56,22 @@ def build_pair_bank(config, gen, teacher_params, to_device, *, log=print) -> dic
         batch["noise"] = np.asarray(jax.random.normal(key_i, batch["target_latents"].shape, jnp.float32))
         del batch["target_latents"]
         entry = to_device(batch)
-        entry["target"] = gen.teacher_latents(teacher_params, assets.tasks[task], entry["input_ids"],
-                                              entry["attention_mask"], conditioning.image_inputs(entry),
-                                              entry["noise"], num_steps=steps, cfg_scale=cfg)
+        entry["target"] = gen.teacher_latents(
+            teacher_params,
+            assets.tasks[task],
+            entry["input_ids"],
+            entry["attention_mask"],
+            conditioning.image_inputs(entry),
+            entry["noise"],
+            num_steps=steps,
+            cfg_scale=cfg,
+        )
         bank.setdefault(task, []).append(entry)
     jax.block_until_ready(bank)
-    log(f"regression pairs: {num_batches} batches ({', '.join(f'{t} {len(b)}' for t, b in bank.items())}) of "
-        f"{steps}-step teacher samples with CFG {cfg} in {time.perf_counter() - started:.0f}s")
+    log(
+        f"regression pairs: {num_batches} batches ({', '.join(f'{t} {len(b)}' for t, b in bank.items())}) of "
+        f"{steps}-step teacher samples with CFG {cfg} in {time.perf_counter() - started:.0f}s"
+    )
     return bank
 
 

@@ -92,11 +92,18 @@ def initial_state(setup: DistillSetup, student: dict, fake: dict, disc: dict, rn
     """The state before the first update. The EMA starts as a copy of the student and exists only when EMA is on;
     `rng` is raw key data."""
     return DistillState(
-        step=jnp.zeros((), jnp.int32), student=student, fake=fake,
-        student_opt=setup.student_opt.init(student), fake_opt=setup.fake_opt.init(fake),
-        ema=jax.tree.map(jnp.copy, student) if setup.ema_decay else None, rng=rng,
-        nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_run=jnp.zeros((), jnp.int32),
-        disc=disc, disc_opt=setup.disc_opt.init(disc))
+        step=jnp.zeros((), jnp.int32),
+        student=student,
+        fake=fake,
+        student_opt=setup.student_opt.init(student),
+        fake_opt=setup.fake_opt.init(fake),
+        ema=jax.tree.map(jnp.copy, student) if setup.ema_decay else None,
+        rng=rng,
+        nonfinite_total=jnp.zeros((), jnp.int32),
+        nonfinite_run=jnp.zeros((), jnp.int32),
+        disc=disc,
+        disc_opt=setup.disc_opt.init(disc),
+    )
 
 
 def ema_update(ema: dict, student: dict, decay: float) -> dict:
@@ -118,8 +125,7 @@ def _student_step(setup, batch_size, shape, key_noise, key_k, probs=()):
 def _student_input(setup, state, cond, batch_size, shape, key_noise, key_k, key_sim):
     """Draws the student step k and its noisy input by backward simulation."""
     k, noise, t = _student_step(setup, batch_size, shape, key_noise, key_k)
-    z = dmd.backward_simulation(setup.model, state.student, cond, noise, k, setup.timesteps, key_sim,
-                                setup.renoise)
+    z = dmd.backward_simulation(setup.model, state.student, cond, noise, k, setup.timesteps, key_sim, setup.renoise)
     return k, z, t
 
 
@@ -130,14 +136,17 @@ def _finite(*trees):
 
 def _guarded(state, new_state, ok):
     merged = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-    return merged.replace(nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
-                          nonfinite_run=jnp.where(ok, 0, state.nonfinite_run + 1))
+    return merged.replace(
+        nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
+        nonfinite_run=jnp.where(ok, 0, state.nonfinite_run + 1),
+    )
 
 
 def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec):
     rng, (k_noise, k_k, k_sim, k_loss, _) = _split(state)
-    cond = conditioning.encode(te_params, spec, batch["input_ids"], batch["attention_mask"],
-                               **conditioning.image_inputs(batch))
+    cond = conditioning.encode(
+        te_params, spec, batch["input_ids"], batch["attention_mask"], **conditioning.image_inputs(batch)
+    )
     shape = batch["target_latents"].shape
     k, noise, _ = _student_step(setup, shape[0], shape, k_noise, k_k, setup.critic_step_probs)
     _, x = dmd.student_sample(setup.model, state.student, cond, noise, k, setup.timesteps, k_sim, setup.renoise)
@@ -146,12 +155,14 @@ def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec
         if not _uses_gan(setup, spec):
             fm = dmd.fake_score_loss(setup.model, fake, cond, x, k_loss, setup.t_min, setup.t_max)
             return fm, (fm, {})
-        fm, cls, accuracy = gan.critic_losses(setup.model, fake, disc, cond, x, batch["target_latents"], k_loss,
-                                              setup.t_min, setup.t_max)
+        fm, cls, accuracy = gan.critic_losses(
+            setup.model, fake, disc, cond, x, batch["target_latents"], k_loss, setup.t_min, setup.t_max
+        )
         return fm + setup.gan_critic_weight * cls, (fm, {"critic_gan_loss": cls, "disc_accuracy": accuracy})
 
     (_, (loss, extra)), (grads, disc_grads) = jax.value_and_grad(losses, argnums=(0, 1), has_aux=True)(
-        state.fake, state.disc)
+        state.fake, state.disc
+    )
     updates, fake_opt = setup.fake_opt.update(grads, state.fake_opt, state.fake)
     new = state.replace(fake=jax.tree.map(jnp.add, state.fake, updates), fake_opt=fake_opt, rng=rng)
     if _uses_gan(setup, spec):
@@ -161,8 +172,9 @@ def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec
     return _guarded(state.replace(rng=rng), new, ok), {"fake_loss": loss, **extra, "skipped": ~ok}
 
 
-def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers: dict, batch, spec,
-                   condition_offset: int, pairs=None):
+def generator_step(
+    setup: DistillSetup, state: DistillState, te_params, teachers: dict, batch, spec, condition_offset: int, pairs=None
+):
     rng, (k_noise, k_k, k_sim, k_t, k_xi) = _split(state)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     images = conditioning.image_inputs(batch)
@@ -182,8 +194,17 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     weights = dmd.step_weights(setup.guidance, k, batch["category"] + condition_offset)
     decoupled = setup.schedule == "decoupled"
     # Decoupled: the distribution-matching comparison is against the conditional teachers (CFG scale 1).
-    x0_real = dmd.real_x0(setup.model, teachers, weights, cond, neg, x_t, t_dmd,
-                          1.0 if decoupled else setup.cfg_scale, 0.0 if decoupled else setup.cfg_rescale)
+    x0_real = dmd.real_x0(
+        setup.model,
+        teachers,
+        weights,
+        cond,
+        neg,
+        x_t,
+        t_dmd,
+        1.0 if decoupled else setup.cfg_scale,
+        0.0 if decoupled else setup.cfg_rescale,
+    )
     use_gan = _uses_gan(setup, spec)
     if use_gan:
         v_fake, grad_xt, gan_loss = gan.generator_grad(setup.model, state.fake, state.disc, cond, x_t, t_dmd)
@@ -198,16 +219,19 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
         # Its keys derive from the shared ones, so the distribution-matching term draws what "shared" draws.
         t_ca = dmd.decoupled_times(jax.random.fold_in(k_t, 1), t, setup.t_min, setup.t_max)
         x_ca = flow.interpolate(x_sg, jax.random.normal(jax.random.fold_in(k_xi, 1), shape, jnp.float32), t_ca)
-        x0_cond, x0_guided = dmd.real_x0_parts(setup.model, teachers, weights, cond, neg, x_ca, t_ca,
-                                               setup.cfg_scale, setup.cfg_rescale)
+        x0_cond, x0_guided = dmd.real_x0_parts(
+            setup.model, teachers, weights, cond, neg, x_ca, t_ca, setup.cfg_scale, setup.cfg_rescale
+        )
         ca_loss, grad_ca = jax.value_and_grad(dmd.dmd_loss)(x_sg, x0_guided, x0_cond)
         schedule_metrics = {"dm_loss": loss, "ca_loss": ca_loss}
         loss, grad_x = loss + ca_loss, grad_x + grad_ca
     gan_metrics = {}
     if use_gan:
         gan_grad_x = setup.gan_weight * grad_xt * (1.0 - t_dmd)[:, None, None]  # x_t = (1 - t) x + t noise
-        gan_metrics = {"gan_loss": gan_loss,
-                       "gan_grad_ratio": jnp.linalg.norm(gan_grad_x) / jnp.maximum(jnp.linalg.norm(grad_x), 1e-12)}
+        gan_metrics = {
+            "gan_loss": gan_loss,
+            "gan_grad_ratio": jnp.linalg.norm(gan_grad_x) / jnp.maximum(jnp.linalg.norm(grad_x), 1e-12),
+        }
         grad_x = grad_x + gan_grad_x
 
     grad_v = jnp.zeros_like(v_student)
@@ -224,13 +248,15 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     if setup.regression_weight and pairs is not None:
         # DMD1's regression onto teacher ODE pairs, at the same student step k along the student's own
         # (predicted-noise) trajectory from the pair's noise (pairs.py says why the target is the same at every k).
-        cond_p = conditioning.encode(te_params, spec, pairs["input_ids"], pairs["attention_mask"],
-                                     **conditioning.image_inputs(pairs))
-        z_p = dmd.backward_simulation(setup.model, state.student, cond_p, pairs["noise"], k, setup.timesteps,
-                                      k_sim, setup.renoise)
+        cond_p = conditioning.encode(
+            te_params, spec, pairs["input_ids"], pairs["attention_mask"], **conditioning.image_inputs(pairs)
+        )
+        z_p = dmd.backward_simulation(
+            setup.model, state.student, cond_p, pairs["noise"], k, setup.timesteps, k_sim, setup.renoise
+        )
         reg_loss, reg_grads = jax.value_and_grad(
-            lambda p: pairs_lib.regression_loss(dmd.student_x0(setup.model, p, cond_p, z_p, t)[0],
-                                                pairs["target"]))(state.student)
+            lambda p: pairs_lib.regression_loss(dmd.student_x0(setup.model, p, cond_p, z_p, t)[0], pairs["target"])
+        )(state.student)
         grads = jax.tree.map(lambda g, r: g + setup.regression_weight * r, grads, reg_grads)
 
     updates, student_opt = setup.student_opt.update(grads, state.student_opt, state.student)
@@ -238,8 +264,15 @@ def generator_step(setup: DistillSetup, state: DistillState, te_params, teachers
     ema = ema_update(state.ema, student, setup.ema_decay) if setup.ema_decay else state.ema
     new = state.replace(step=state.step + 1, student=student, student_opt=student_opt, ema=ema, rng=rng)
     ok = _finite(loss, grads, reg_loss, *gan_metrics.values())
-    metrics = {"dmd_loss": loss, "fm_loss": fm_loss, "regression_loss": reg_loss, "k": k, "skipped": ~ok,
-               **gan_metrics, **schedule_metrics,
-               "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
+    metrics = {
+        "dmd_loss": loss,
+        "fm_loss": fm_loss,
+        "regression_loss": reg_loss,
+        "k": k,
+        "skipped": ~ok,
+        **gan_metrics,
+        **schedule_metrics,
+        "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
+    }
     guarded = _guarded(state.replace(rng=rng), new, ok)
     return guarded.replace(step=state.step + 1), metrics

@@ -35,8 +35,9 @@ def t2i_bench(size: int, per_category: int, seed: int) -> dict[str, T2IBench]:
     for i, category in enumerate(world.T2I_CATEGORIES):
         rng = np.random.default_rng([seed, 1, i])
         samples = [world.sample_t2i(rng, category, size) for _ in range(per_category)]
-        out[category] = T2IBench(category, [s.caption for s in samples], [s.spec for s in samples],
-                                 np.stack([s.image for s in samples]))
+        out[category] = T2IBench(
+            category, [s.caption for s in samples], [s.spec for s in samples], np.stack([s.image for s in samples])
+        )
     return out
 
 
@@ -45,6 +46,11 @@ def edit_bench(size: int, per_category: int, seed: int) -> dict[str, EditBench]:
     for i, category in enumerate(world.EDIT_CATEGORIES):
         rng = np.random.default_rng([seed, 2, i])
         samples = [world.sample_edit(rng, category, size) for _ in range(per_category)]
-        out[category] = EditBench(category, [s.instruction for s in samples], [s.spec for s in samples],
-                                  np.stack([s.source for s in samples]), np.stack([s.target for s in samples]))
+        out[category] = EditBench(
+            category,
+            [s.instruction for s in samples],
+            [s.spec for s in samples],
+            np.stack([s.source for s in samples]),
+            np.stack([s.target for s in samples]),
+        )
     return out

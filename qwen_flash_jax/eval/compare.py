@@ -36,8 +36,11 @@ def load_results(run) -> dict:
     except json.JSONDecodeError as e:
         raise CompareError(f"{path}: not a results.json ({e})") from None
     # A results.json maps each model's row name to its scores (report.write_results).
-    if not (isinstance(results, dict) and results
-            and all(isinstance(row, dict) and "t2i_average" in row for row in results.values())):
+    if not (
+        isinstance(results, dict)
+        and results
+        and all(isinstance(row, dict) and "t2i_average" in row for row in results.values())
+    ):
         raise CompareError(f"{path}: not a results.json (expected model rows with their scores)")
     return results
 
@@ -48,8 +51,9 @@ def resolve(results: dict, name: str, label: str = "first") -> str:
         return name
     matches = [row for row in results if row.startswith(name)]
     if len(matches) != 1:
-        raise CompareError(f"the {label} run has {'no' if not matches else 'more than one'} model {name!r}; it has "
-                           f"{list(results)}")
+        raise CompareError(
+            f"the {label} run has {'no' if not matches else 'more than one'} model {name!r}; it has {list(results)}"
+        )
     return matches[0]
 
 
@@ -63,21 +67,25 @@ def compare(a: dict, b: dict, model: str = "student", against: str | None = None
             raise CompareError(f"no per-sample {task} scores in one of the runs (results.json from an older version)")
         shape = lambda s: {c: len(v) for c, v in s.items()}  # noqa: E731
         if shape(scores_a) != shape(scores_b):
-            raise CompareError(f"the runs scored different {task} benchmarks (samples per category "
-                               f"{shape(scores_a)} against {shape(scores_b)}): a paired comparison needs the same "
-                               f"eval settings")
+            raise CompareError(
+                f"the runs scored different {task} benchmarks (samples per category "
+                f"{shape(scores_a)} against {shape(scores_b)}): a paired comparison needs the same "
+                f"eval settings"
+            )
         out[task] = paired_difference({"a": a[model], "b": b[against]}, "a", "b", task)
     return out
 
 
 def format_row(label: str, a: dict, model: str, diffs: dict) -> str:
-    cells = [f"{a[model][f'{task}_average']:.3f} | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
-             for task, d in diffs.items()]
+    cells = [f"{a[model][f'{task}_average']:.3f} | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" for task, d in diffs.items()]
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-_MODEL = flags.DEFINE_string("model", "student", "The first run's model: a results.json row, or the start of its "
-                             "name (the default takes the student row).")
+_MODEL = flags.DEFINE_string(
+    "model",
+    "student",
+    "The first run's model: a results.json row, or the start of its name (the default takes the student row).",
+)
 _AGAINST = flags.DEFINE_string("against", None, "The second run's model; default: the same as --model.")
 
 

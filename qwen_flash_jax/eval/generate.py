@@ -32,12 +32,31 @@ class Generator:
     student_timesteps: tuple[float, ...] | None = None  # the student's input times; None: the shifted Euler list
     student_renoise: str = "fresh"  # how the student re-noises between steps (distill.dmd.renoise)
 
-    def t2i(self, params, captions, *, num_steps: int, cfg_scale: float = 1.0, seed: int = 0,
-            student: bool = False, timesteps=None) -> np.ndarray:
+    def t2i(
+        self,
+        params,
+        captions,
+        *,
+        num_steps: int,
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+        student: bool = False,
+        timesteps=None,
+    ) -> np.ndarray:
         return self._run(params, "t2i", captions, None, num_steps, cfg_scale, seed, student, timesteps)
 
-    def edit(self, params, sources: np.ndarray, instructions, *, num_steps: int, cfg_scale: float = 1.0,
-             seed: int = 0, student: bool = False, timesteps=None) -> np.ndarray:
+    def edit(
+        self,
+        params,
+        sources: np.ndarray,
+        instructions,
+        *,
+        num_steps: int,
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+        student: bool = False,
+        timesteps=None,
+    ) -> np.ndarray:
         return self._run(params, "edit", instructions, sources, num_steps, cfg_scale, seed, student, timesteps)
 
     def _run(self, params, task, texts, sources, num_steps, cfg_scale, seed, student, timesteps=None):
@@ -48,36 +67,56 @@ class Generator:
         h, w = spec.latent_hw
         outputs = []
         for start in range(0, len(texts), self.batch_size):
-            chunk = list(texts[start:start + self.batch_size])
+            chunk = list(texts[start : start + self.batch_size])
             n = len(chunk)
             chunk += [""] * (self.batch_size - n)
             slots = [h * w // 4] if task == "edit" else []
             ids, mask = zip(*(self.assets.prompts(t, slots) for t in chunk))
             images = {}
             if task == "edit":
-                src = np.asarray(sources[start:start + self.batch_size])
+                src = np.asarray(sources[start : start + self.batch_size])
                 src = np.concatenate([src, np.repeat(src[:1], self.batch_size - n, axis=0)])
                 images["condition_latents"] = jnp.asarray(codec.pack(codec.encode(src)), jnp.float32)
                 if self.assets.condition_pixels:
                     images["condition_pixels"] = jnp.asarray(src, jnp.uint8)
             key = jax.random.fold_in(jax.random.key(seed), start)
             noise = jax.random.normal(key, (self.batch_size, h * w, self.model.config.in_channels))
-            z = self._sample(params, self.assets.text_encoder, jnp.asarray(np.stack(ids)),
-                             jnp.asarray(np.stack(mask)), images, noise, key, spec=spec,
-                             sigmas=self._sigmas(num_steps, student, timesteps),
-                             cfg_scale=float(cfg_scale), student=student)
+            z = self._sample(
+                params,
+                self.assets.text_encoder,
+                jnp.asarray(np.stack(ids)),
+                jnp.asarray(np.stack(mask)),
+                images,
+                noise,
+                key,
+                spec=spec,
+                sigmas=self._sigmas(num_steps, student, timesteps),
+                cfg_scale=float(cfg_scale),
+                student=student,
+            )
             images = codec.to_uint8(codec.decode(codec.unpack(np.asarray(z), h, w)))
             outputs.append(images[:n])
         return np.concatenate(outputs)
 
-    def teacher_latents(self, params, spec, input_ids, attention_mask, images: dict, noise, *, num_steps: int,
-                        cfg_scale: float):
+    def teacher_latents(
+        self, params, spec, input_ids, attention_mask, images: dict, noise, *, num_steps: int, cfg_scale: float
+    ):
         """A teacher's Euler sample as packed latents (on device) from given tokens and noise: the sampler of `t2i`
         and `edit` without tokenising, padding or decoding (the regression bank, distill/pairs.py). `images`: the
         edit's `conditioning.IMAGE_INPUTS` fields ({} for T2I)."""
-        return self._sample(params, self.assets.text_encoder, input_ids, attention_mask, images, noise,
-                            jax.random.key(0), spec=spec, sigmas=self._sigmas(num_steps, False),
-                            cfg_scale=float(cfg_scale), student=False)
+        return self._sample(
+            params,
+            self.assets.text_encoder,
+            input_ids,
+            attention_mask,
+            images,
+            noise,
+            jax.random.key(0),
+            spec=spec,
+            sigmas=self._sigmas(num_steps, False),
+            cfg_scale=float(cfg_scale),
+            student=False,
+        )
 
     def _sigmas(self, num_steps: int, student: bool, timesteps=None) -> tuple[float, ...]:
         if timesteps is not None and not student:
@@ -95,12 +134,21 @@ class Generator:
         def sample(params, te_params, ids, mask, images, noise, key, *, spec, sigmas, cfg_scale, student):
             cond = conditioning.encode(te_params, spec, ids, mask, **images)
             if student:
-                return dmd.generate(self.model, params, cond, noise, sigmas[:-1], jax.random.fold_in(key, 1),
-                                    self.student_renoise)
+                return dmd.generate(
+                    self.model, params, cond, noise, sigmas[:-1], jax.random.fold_in(key, 1), self.student_renoise
+                )
             neg_ids, neg_mask = conditioning.empty_prompt(spec, ids.shape[0])
             neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, **images)
-            return sampling.euler_sample(self.model, params, noise, cond, np.asarray(sigmas), neg_cond=neg,
-                                         cfg_scale=cfg_scale, use_kv_cache=self.use_kv_cache)
+            return sampling.euler_sample(
+                self.model,
+                params,
+                noise,
+                cond,
+                np.asarray(sigmas),
+                neg_cond=neg,
+                cfg_scale=cfg_scale,
+                use_kv_cache=self.use_kv_cache,
+            )
 
         return jax.jit(sample, static_argnames=("spec", "sigmas", "cfg_scale", "student"))
 
@@ -110,6 +158,7 @@ class GridSection:
     """One block of a labelled grid: a band of column labels (the prompts or edit instructions) over rows of
     images, each row named on its left (the model and its NFE, or "real", "source", "target"). `title` (e.g. the
     benchmark category) sits in the corner above the row names; "" for none."""
+
     title: str
     columns: Sequence[str]
     rows: Sequence[tuple[str, np.ndarray]]  # (row name, (N, H, W, 3) uint8 with N <= len(columns))
@@ -119,6 +168,7 @@ class GridSection:
 class GridLayout:
     """Where `grid_image` put things, (top, left, height, width) boxes in pixels: for the tests and for tools that
     crop a grid."""
+
     tile: int  # side of one upscaled image cell
     scale: int  # integer nearest-neighbour upscale of every image
     tiles: dict  # (section, row, column) -> box of that image's cell
@@ -173,7 +223,7 @@ def fit_text(text: str, font, width: int, max_lines: int) -> list[str]:
         last = lines[max_lines - 1]
         while last and _text_width(font, last + _ELLIPSIS) > width:
             last = last[:-1]
-        lines = lines[:max_lines - 1] + [last.rstrip() + _ELLIPSIS]
+        lines = lines[: max_lines - 1] + [last.rstrip() + _ELLIPSIS]
     return lines
 
 

@@ -92,7 +92,7 @@ class ToyJudge:
             self._apply = make_apply(self.config)
         outs: list[list[np.ndarray]] = [[], [], []]
         for i in range(0, len(images), _MAX_BATCH):
-            chunk = images[i: i + _MAX_BATCH]
+            chunk = images[i : i + _MAX_BATCH]
             n = len(chunk)
             bucket = max(8, 1 << (n - 1).bit_length())  # few distinct shapes -> few compilations
             if bucket > n:
@@ -106,8 +106,10 @@ class ToyJudge:
         arr = np.asarray(images)
         s = self.size
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (s, s, 3) or len(arr) == 0:
-            raise ValueError(f"{name} must be a non-empty uint8 array of shape (N, {s}, {s}, 3) for this size-{s} "
-                             f"judge; got dtype {arr.dtype}, shape {arr.shape}")
+            raise ValueError(
+                f"{name} must be a non-empty uint8 array of shape (N, {s}, {s}, 3) for this size-{s} "
+                f"judge; got dtype {arr.dtype}, shape {arr.shape}"
+            )
         return arr
 
     @staticmethod
@@ -182,8 +184,15 @@ class ToyJudge:
             per_cat[cat] = float(scores[m].mean())
             fd[cat] = self.frechet(feats[m], cat, "feat")
             fd_low[cat] = self.frechet(low[m], cat, "low")
-        return {"per_sample": scores, "per_category": per_cat, "fidelity_fd": fd, "fidelity_fd_low": fd_low,
-                "mean": float(scores.mean()), "compliance": comp, **qual}
+        return {
+            "per_sample": scores,
+            "per_category": per_cat,
+            "fidelity_fd": fd,
+            "fidelity_fd_low": fd_low,
+            "mean": float(scores.mean()),
+            "compliance": comp,
+            **qual,
+        }
 
     def frechet(self, feats: np.ndarray, category: str, space: str = "feat") -> float:
         """Frechet distance of a feature set to the real renders of ``category`` (nan for fewer than 2 samples)."""
@@ -202,25 +211,37 @@ class ToyJudge:
             raise ValueError(f"sources and outputs must have the same shape; got {sources.shape} and {outputs.shape}")
         specs = self._check_specs(specs, len(outputs), "specs")
         for spec in specs:
-            if (not isinstance(spec, dict) or spec.get("category") not in EDIT_CATEGORIES
-                    or not all(k in spec for k in ("source", "target", "op", "preserve", "region"))):
-                raise ValueError(f"edit spec must be an EditSample.spec dict (category in {EDIT_CATEGORIES}, "
-                                 f"source, target, op, preserve, region); got {spec!r:.120}")
+            if (
+                not isinstance(spec, dict)
+                or spec.get("category") not in EDIT_CATEGORIES
+                or not all(k in spec for k in ("source", "target", "op", "preserve", "region"))
+            ):
+                raise ValueError(
+                    f"edit spec must be an EditSample.spec dict (category in {EDIT_CATEGORIES}, "
+                    f"source, target, op, preserve, region); got {spec!r:.120}"
+                )
         n, s = len(outputs), self.size
         targets = np.stack([render(spec["target"], s) for spec in specs])
         probs, _, _ = self._forward(outputs)
         fid = jm.ramp(jm.psnr(outputs, targets), *_PSNR_RANGE)
         instr, pres = np.zeros(n, np.float32), np.zeros(n, np.float32)
         for i, spec in enumerate(specs):
-            instr[i], pres[i] = self._edit_terms(sources[i: i + 1], outputs[i: i + 1], targets[i: i + 1],
-                                                 probs[i: i + 1], spec, float(fid[i]))
+            instr[i], pres[i] = self._edit_terms(
+                sources[i : i + 1], outputs[i : i + 1], targets[i : i + 1], probs[i : i + 1], spec, float(fid[i])
+            )
         w_i, w_p, w_f = _EDIT_WEIGHTS
         base = w_i * instr + w_p * pres + w_f * fid
         scores = np.round(1.0 + 4.0 * np.minimum(base, instr), 2).astype(np.float32)
         cats = np.asarray([spec["category"] for spec in specs])
         per_cat = {c: float(scores[cats == c].mean()) for c in EDIT_CATEGORIES if (cats == c).any()}
-        return {"per_sample": scores, "per_category": per_cat, "mean": float(scores.mean()),
-                "instruction": instr, "preservation": pres, "fidelity": fid.astype(np.float32)}
+        return {
+            "per_sample": scores,
+            "per_category": per_cat,
+            "mean": float(scores.mean()),
+            "instruction": instr,
+            "preservation": pres,
+            "fidelity": fid.astype(np.float32),
+        }
 
     def _edit_terms(self, src, out, tgt, probs, spec: dict, fid: float) -> tuple[float, float]:
         """(instruction following, preservation) of one edit, both in [0, 1]."""
@@ -279,8 +300,10 @@ def train_judge(size: int = 32, seed: int = 0, steps: int = 700, log=print, **co
     _fit_reference(judge)
     if log is not None:
         worst = min(judge.accuracy, key=judge.accuracy.get)
-        log(f"judge trained in {seconds:.1f}s, calibrated in {time.perf_counter() - t0:.1f}s; held-out accuracy "
-            f"min {judge.accuracy[worst]:.3f} ({worst}), mean {np.mean(list(judge.accuracy.values())):.3f}")
+        log(
+            f"judge trained in {seconds:.1f}s, calibrated in {time.perf_counter() - t0:.1f}s; held-out accuracy "
+            f"min {judge.accuracy[worst]:.3f} ({worst}), mean {np.mean(list(judge.accuracy.values())):.3f}"
+        )
     return judge
 
 
@@ -302,7 +325,7 @@ def _fit_reference(judge: ToyJudge) -> None:
         for j, head in enumerate(HEADS):
             mask = labels[:, j] >= 0
             if mask.any():
-                pred = probs[mask, HEAD_OFFSETS[j]: HEAD_OFFSETS[j + 1]].argmax(axis=1)
+                pred = probs[mask, HEAD_OFFSETS[j] : HEAD_OFFSETS[j + 1]].argmax(axis=1)
                 key = f"{cat}/category" if j == 0 else "/".join(head)
                 judge.accuracy[key] = float((pred == labels[mask, j]).mean())
         th = judge.thresholds

@@ -75,7 +75,7 @@ def t2i_sets(n_per_category: int, size: int = 32, seed: int = 0) -> dict[str, tu
     specs = [s.spec for s in samples]
     wrong = []
     for k in range(len(T2I_CATEGORIES)):
-        block = specs[k * n_per_category: (k + 1) * n_per_category]
+        block = specs[k * n_per_category : (k + 1) * n_per_category]
         wrong += [block[j] for j in _derangement(n_per_category, rng)]
     return {
         "real": (real, specs),

@@ -70,10 +70,16 @@ def load_judge(path):
     if meta.get("version") != JUDGE_VERSION:
         raise ValueError(f"toy judge at {path} has version {meta.get('version')}, this code needs {JUDGE_VERSION}")
     config = JudgeConfig.from_json(meta["config"])
-    params = {k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")}
-    reference = {k[len("reference/"):]: v for k, v in arrays.items() if k.startswith("reference/")}
-    judge = judge_lib.ToyJudge(config, params, reference, dict(meta["thresholds"]), dict(meta["accuracy"]),
-                     float(meta.get("train_seconds", 0.0)))
+    params = {k[len("params/") :]: v for k, v in arrays.items() if k.startswith("params/")}
+    reference = {k[len("reference/") :]: v for k, v in arrays.items() if k.startswith("reference/")}
+    judge = judge_lib.ToyJudge(
+        config,
+        params,
+        reference,
+        dict(meta["thresholds"]),
+        dict(meta["accuracy"]),
+        float(meta.get("train_seconds", 0.0)),
+    )
     judge._forward(np.zeros((1, config.size, config.size, 3), np.uint8))  # checks parameter names and shapes
     return judge
 

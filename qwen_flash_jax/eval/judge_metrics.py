@@ -35,9 +35,17 @@ def luminance(images: np.ndarray) -> np.ndarray:
 def noise_sigma(images: np.ndarray) -> np.ndarray:
     """(N,) robust noise standard deviation (uint8 levels) of (N, H, W, 3) images."""
     x = images.astype(np.float32)
-    lap = (x[:, :-2, :-2] - 2 * x[:, :-2, 1:-1] + x[:, :-2, 2:]
-           - 2 * x[:, 1:-1, :-2] + 4 * x[:, 1:-1, 1:-1] - 2 * x[:, 1:-1, 2:]
-           + x[:, 2:, :-2] - 2 * x[:, 2:, 1:-1] + x[:, 2:, 2:])
+    lap = (
+        x[:, :-2, :-2]
+        - 2 * x[:, :-2, 1:-1]
+        + x[:, :-2, 2:]
+        - 2 * x[:, 1:-1, :-2]
+        + 4 * x[:, 1:-1, 1:-1]
+        - 2 * x[:, 1:-1, 2:]
+        + x[:, 2:, :-2]
+        - 2 * x[:, 2:, 1:-1]
+        + x[:, 2:, 2:]
+    )
     # For N(0, s^2) noise the kernel response has std 6 s, and median |N(0, 1)| = 0.6745.
     return np.median(np.abs(lap).reshape(len(x), -1, x.shape[-1]), axis=1).mean(axis=-1) / (0.6745 * 6.0)
 
@@ -90,7 +98,7 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> np.nda
     else:
         m = mask[..., None].astype(np.float32)
         mse = (d * m).sum(axis=(1, 2, 3)) / np.maximum(m.sum(axis=(1, 2, 3)) * 3.0, 1.0)
-    return np.minimum(10.0 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12)), 60.0).astype(np.float32)
+    return np.minimum(10.0 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 60.0).astype(np.float32)
 
 
 def masked_mae(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -108,7 +116,7 @@ def region_mask(region, size: int) -> np.ndarray:
     c0, r0 = int(np.floor(x0 * size)), int(np.floor(y0 * size))
     c1, r1 = max(c0 + 1, int(np.ceil(x1 * size))), max(r0 + 1, int(np.ceil(y1 * size)))
     m = np.zeros((size, size), bool)
-    m[max(0, r0): min(size, r1), max(0, c0): min(size, c1)] = True
+    m[max(0, r0) : min(size, r1), max(0, c0) : min(size, c1)] = True
     return m
 
 

@@ -23,21 +23,26 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..data.world import T2I_ATTRIBUTES, T2I_CATEGORIES, attribute_labels, sample_spec, render
+from ..data.world import T2I_ATTRIBUTES, T2I_CATEGORIES, attribute_labels, render, sample_spec
 
 #: Bumped whenever the network, training recipe or scoring rules change, so cached judges are not reused.
 JUDGE_VERSION = 1
 
 #: (category, attribute) of every head; the first one, ("*", "category"), classifies the T2I category.
 HEADS: tuple[tuple[str, str], ...] = (("*", "category"),) + tuple(
-    (c, a) for c in T2I_CATEGORIES for a in T2I_ATTRIBUTES[c])
+    (c, a) for c in T2I_CATEGORIES for a in T2I_ATTRIBUTES[c]
+)
 HEAD_SIZES: tuple[int, ...] = (len(T2I_CATEGORIES),) + tuple(len(T2I_ATTRIBUTES[c][a]) for c, a in HEADS[1:])
 HEAD_OFFSETS: tuple[int, ...] = tuple(int(x) for x in np.concatenate([[0], np.cumsum(HEAD_SIZES)]))
 HEAD_INDEX: dict[tuple[str, str], int] = {h: j for j, h in enumerate(HEADS)}
 N_LOGITS = HEAD_OFFSETS[-1]
 #: Loss weights: the slow-to-learn small-detail heads count more (the word is also the key text attribute).
-_LOSS_WEIGHTS = {("text", "word"): 3.0, ("portrait", "eye_colour"): 2.0, ("landscape", "mountains"): 2.0,
-                 ("landscape", "trees"): 2.0}
+_LOSS_WEIGHTS = {
+    ("text", "word"): 3.0,
+    ("portrait", "eye_colour"): 2.0,
+    ("landscape", "mountains"): 2.0,
+    ("landscape", "trees"): 2.0,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,24 +89,32 @@ class Conv(nnx.Module):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, *, rngs: nnx.Rngs):
         init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")  # He init for ReLU
-        self.kernel = nnx.Param(init(rngs.params(), (3, 3, in_ch, out_ch), jnp.float32),
-                                out_sharding=(None, None, "judge_in", "judge_out"), eager_sharding=False)
+        self.kernel = nnx.Param(
+            init(rngs.params(), (3, 3, in_ch, out_ch), jnp.float32),
+            out_sharding=(None, None, "judge_in", "judge_out"),
+            eager_sharding=False,
+        )
         self.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32), out_sharding=("judge_out",), eager_sharding=False)
         self.stride = stride
 
     def __call__(self, x):
-        y = jax.lax.conv_general_dilated(x, self.kernel[...], (self.stride, self.stride), "SAME",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            x, self.kernel[...], (self.stride, self.stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         return y + self.bias[...]
 
 
 class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, scale: float = 1.0):
         init = jax.nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32),
-                                out_sharding=("judge_in", "judge_out"), eager_sharding=False)
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32), out_sharding=("judge_out",),
-                              eager_sharding=False)
+        self.kernel = nnx.Param(
+            init(rngs.params(), (in_features, out_features), jnp.float32),
+            out_sharding=("judge_in", "judge_out"),
+            eager_sharding=False,
+        )
+        self.bias = nnx.Param(
+            jnp.zeros((out_features,), jnp.float32), out_sharding=("judge_out",), eager_sharding=False
+        )
 
     def __call__(self, x):
         return x @ self.kernel[...] + self.bias[...]
@@ -142,8 +155,10 @@ class JudgeNet(nnx.Module):
 
 def head_log_probs(logits):
     """Per-head log-softmax of the concatenated logits (same layout)."""
-    return jnp.concatenate([jax.nn.log_softmax(logits[:, HEAD_OFFSETS[j]: HEAD_OFFSETS[j + 1]], axis=-1)
-                            for j in range(len(HEADS))], axis=-1)
+    return jnp.concatenate(
+        [jax.nn.log_softmax(logits[:, HEAD_OFFSETS[j] : HEAD_OFFSETS[j + 1]], axis=-1) for j in range(len(HEADS))],
+        axis=-1,
+    )
 
 
 def abstract_model(config: JudgeConfig):
@@ -169,14 +184,18 @@ def flatten_params(state) -> dict[str, np.ndarray]:
 def unflatten_params(config: JudgeConfig, flat: dict[str, np.ndarray]):
     """(graphdef, Param state) from a flat {"conv1/kernel": array} dict; checks names and shapes."""
     graphdef, abstract = abstract_model(config)
-    expected = {k: tuple(v.shape) for k, v in flatten_params(
-        jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract.to_pure_dict())).items()}
+    expected = {
+        k: tuple(v.shape)
+        for k, v in flatten_params(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract.to_pure_dict())).items()
+    }
     got = {k: tuple(np.shape(v)) for k, v in flat.items()}
     if got != expected:
         missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         bad = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
-        raise ValueError(f"judge parameters do not match the config: missing {missing}, unexpected {extra}, "
-                         f"wrong shape {[(k, got[k], expected[k]) for k in bad]}")
+        raise ValueError(
+            f"judge parameters do not match the config: missing {missing}, unexpected {extra}, "
+            f"wrong shape {[(k, got[k], expected[k]) for k in bad]}"
+        )
     nested: dict = {}
     for key, value in flat.items():
         node = nested
@@ -242,7 +261,7 @@ def _loss(logits, labels):
     for j, head in enumerate(HEADS):
         y = labels[:, j]
         mask = (y >= 0).astype(jnp.float32)
-        seg = logp[:, HEAD_OFFSETS[j]: HEAD_OFFSETS[j + 1]]
+        seg = logp[:, HEAD_OFFSETS[j] : HEAD_OFFSETS[j + 1]]
         nll = -jnp.take_along_axis(seg, jnp.maximum(y, 0)[:, None], axis=1)[:, 0]
         total = total + _LOSS_WEIGHTS.get(head, 1.0) * jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     return total

@@ -19,7 +19,6 @@ from qwen_flash_jax import atomic
 from qwen_flash_jax.eval import bench_sets
 from qwen_flash_jax.eval.generate import GridSection, save_grid
 
-
 _T2I_TERMS = ("compliance", "quality", "penalty_noise", "penalty_blur", "penalty_block", "penalty_feature")
 
 
@@ -35,8 +34,18 @@ class Contender:
     cache_key: str | None = None
 
 
-def evaluate(contenders: list[Contender], judge, *, size: int, prompts_per_category: int,
-             edits_per_category: int, seed: int, grid_dir=None, image_cache=None, log=print) -> dict:
+def evaluate(
+    contenders: list[Contender],
+    judge,
+    *,
+    size: int,
+    prompts_per_category: int,
+    edits_per_category: int,
+    seed: int,
+    grid_dir=None,
+    image_cache=None,
+    log=print,
+) -> dict:
     """Scores every contender on the same benchmark prompts, edits and seeds. `image_cache`: a directory where the
     images of contenders with a `cache_key` are kept between runs (scores are always recomputed)."""
     t2i = bench_sets.t2i_bench(size, prompts_per_category, seed)
@@ -46,8 +55,7 @@ def evaluate(contenders: list[Contender], judge, *, size: int, prompts_per_categ
     for c in contenders:
         t2i_images[c.name], edit_images[c.name] = _benchmark_images(c, t2i, edits, bench, image_cache, log)
         t2i_scores = {cat: judge.score_t2i(t2i_images[c.name][cat], b.specs) for cat, b in t2i.items()}
-        edit_scores = {cat: judge.score_edit(b.sources, edit_images[c.name][cat], b.specs)
-                       for cat, b in edits.items()}
+        edit_scores = {cat: judge.score_edit(b.sources, edit_images[c.name][cat], b.specs) for cat, b in edits.items()}
         results[c.name] = {
             "nfe": c.nfe,
             "t2i": {cat: float(s["mean"]) for cat, s in t2i_scores.items()},
@@ -66,7 +74,8 @@ def evaluate(contenders: list[Contender], judge, *, size: int, prompts_per_categ
         grid_dir = pathlib.Path(grid_dir)
         grid_dir.mkdir(parents=True, exist_ok=True)
         t2i_sections, edit_sections = benchmark_sections(
-            t2i, edits, {row_name(c): (t2i_images[c.name], edit_images[c.name]) for c in contenders})
+            t2i, edits, {row_name(c): (t2i_images[c.name], edit_images[c.name]) for c in contenders}
+        )
         save_grid(grid_dir / "grid_t2i.png", t2i_sections)
         save_grid(grid_dir / "grid_edit.png", edit_sections)
     return results
@@ -93,8 +102,11 @@ def _benchmark_images(c: Contender, t2i, edits, bench: list, image_cache, log):
     if path is not None:
         # Concurrent runs each write their own, then rename.
         with atomic.publish(path) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, **{f"t2i/{cat}": x for cat, x in t2i_images.items()},
-                                **{f"edit/{cat}": x for cat, x in edit_images.items()})
+            np.savez_compressed(
+                f,
+                **{f"t2i/{cat}": x for cat, x in t2i_images.items()},
+                **{f"edit/{cat}": x for cat, x in edit_images.items()},
+            )
     return t2i_images, edit_images
 
 
@@ -107,18 +119,29 @@ def benchmark_sections(t2i: dict, edits: dict, models: dict, per_row: int = 8):
     """Grid sections (`generate.GridSection`) of a benchmark, one per category, for T2I and for edits: the
     category's real images (edits: sources and targets) above one row per model, `per_row` columns labelled with
     their prompts or instructions. `models`: row name -> (T2I images, edit images), each {category: images}."""
-    t2i_sections = [GridSection(cat, b.captions[:per_row], [("real", b.real[:per_row])]
-                                + [(name, images[cat][:per_row]) for name, (images, _) in models.items()])
-                    for cat, b in t2i.items()]
-    edit_sections = [GridSection(cat, b.instructions[:per_row],
-                                 [("source", b.sources[:per_row]), ("target", b.targets[:per_row])]
-                                 + [(name, images[cat][:per_row]) for name, (_, images) in models.items()])
-                     for cat, b in edits.items()]
+    t2i_sections = [
+        GridSection(
+            cat,
+            b.captions[:per_row],
+            [("real", b.real[:per_row])] + [(name, images[cat][:per_row]) for name, (images, _) in models.items()],
+        )
+        for cat, b in t2i.items()
+    ]
+    edit_sections = [
+        GridSection(
+            cat,
+            b.instructions[:per_row],
+            [("source", b.sources[:per_row]), ("target", b.targets[:per_row])]
+            + [(name, images[cat][:per_row]) for name, (_, images) in models.items()],
+        )
+        for cat, b in edits.items()
+    ]
     return t2i_sections, edit_sections
 
 
-def sample_unjudged(workdir, contenders: list[Contender], t2i_captions: list[str], edit_items: list[tuple],
-                    *, title: str, log=print) -> dict:
+def sample_unjudged(
+    workdir, contenders: list[Contender], t2i_captions: list[str], edit_items: list[tuple], *, title: str, log=print
+) -> dict:
     """Runs every contender on the same prompts and seeds and writes the grids with results.md / results.json,
     without scores: for runs with no judge (full scale, where the VLM judges score the grids offline).
 
@@ -140,24 +163,44 @@ def sample_unjudged(workdir, contenders: list[Contender], t2i_captions: list[str
     if t2i_rows:
         save_grid(workdir / "grid_t2i.png", [GridSection("T2I", t2i_captions, list(zip(names, t2i_rows)))])
     if edit_rows:
-        save_grid(workdir / "grid_edit.png",
-                  [GridSection("edit", instructions, [("source", sources)] + list(zip(names, edit_rows)))])
-    results = {"scored": False, "models": [{"name": c.name, "nfe": c.nfe} for c in contenders],
-               "t2i_prompts": list(t2i_captions), "edit_instructions": instructions}
-    lines = [f"# {title}", "", "Not scored: this run has no judge (`eval.judge='none'`). The grids hold one row per "
-             "model, in the order below, on the same prompts and noise seeds; score them with the VLM judges' "
-             "rubrics.", "", "| row | model | NFE |", "|---|---|---|"]
+        save_grid(
+            workdir / "grid_edit.png",
+            [GridSection("edit", instructions, [("source", sources)] + list(zip(names, edit_rows)))],
+        )
+    results = {
+        "scored": False,
+        "models": [{"name": c.name, "nfe": c.nfe} for c in contenders],
+        "t2i_prompts": list(t2i_captions),
+        "edit_instructions": instructions,
+    }
+    lines = [
+        f"# {title}",
+        "",
+        "Not scored: this run has no judge (`eval.judge='none'`). The grids hold one row per "
+        "model, in the order below, on the same prompts and noise seeds; score them with the VLM judges' "
+        "rubrics.",
+        "",
+        "| row | model | NFE |",
+        "|---|---|---|",
+    ]
     lines += [f"| {i + 1} | {c.name} | {c.nfe} |" for i, c in enumerate(contenders)]
-    lines += ["", "T2I prompts (grid_t2i.png columns): " + "; ".join(t2i_captions) if t2i_captions else "",
-              "", "Edit instructions (grid_edit.png columns, sources in the first row): " + "; ".join(instructions)
-              if instructions else "", ""]
+    lines += [
+        "",
+        "T2I prompts (grid_t2i.png columns): " + "; ".join(t2i_captions) if t2i_captions else "",
+        "",
+        "Edit instructions (grid_edit.png columns, sources in the first row): " + "; ".join(instructions)
+        if instructions
+        else "",
+        "",
+    ]
     _write_atomically(workdir / "results.md", "\n".join(lines))
     _write_atomically(workdir / "results.json", json.dumps(results, indent=2))
     return results
 
 
-def paired_difference(results: dict, name: str, reference: str, task: str, resamples: int = 2000,
-                      seed: int = 0) -> tuple[float, float, float] | None:
+def paired_difference(
+    results: dict, name: str, reference: str, task: str, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float] | None:
     """Mean per-sample score difference `name - reference` on `task` and its 95% bootstrap interval.
 
     Both were scored on the same prompts and seeds, so the paired difference cancels most prompt-to-prompt
@@ -175,8 +218,9 @@ def paired_difference(results: dict, name: str, reference: str, task: str, resam
     return mean, float(low), float(high)
 
 
-def write_results(workdir, results: dict, *, title: str, notes: str = "", stem: str = "results",
-                  reference: str | None = None) -> None:
+def write_results(
+    workdir, results: dict, *, title: str, notes: str = "", stem: str = "results", reference: str | None = None
+) -> None:
     """<stem>.json (machine-readable) and <stem>.md (tables in the paper's layout, with ranks); each file appears
     whole or not at all (a reader polling for results.json never sees half of one)."""
     workdir = pathlib.Path(workdir)
@@ -185,17 +229,26 @@ def write_results(workdir, results: dict, *, title: str, notes: str = "", stem: 
         cats = list(next(iter(results.values()))[task])
         avg = {name: r[f"{task}_average"] for name, r in results.items()}
         ranks = {name: i + 1 for i, name in enumerate(sorted(avg, key=avg.get, reverse=True))}
-        lines += [f"## {label}", "", "| model | NFE | " + " | ".join(cats) + " | average | rank |",
-                  "|---|---|" + "---|" * (len(cats) + 2)]
+        lines += [
+            f"## {label}",
+            "",
+            "| model | NFE | " + " | ".join(cats) + " | average | rank |",
+            "|---|---|" + "---|" * (len(cats) + 2),
+        ]
         for name, r in results.items():
             cells = " | ".join(f"{r[task][c]:.2f}" for c in cats)
             lines.append(f"| {name} | {r['nfe']} | {cells} | {avg[name]:.2f} | {ranks[name]} |")
         lines.append("")
     if reference in results:
-        lines += [f"## Paired differences against {reference}", "",
-                  "Mean per-sample score difference on the same prompts and seeds, with a 95% bootstrap interval "
-                  "(resampled within categories); an interval above 0 means better than the reference.", "",
-                  "| model | T2I difference | Edit difference |", "|---|---|---|"]
+        lines += [
+            f"## Paired differences against {reference}",
+            "",
+            "Mean per-sample score difference on the same prompts and seeds, with a 95% bootstrap interval "
+            "(resampled within categories); an interval above 0 means better than the reference.",
+            "",
+            "| model | T2I difference | Edit difference |",
+            "|---|---|---|",
+        ]
         for name in results:
             if name == reference:
                 continue

@@ -128,8 +128,7 @@ class SpaceToDepthCodec:
     def unpack(tokens, h: int, w: int):
         """Tokens (B, h*w, C) -> latents (B, h, w, C)."""
         if tokens.ndim != 3 or tokens.shape[1] != h * w:
-            raise ValueError(f"tokens must be (B, h*w={h * w}, C) for a {h}x{w} latent grid, got shape "
-                             f"{tokens.shape}")
+            raise ValueError(f"tokens must be (B, h*w={h * w}, C) for a {h}x{w} latent grid, got shape {tokens.shape}")
         return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2])
 
     @staticmethod

@@ -14,13 +14,27 @@ from flax import nnx
 class Dense(nnx.Module):
     """Bias-free linear layer, kernel laid out (in, out) (Qwen-Image 2.x has no biases anywhere)."""
 
-    def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
-                 dtype, param_dtype, rngs: nnx.Rngs, init_scale: float = 1.0, zero_init: bool = False):
-        init = (jax.nn.initializers.zeros if zero_init
-                else jax.nn.initializers.variance_scaling(init_scale, "fan_in", "truncated_normal"))
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        axes: tuple[str | None, str | None],
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        init_scale: float = 1.0,
+        zero_init: bool = False,
+    ):
+        init = (
+            jax.nn.initializers.zeros
+            if zero_init
+            else jax.nn.initializers.variance_scaling(init_scale, "fan_in", "truncated_normal")
+        )
         # Logical names only: `qwen_flash_jax.sharding` places parameters, so Flax must not shard eagerly.
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype), out_sharding=axes,
-                                 eager_sharding=False)
+        self.kernel = nnx.Param(
+            init(rngs.params(), (in_features, out_features), param_dtype), out_sharding=axes, eager_sharding=False
+        )
         self.dtype = dtype
 
     def __call__(self, x):
@@ -33,12 +47,21 @@ class Dense(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned scale (diffusers `RMSNorm`), or zero-centred scale `weight + 1` (`zero_centred`)."""
 
-    def __init__(self, dim: int, eps: float, axis_name: str | None, *, zero_centred: bool = False, param_dtype,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        axis_name: str | None,
+        *,
+        zero_centred: bool = False,
+        param_dtype,
+        rngs: nnx.Rngs | None = None,
+    ):
         del rngs  # deterministic init: identity scale
         init_value = 0.0 if zero_centred else 1.0
-        self.scale = nnx.Param(jnp.full((dim,), init_value, param_dtype), out_sharding=(axis_name,),
-                                eager_sharding=False)
+        self.scale = nnx.Param(
+            jnp.full((dim,), init_value, param_dtype), out_sharding=(axis_name,), eager_sharding=False
+        )
         self.eps = eps
         self.zero_centred = zero_centred
 

@@ -152,7 +152,7 @@ def make_layout(img_shapes, img_mask) -> TokenLayout:
         if (h * w) % TOKENS_PER_SLOT:
             raise LayoutError(f"an image of {h}x{w} latent tokens does not fill whole 2x2 slots")
     target_slots = target // TOKENS_PER_SLOT
-    if target_slots > mask.size or not mask[mask.size - target_slots:].all():
+    if target_slots > mask.size or not mask[mask.size - target_slots :].all():
         raise LayoutError(f"img_mask must end with the target image's {target_slots} slots (all True)")
     image_slots = int(mask.sum())
     expected = sum(int(np.prod(s)) for s in shapes) // TOKENS_PER_SLOT

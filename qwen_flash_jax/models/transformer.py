@@ -30,6 +30,7 @@ ROPE_THETA = 10000
 
 KV_CACHE_MODES = (None, "extract", "cached")
 
+
 # Identity activation sharding; `qwen_flash_jax.sharding.ActivationSharding` replaces it on a mesh.
 def _no_constraint(x, names):
     del names
@@ -41,8 +42,9 @@ class TextProjection(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         kw = dict(dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs)
-        self.text_norm = RMSNorm(cfg.context_in_dim, cfg.eps, "context", zero_centred=True,
-                                 param_dtype=cfg.jnp_param_dtype)
+        self.text_norm = RMSNorm(
+            cfg.context_in_dim, cfg.eps, "context", zero_centred=True, param_dtype=cfg.jnp_param_dtype
+        )
         self.in_layer = Dense(cfg.context_in_dim, cfg.inner_dim, ("context", "embed"), **kw)
         self.out_layer = Dense(cfg.inner_dim, cfg.inner_dim, ("embed", "embed_out"), **kw)
 
@@ -142,8 +144,15 @@ class FinalNorm(nnx.Module):
     """`norm_out`: affine-free LayerNorm scaled (no shift) by a projection of the timestep embedding."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        self.linear = Dense(cfg.inner_dim, cfg.inner_dim, ("embed", "embed_out"), dtype=cfg.jnp_dtype,
-                            param_dtype=cfg.jnp_param_dtype, rngs=rngs, zero_init=True)
+        self.linear = Dense(
+            cfg.inner_dim,
+            cfg.inner_dim,
+            ("embed", "embed_out"),
+            dtype=cfg.jnp_dtype,
+            param_dtype=cfg.jnp_param_dtype,
+            rngs=rngs,
+            zero_init=True,
+        )
         self.eps = cfg.eps
 
     def __call__(self, x, temb, temb_prefix, target_mask):
@@ -163,8 +172,7 @@ class QwenImageTransformer(nnx.Module):
                    condition latents are not recomputed.
     """
 
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs,
-                 constrain: Callable = _no_constraint):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, constrain: Callable = _no_constraint):
         kw = dict(dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs)
         d, patch = cfg.inner_dim, cfg.patch_size * cfg.patch_size
         self.cfg = cfg
@@ -179,13 +187,31 @@ class QwenImageTransformer(nnx.Module):
         self.norm_out = FinalNorm(cfg, rngs=rngs)
         self.proj_out = Dense(d, patch * cfg.resolved_out_channels, ("embed", "latent"), zero_init=True, **kw)
 
-    def __call__(self, hidden_states, encoder_hidden_states, timestep, layout: TokenLayout,
-                 encoder_hidden_states_mask=None, kv_cache=None, kv_cache_mode=None, return_features=False):
+    def __call__(
+        self,
+        hidden_states,
+        encoder_hidden_states,
+        timestep,
+        layout: TokenLayout,
+        encoder_hidden_states_mask=None,
+        kv_cache=None,
+        kv_cache_mode=None,
+        return_features=False,
+    ):
         """`return_features`: also return the last block's hidden states (B, seq_len, D), before the output norm
         (the trunk features a discriminator head reads; see `distill.gan`)."""
         cfg, constrain = self.cfg, self.constrain
-        _check_call(cfg, hidden_states, encoder_hidden_states, timestep, layout, encoder_hidden_states_mask,
-                    kv_cache, kv_cache_mode, return_features)
+        _check_call(
+            cfg,
+            hidden_states,
+            encoder_hidden_states,
+            timestep,
+            layout,
+            encoder_hidden_states_mask,
+            kv_cache,
+            kv_cache_mode,
+            return_features,
+        )
         batch = hidden_states.shape[0]
         dtype = cfg.jnp_dtype
         prefix = layout.prefix_len
@@ -193,7 +219,7 @@ class QwenImageTransformer(nnx.Module):
 
         # Joint sequence: text rows and image latents, gathered into the layout's token order.
         if cached:
-            x = self.img_in(hidden_states[:, -layout.target_tokens:])
+            x = self.img_in(hidden_states[:, -layout.target_tokens :])
         else:
             text = self.txt_in(encoder_hidden_states)
             image = self.img_in(hidden_states)
@@ -205,8 +231,9 @@ class QwenImageTransformer(nnx.Module):
             key_valid = None
         else:
             ones = jnp.ones((batch, layout.num_image_tokens), bool)
-            key_valid = jnp.take(jnp.concatenate([encoder_hidden_states_mask.astype(bool), ones], axis=1),
-                                 layout.source_index, axis=1)
+            key_valid = jnp.take(
+                jnp.concatenate([encoder_hidden_states_mask.astype(bool), ones], axis=1), layout.source_index, axis=1
+            )
         if cached:
             mask = None if key_valid is None else key_valid[:, None, None, :]
         else:
@@ -237,8 +264,9 @@ class QwenImageTransformer(nnx.Module):
             rope = tuple(r[prefix:] for r in rope)
         rope = tuple(jnp.asarray(r) for r in rope)
 
-        x, new_cache = self._run_blocks(x, per_token, rope, mask, kv_cache if cached else None,
-                                        extract=kv_cache_mode == "extract", prefix=prefix)
+        x, new_cache = self._run_blocks(
+            x, per_token, rope, mask, kv_cache if cached else None, extract=kv_cache_mode == "extract", prefix=prefix
+        )
 
         out = self.proj_out(self.norm_out(x, temb, temb_prefix, target_mask))
         if kv_cache_mode == "extract":
@@ -261,15 +289,17 @@ class QwenImageTransformer(nnx.Module):
 
         policy = self.cfg.remat_policy
         if policy != "none":
-            saveable = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
-                        "dots_with_no_batch_dims_saveable":
-                            jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
+            saveable = {
+                "full": None,
+                "dots_saveable": jax.checkpoint_policies.dots_saveable,
+                "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            }[policy]
             body = jax.checkpoint(body, policy=saveable, prevent_cse=False)
         if self.cfg.scan_layers:
             return jax.lax.scan(body, x, (block_state, kv_cache))
         outputs = []
         for i in range(self.cfg.num_layers):
-            x, out_kv = body(x, jax.tree.map(lambda a: a[i], (block_state, kv_cache)))
+            x, out_kv = body(x, jax.tree.map(lambda a, i=i: a[i], (block_state, kv_cache)))
             outputs.append(out_kv)
         return x, (jax.tree.map(lambda *a: jnp.stack(a), *outputs) if extract else None)
 
@@ -325,24 +355,30 @@ def masked_attention(q, k, v, mask):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def _check_call(cfg, hidden_states, encoder_hidden_states, timestep, layout, enc_mask, kv_cache, mode,
-                return_features=False):
+def _check_call(
+    cfg, hidden_states, encoder_hidden_states, timestep, layout, enc_mask, kv_cache, mode, return_features=False
+):
     if mode not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache_mode must be one of {KV_CACHE_MODES}, got {mode!r}")
     if mode is not None and not cfg.causal_condition:
-        raise ValueError("the prefix KV cache requires causal_condition=True: only then are text and "
-                         "condition-image activations independent of the timestep")
+        raise ValueError(
+            "the prefix KV cache requires causal_condition=True: only then are text and "
+            "condition-image activations independent of the timestep"
+        )
     if return_features and mode is not None:
         raise ValueError("return_features needs kv_cache_mode=None (the features span the whole sequence)")
     if (mode == "cached") != (kv_cache is not None):
         raise ValueError("pass kv_cache exactly when kv_cache_mode='cached'")
     batch, n_img, _ = hidden_states.shape
     if n_img != layout.num_image_tokens:
-        raise ValueError(f"hidden_states has {n_img} image tokens but img_shapes accounts for "
-                         f"{layout.num_image_tokens}")
+        raise ValueError(
+            f"hidden_states has {n_img} image tokens but img_shapes accounts for {layout.num_image_tokens}"
+        )
     if encoder_hidden_states.shape[:2] != (batch, layout.text_len):
-        raise ValueError(f"encoder_hidden_states is {encoder_hidden_states.shape[:2]}, expected "
-                         f"(batch={batch}, text_len={layout.text_len}) from img_mask")
+        raise ValueError(
+            f"encoder_hidden_states is {encoder_hidden_states.shape[:2]}, expected "
+            f"(batch={batch}, text_len={layout.text_len}) from img_mask"
+        )
     if enc_mask is not None and enc_mask.shape != (batch, layout.text_len):
         raise ValueError(f"encoder_hidden_states_mask is {enc_mask.shape}, expected {(batch, layout.text_len)}")
     if np.size(timestep) not in (1, batch):

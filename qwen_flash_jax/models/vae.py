@@ -113,18 +113,24 @@ class VAEConfig:
         if self.num_res_blocks < 0:
             raise ConfigError(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
         if len(self.temperal_downsample) < len(self.dim_mult) - 1:
-            raise ConfigError(f"temperal_downsample needs at least {len(self.dim_mult) - 1} entries (one per "
-                              f"downsampling stage), got {len(self.temperal_downsample)}")
+            raise ConfigError(
+                f"temperal_downsample needs at least {len(self.dim_mult) - 1} entries (one per "
+                f"downsampling stage), got {len(self.temperal_downsample)}"
+            )
         if self.attn_scales and not self.is_residual:
             # diffusers builds attention blocks into the plain encoder's stages but its encoder calls them with a
             # feature cache they do not accept (a TypeError on every encode): there is no reference to port.
             # (The residual encoder and both decoders ignore attn_scales.)
-            raise ConfigError(f"attn_scales={list(self.attn_scales)} with is_residual=False is not supported: "
-                              "diffusers' encoder cannot run that configuration either")
+            raise ConfigError(
+                f"attn_scales={list(self.attn_scales)} with is_residual=False is not supported: "
+                "diffusers' encoder cannot run that configuration either"
+            )
         p = self.patch
         if p < 1 or self.in_channels % (p * p) or self.out_channels % (p * p):
-            raise ConfigError(f"in_channels={self.in_channels} and out_channels={self.out_channels} must be "
-                              f"multiples of patch_size**2 = {p * p}")
+            raise ConfigError(
+                f"in_channels={self.in_channels} and out_channels={self.out_channels} must be "
+                f"multiples of patch_size**2 = {p * p}"
+            )
         for name in ("latents_mean", "latents_std"):
             value = getattr(self, name)
             if value is not None and len(value) != self.z_dim:
@@ -176,16 +182,21 @@ class VAEConfig:
         """Builds a config from a diffusers VAE `config.json` dict; rejects configs of other models."""
         class_name = config.get("_class_name")
         if class_name is not None and class_name != DIFFUSERS_CLASS_NAME:
-            raise ConfigError(f"config.json describes a {class_name}, not a {DIFFUSERS_CLASS_NAME} "
-                              "(Qwen-Image 2.x VAE)")
+            raise ConfigError(
+                f"config.json describes a {class_name}, not a {DIFFUSERS_CLASS_NAME} (Qwen-Image 2.x VAE)"
+            )
         unknown = sorted(k for k in config if not k.startswith("_") and k not in ARCH_FIELDS)
         if unknown:
-            raise ConfigError(f"config.json has fields {unknown} that {DIFFUSERS_CLASS_NAME} does not know; "
-                              "is this the config of another model?")
+            raise ConfigError(
+                f"config.json has fields {unknown} that {DIFFUSERS_CLASS_NAME} does not know; "
+                "is this the config of another model?"
+            )
         for name in ("latents_mean", "latents_std"):
             if config.get(name) is None:
-                raise ConfigError(f"config.json has no {name} (diffusers would fall back to its built-in defaults; "
-                                  "this port needs them written out)")
+                raise ConfigError(
+                    f"config.json has no {name} (diffusers would fall back to its built-in defaults; "
+                    "this port needs them written out)"
+                )
         return cls(**{k: config[k] for k in ARCH_FIELDS if k in config}, **runtime)
 
 
@@ -200,11 +211,13 @@ def _param(value, axes):
 class Conv(nnx.Module):
     """2-D convolution with bias, NHWC / HWIO. `padding` is explicit ((top, bottom), (left, right))."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding=None, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding=None, dtype, param_dtype, rngs: nnx.Rngs
+    ):
         init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.kernel = _param(init(rngs.params(), (kernel, kernel, in_ch, out_ch), param_dtype),
-                             (None, None, "vae_in", "vae_out"))
+        self.kernel = _param(
+            init(rngs.params(), (kernel, kernel, in_ch, out_ch), param_dtype), (None, None, "vae_in", "vae_out")
+        )
         self.bias = _param(jnp.zeros((out_ch,), param_dtype), ("vae_out",))
         pad = kernel // 2
         self.padding = padding if padding is not None else ((pad, pad), (pad, pad))
@@ -213,8 +226,13 @@ class Conv(nnx.Module):
 
     def __call__(self, x):
         y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride, self.stride), self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            (self.stride, self.stride),
+            self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            preferred_element_type=jnp.float32,
+        )
         return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
@@ -309,8 +327,10 @@ def _check_group(in_ch: int, out_ch: int, factor: int, what: str):
     # Down: in*factor channels are averaged in groups onto out; up: out*factor channels are repeats of the in ones.
     remainder = (in_ch * factor) % out_ch if what == "down" else (out_ch * factor) % in_ch
     if remainder:
-        raise ConfigError(f"channel widths {in_ch} -> {out_ch} do not fit the {what}sampling shortcut (factor "
-                          f"{factor}): diffusers cannot build this config either")
+        raise ConfigError(
+            f"channel widths {in_ch} -> {out_ch} do not fit the {what}sampling shortcut (factor "
+            f"{factor}): diffusers cannot build this config either"
+        )
 
 
 def _avg_down(x, out_ch: int, factor_t: int, factor_s: int):
@@ -350,7 +370,7 @@ class ResidualDownBlock(nnx.Module):
 
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, *, temporal: bool, down: bool, kw):
         self.factor_t, self.factor_s = (2 if temporal else 1), (2 if down else 1)
-        _check_group(in_dim, out_dim, self.factor_t * self.factor_s ** 2, "down")
+        _check_group(in_dim, out_dim, self.factor_t * self.factor_s**2, "down")
         dims = [in_dim] + [out_dim] * num_res_blocks
         self.resnets = nnx.List([ResidualBlock(i, o, kw=kw) for i, o in zip(dims[:-1], dims[1:])])
         self.downsampler = Resample(out_dim, "down", temporal=temporal, kw=kw) if down else None
@@ -392,8 +412,9 @@ class UpBlock(nnx.Module):
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, *, up: bool, temporal: bool, kw):
         dims = [in_dim] + [out_dim] * (num_res_blocks + 1)
         self.resnets = nnx.List([ResidualBlock(i, o, kw=kw) for i, o in zip(dims[:-1], dims[1:])])
-        self.upsamplers = (nnx.List([Resample(out_dim, "up", out_dim=out_dim // 2, temporal=temporal, kw=kw)])
-                           if up else None)
+        self.upsamplers = (
+            nnx.List([Resample(out_dim, "up", out_dim=out_dim // 2, temporal=temporal, kw=kw)]) if up else None
+        )
 
     def __call__(self, x):
         for resnet in self.resnets:
@@ -410,8 +431,9 @@ class Encoder(nnx.Module):
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             temporal = cfg.temperal_downsample[i] if i != last else False
             if cfg.is_residual:
-                blocks.append(ResidualDownBlock(in_dim, out_dim, cfg.num_res_blocks, temporal=temporal,
-                                                down=i != last, kw=kw))
+                blocks.append(
+                    ResidualDownBlock(in_dim, out_dim, cfg.num_res_blocks, temporal=temporal, down=i != last, kw=kw)
+                )
                 continue
             for _ in range(cfg.num_res_blocks):
                 blocks.append(ResidualBlock(in_dim, out_dim, kw=kw))
@@ -446,8 +468,11 @@ class Decoder(nnx.Module):
                 blocks.append(ResidualUpBlock(in_dim, out_dim, cfg.num_res_blocks, temporal=temporal, up=up, kw=kw))
             else:
                 # The plain decoder's upsample halves the width, so every stage after the first starts at half.
-                blocks.append(UpBlock(in_dim // 2 if i > 0 else in_dim, out_dim, cfg.num_res_blocks, up=up,
-                                      temporal=temporal, kw=kw))
+                blocks.append(
+                    UpBlock(
+                        in_dim // 2 if i > 0 else in_dim, out_dim, cfg.num_res_blocks, up=up, temporal=temporal, kw=kw
+                    )
+                )
         self.up_blocks = nnx.List(blocks)
         self.norm_out = ChannelRMSNorm(dims[-1], dtype=kw["dtype"], param_dtype=kw["param_dtype"])
         self.conv_out = Conv(dims[-1], cfg.out_channels, 3, **kw)

@@ -24,8 +24,15 @@ from flax import nnx
 from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, some_of
 from qwen_flash_jax.models.config import ConfigError, read_config_json
 from qwen_flash_jax.models.hf_keys import unflatten
-from qwen_flash_jax.models.vae import (QwenImageVAE, Resample, VAEConfig, denormalize_latents, normalize_latents,
-                                       pack_latents, unpack_latents)
+from qwen_flash_jax.models.vae import (
+    QwenImageVAE,
+    Resample,
+    VAEConfig,
+    denormalize_latents,
+    normalize_latents,
+    pack_latents,
+    unpack_latents,
+)
 from qwen_flash_jax.safetensors_checkpoint import SafetensorsCheckpoint
 
 CONFIG_FILE = "config.json"
@@ -149,8 +156,11 @@ def load_vae(path, *, dtype: str = "float32", param_dtype: str = "float32") -> V
             problems.append(f"{len(unexpected)} unexpected tensors: {some_of(unexpected)}")
         if problems:
             raise ConfigError(f"{path} ({where}) does not match its {CONFIG_FILE}: " + "; ".join(problems))
-        bad = [f"{present[k].file.name}: tensor {k} has shape {present[k].shape}, expected {shape}"
-               for k, shape in shapes.items() if present[k].shape != shape]
+        bad = [
+            f"{present[k].file.name}: tensor {k} has shape {present[k].shape}, expected {shape}"
+            for k, shape in shapes.items()
+            if present[k].shape != shape
+        ]
         if bad:
             raise ConfigError(f"{path}: {len(bad)} tensors have the wrong shape: " + "; ".join(bad[:MAX_LISTED]))
         np_dtype = np.dtype(config.jnp_param_dtype)
@@ -162,7 +172,6 @@ def load_vae(path, *, dtype: str = "float32", param_dtype: str = "float32") -> V
             raise ConfigError(_one_line(e)) from None
     graphdef = nnx.split(_abstract_module(config))[0]
     return VAEModel(config, graphdef, unflatten(leaves))
-
 
 
 def _one_line(error) -> str:
@@ -202,8 +211,10 @@ class VAECodec:
             raise ValueError(f"image size {height}x{width} must be a positive multiple of {s}")
         h, w = height // s, width // s
         if h % 2 or w % 2:
-            raise ValueError(f"image size {height}x{width} gives {h}x{w} latents; both must be even so the image "
-                             f"fills whole 2x2 slots (use a multiple of {2 * s} pixels)")
+            raise ValueError(
+                f"image size {height}x{width} gives {h}x{w} latents; both must be even so the image "
+                f"fills whole 2x2 slots (use a multiple of {2 * s} pixels)"
+            )
         return h, w, self.channels
 
     def encode(self, images):

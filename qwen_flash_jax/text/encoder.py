@@ -88,10 +88,13 @@ class TextEncoderConfig:
             object.__setattr__(self, "mrope_section", tuple(int(i) for i in self.mrope_section))
             if len(self.mrope_section) != 3 or min(self.mrope_section) < 0:
                 raise ValueError(f"mrope_section must be 3 non-negative integers, got {list(self.mrope_section)}")
-        if not self.feature_layers or any(not -self.num_layers - 1 <= i <= self.num_layers
-                                          for i in self.feature_layers):
-            raise ValueError(f"feature_layers must be a non-empty list of indices in "
-                             f"[{-self.num_layers - 1}, {self.num_layers}], got {list(self.feature_layers)}")
+        if not self.feature_layers or any(
+            not -self.num_layers - 1 <= i <= self.num_layers for i in self.feature_layers
+        ):
+            raise ValueError(
+                f"feature_layers must be a non-empty list of indices in "
+                f"[{-self.num_layers - 1}, {self.num_layers}], got {list(self.feature_layers)}"
+            )
         if self.condition_channels < 0:
             raise ValueError(f"condition_channels must be >= 0, got {self.condition_channels}")
         if self.num_heads % self.num_kv_heads:
@@ -186,14 +189,20 @@ class DecoderLayer(nnx.Module):
 class TextEncoder(nnx.Module):
     def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        std = d ** -0.5
-        self.embed = nnx.Param(std * jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32),
-                               out_sharding=("vocab", "embed"), eager_sharding=False)
+        std = d**-0.5
+        self.embed = nnx.Param(
+            std * jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32),
+            out_sharding=("vocab", "embed"),
+            eager_sharding=False,
+        )
         # Scaled so that projected latents (roughly unit variance) land at the scale of the token embeddings.
         # None for condition_channels=0 (the real model's layout). The toy keeps it, drawn at the same point of the
         # rng sequence as before, so its parameters are unchanged.
-        self.condition_proj = (Dense(cfg.condition_channels, d, (None, "embed"), rngs=rngs, init_scale=1.0 / d,
-                                     **_F32) if cfg.condition_channels else None)
+        self.condition_proj = (
+            Dense(cfg.condition_channels, d, (None, "embed"), rngs=rngs, init_scale=1.0 / d, **_F32)
+            if cfg.condition_channels
+            else None
+        )
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(d, cfg.eps, "embed", param_dtype=jnp.float32)
         self.cfg = cfg
@@ -250,21 +259,29 @@ class TextEncoder(nnx.Module):
         if cfg.image_pad_id is None:
             raise ValueError("condition images need TextEncoderConfig.image_pad_id (see for_tokenizer)")
         if self.condition_proj is None:
-            raise ValueError("this text encoder has no condition projection (condition_channels=0): the real "
-                             "Qwen3-VL encodes condition images with its vision tower (qwen3_vl.encode_features)")
+            raise ValueError(
+                "this text encoder has no condition projection (condition_channels=0): the real "
+                "Qwen3-VL encodes condition images with its vision tower (qwen3_vl.encode_features)"
+            )
         if condition_shapes is None or len(condition_shapes) != len(condition_latents):
             raise ValueError("pass one (h, w) in condition_shapes per condition latent")
         batch = input_ids.shape[0]
         pooled = []
         for latents, (h, w) in zip(condition_latents, condition_shapes):
             if latents.ndim != 3 or latents.shape[1] != h * w or latents.shape[2] != cfg.condition_channels:
-                raise ValueError(f"condition latents must be (B, h*w={h * w}, C={cfg.condition_channels}) for "
-                                 f"shape ({h}, {w}), got {latents.shape}")
+                raise ValueError(
+                    f"condition latents must be (B, h*w={h * w}, C={cfg.condition_channels}) for "
+                    f"shape ({h}, {w}), got {latents.shape}"
+                )
             if h % 2 or w % 2:
                 raise ValueError(f"condition image of {h}x{w} latent tokens: height and width must be even")
             grid = latents.astype(jnp.float32).reshape(latents.shape[0], h // 2, 2, w // 2, 2, -1)
-            pooled.append(jnp.broadcast_to(grid.mean(axis=(2, 4)).reshape(latents.shape[0], h * w // 4, -1),
-                                           (batch, h * w // 4, cfg.condition_channels)))
+            pooled.append(
+                jnp.broadcast_to(
+                    grid.mean(axis=(2, 4)).reshape(latents.shape[0], h * w // 4, -1),
+                    (batch, h * w // 4, cfg.condition_channels),
+                )
+            )
         features = jnp.concatenate(pooled, axis=1)  # (B, slots, C), slots in sequence order
         is_slot = (input_ids == cfg.image_pad_id) & valid
         slot_index = jnp.clip(jnp.cumsum(is_slot.astype(jnp.int32), axis=1) - 1, 0, features.shape[1] - 1)
@@ -279,11 +296,13 @@ def _rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-# --- functional API -----------------------------------------------------------------------------------------------------
+# --- functional API ---------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoderParams:
     """The encoder's parameters: a pytree with `config` static and `state` (an `nnx.State` of Params) as leaves."""
+
     config: TextEncoderConfig
     state: nnx.State
 
@@ -330,26 +349,31 @@ def encode(params: TextEncoderParams, input_ids, attention_mask, condition_laten
         if not isinstance(input_ids, jax.core.Tracer):
             found = np.asarray((input_ids == params.config.image_pad_id) & (attention_mask > 0)).sum(axis=1)
             if (found != expected).any():
-                raise ValueError(f"condition images of shapes {list(condition_shapes)} need {expected} "
-                                 f"{IMAGE_PAD} slots per prompt, found {found.tolist()}")
+                raise ValueError(
+                    f"condition images of shapes {list(condition_shapes)} need {expected} "
+                    f"{IMAGE_PAD} slots per prompt, found {found.tolist()}"
+                )
         condition_latents = tuple(jnp.asarray(c) for c in condition_latents)
     else:
         condition_latents, condition_shapes = None, None
     return _encode(params, input_ids, attention_mask, condition_latents, condition_shapes)
 
 
-def encode_prompts(params: TextEncoderParams, tokenizer, prompts: str | Sequence[str], condition_latents=None,
-                   condition_shapes=None):
+def encode_prompts(
+    params: TextEncoderParams, tokenizer, prompts: str | Sequence[str], condition_latents=None, condition_shapes=None
+):
     """Prompts -> (prompt_embeds (B, L, D), prompt_mask (B, L) bool, image_slot_mask (B, L) bool), as the
     Qwen-Image pipeline's `encode_prompt`; append the target's slots with `prompts.append_target_slots`."""
     slots = prompts_lib.condition_slots_for(condition_shapes) if condition_latents is not None else []
     batch = prompts_lib.tokenize_prompts(tokenizer, prompts, slots)
     hidden = encode(params, batch["input_ids"], batch["attention_mask"], condition_latents, condition_shapes)
-    return prompts_lib.extract_prompt_embeds(hidden, batch["input_ids"], batch["attention_mask"],
-                                             batch["drop_idx"], batch["image_pad_id"])
+    return prompts_lib.extract_prompt_embeds(
+        hidden, batch["input_ids"], batch["attention_mask"], batch["drop_idx"], batch["image_pad_id"]
+    )
 
 
 # --- pretraining ------------------------------------------------------------------------------------------------------
+
 
 def _lm_loss(params: TextEncoderParams, input_ids, attention_mask):
     model = _model(params)
@@ -364,9 +388,17 @@ lm_loss = jax.jit(_lm_loss)
 lm_loss.__doc__ = "Mean next-token cross-entropy over valid (unpadded) token pairs, tied output head."
 
 
-def pretrain_text_encoder(tokenizer, captions: Sequence[str], config: TextEncoderConfig | None = None,
-                          steps: int = 300, seed: int = 0, *, batch_size: int = 32, learning_rate: float = 3e-3,
-                          log_every: int = 0) -> TextEncoderParams:
+def pretrain_text_encoder(
+    tokenizer,
+    captions: Sequence[str],
+    config: TextEncoderConfig | None = None,
+    steps: int = 300,
+    seed: int = 0,
+    *,
+    batch_size: int = 32,
+    learning_rate: float = 3e-3,
+    log_every: int = 0,
+) -> TextEncoderParams:
     """Trains the encoder as a small causal language model on the templated captions (T2I template).
 
     Next-token cross-entropy with the output head tied to the embedding, AdamW with warmup + cosine decay. After a
@@ -382,8 +414,9 @@ def pretrain_text_encoder(tokenizer, captions: Sequence[str], config: TextEncode
     input_ids, attention_mask = data["input_ids"], data["attention_mask"]
 
     params = init_params(config, seed)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), max(steps, 1),
-                                                  learning_rate * 0.1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, max(1, steps // 10), max(steps, 1), learning_rate * 0.1
+    )
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     opt_state = optimizer.init(params)
 
@@ -409,6 +442,7 @@ def pretrain_text_encoder(tokenizer, captions: Sequence[str], config: TextEncode
 
 
 # --- save / load ------------------------------------------------------------------------------------------------------
+
 
 def save(path: str | os.PathLike, params: TextEncoderParams, tokenizer) -> None:
     """Writes config.json, params.npz and tokenizer/ to `path` atomically (`atomic.publish`), replacing what is
@@ -436,12 +470,13 @@ def load(path: str | os.PathLike):
         stored = {k: npz[k] for k in npz.files}
     expected = {"/".join(str(k) for k in key): v for key, v in _flatten(nnx.to_pure_dict(abstract))}
     if set(stored) != set(expected):
-        raise ValueError(f"{path}: parameters do not match the config: missing "
-                         f"{sorted(set(expected) - set(stored))}, unexpected {sorted(set(stored) - set(expected))}")
+        raise ValueError(
+            f"{path}: parameters do not match the config: missing "
+            f"{sorted(set(expected) - set(stored))}, unexpected {sorted(set(stored) - set(expected))}"
+        )
     for key, value in stored.items():
         if value.shape != expected[key].shape:
-            raise ValueError(f"{path}: parameter {key} has shape {value.shape}, the config needs "
-                             f"{expected[key].shape}")
+            raise ValueError(f"{path}: parameter {key} has shape {value.shape}, the config needs {expected[key].shape}")
     nested: dict = {}
     for key, value in stored.items():
         node = nested

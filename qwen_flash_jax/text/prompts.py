@@ -68,8 +68,10 @@ def condition_slots_for(shapes: Sequence[tuple[int, int]]) -> list[int]:
     slots = []
     for h, w in shapes:
         if h % 2 or w % 2:
-            raise ValueError(f"a condition image of {h}x{w} latent tokens does not split into 2x2 groups; "
-                             "height and width must be even")
+            raise ValueError(
+                f"a condition image of {h}x{w} latent tokens does not split into 2x2 groups; "
+                "height and width must be even"
+            )
         slots.append(h * w // TOKENS_PER_SLOT)
     return slots
 
@@ -114,8 +116,8 @@ def tokenize_prompts(tokenizer, prompts: str | Sequence[str], condition_slots: S
     input_ids = np.full((len(rows), length), pad_id, np.int32)
     attention_mask = np.zeros((len(rows), length), np.int32)
     for b, row in enumerate(rows):
-        input_ids[b, length - len(row):] = row
-        attention_mask[b, length - len(row):] = 1
+        input_ids[b, length - len(row) :] = row
+        attention_mask[b, length - len(row) :] = 1
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -135,8 +137,10 @@ def extract_prompt_embeds(hidden, input_ids, attention_mask, drop_idx: int, imag
     input_ids = np.asarray(input_ids)
     valid = np.asarray(attention_mask).astype(bool)
     if hidden.ndim != 3 or hidden.shape[:2] != input_ids.shape or input_ids.shape != valid.shape:
-        raise ValueError(f"hidden (B, S, D) must match input_ids and attention_mask (B, S); got {hidden.shape}, "
-                         f"{input_ids.shape}, {valid.shape}")
+        raise ValueError(
+            f"hidden (B, S, D) must match input_ids and attention_mask (B, S); got {hidden.shape}, "
+            f"{input_ids.shape}, {valid.shape}"
+        )
     embeds = [h[m][drop_idx:] for h, m in zip(hidden, valid)]
     slots = [(ids[m] == image_pad_id)[drop_idx:] for ids, m in zip(input_ids, valid)]
     length = max(e.shape[0] for e in embeds)
@@ -147,9 +151,9 @@ def extract_prompt_embeds(hidden, input_ids, attention_mask, drop_idx: int, imag
     prompt_mask = np.zeros((batch, length), bool)
     image_slot_mask = np.zeros((batch, length), bool)
     for b, (e, s) in enumerate(zip(embeds, slots)):
-        prompt_embeds[b, :len(e)] = e
-        prompt_mask[b, :len(e)] = True
-        image_slot_mask[b, :len(s)] = s
+        prompt_embeds[b, : len(e)] = e
+        prompt_mask[b, : len(e)] = True
+        image_slot_mask[b, : len(s)] = s
     return prompt_embeds, prompt_mask, image_slot_mask
 
 
@@ -157,7 +161,9 @@ def append_target_slots(image_slot_mask, target_tokens: int):
     """The transformer's `img_mask`: the prompt's slot mask followed by one True slot per 2x2 target latents."""
     image_slot_mask = np.asarray(image_slot_mask).astype(bool)
     if target_tokens <= 0 or target_tokens % TOKENS_PER_SLOT:
-        raise ValueError(f"the target image's {target_tokens} latent tokens do not fill whole 2x2 slots "
-                         f"(need a positive multiple of {TOKENS_PER_SLOT})")
+        raise ValueError(
+            f"the target image's {target_tokens} latent tokens do not fill whole 2x2 slots "
+            f"(need a positive multiple of {TOKENS_PER_SLOT})"
+        )
     ones = np.ones((image_slot_mask.shape[0], target_tokens // TOKENS_PER_SLOT), bool)
     return np.concatenate([image_slot_mask, ones], axis=1)

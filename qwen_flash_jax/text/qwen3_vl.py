@@ -95,6 +95,7 @@ _DEFAULT_MROPE_SECTION = (24, 20, 20)
 
 # --- config ---------------------------------------------------------------------------------------------------------
 
+
 def config_from_hf(hf_config: dict) -> TextEncoderConfig:
     """Maps a Qwen3-VL `config.json` (the full `qwen3_vl` config or its `qwen3_vl_text` part) to our config;
     `image_pad_id` is the full config's `image_token_id` (None for a bare text config).
@@ -112,8 +113,10 @@ def config_from_hf(hf_config: dict) -> TextEncoderConfig:
     elif model_type == "qwen3_vl_text":
         text = hf_config
     else:
-        raise ConfigError(f"model_type {model_type!r} is not a Qwen3-VL model (expected 'qwen3_vl' or "
-                          "'qwen3_vl_text'; MoE variants are not supported)")
+        raise ConfigError(
+            f"model_type {model_type!r} is not a Qwen3-VL model (expected 'qwen3_vl' or "
+            "'qwen3_vl_text'; MoE variants are not supported)"
+        )
 
     def required(name):
         value = text.get(name)
@@ -122,8 +125,10 @@ def config_from_hf(hf_config: dict) -> TextEncoderConfig:
         return value
 
     if text.get("attention_bias", False):
-        raise ConfigError("text config has attention_bias=true; Qwen3-VL's language model has no attention "
-                          "biases and the decoder does not implement them")
+        raise ConfigError(
+            "text config has attention_bias=true; Qwen3-VL's language model has no attention "
+            "biases and the decoder does not implement them"
+        )
     if text.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"text config hidden_act must be 'silu' (SwiGLU), got {text.get('hidden_act')!r}")
     num_heads = required("num_attention_heads")
@@ -160,8 +165,11 @@ def _rope_params(text: dict) -> dict:
     if not isinstance(params, dict):
         raise ConfigError(f"text config rope_parameters must be an object, got {params!r}")
     section = params.get("mrope_section", _DEFAULT_MROPE_SECTION)
-    if (not isinstance(section, (list, tuple)) or len(section) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in section)):
+    if (
+        not isinstance(section, (list, tuple))
+        or len(section) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in section)
+    ):
         raise ConfigError(f"text config mrope_section must be 3 non-negative integers, got {section!r}")
     return params
 
@@ -186,6 +194,7 @@ def read_config(path: str | os.PathLike) -> TextEncoderConfig:
 
 
 # --- key mapping ----------------------------------------------------------------------------------------------------
+
 
 def key_map(config: TextEncoderConfig, prefix: str = LM_PREFIXES[0]) -> dict[str, tuple[tuple, bool, tuple]]:
     """Every checkpoint key the language model needs -> (path in our state, transpose, torch shape)."""
@@ -217,6 +226,7 @@ def key_map(config: TextEncoderConfig, prefix: str = LM_PREFIXES[0]) -> dict[str
 
 # --- loading --------------------------------------------------------------------------------------------------------
 
+
 def load_text_encoder(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=()) -> TextEncoderParams:
     """Reads the language model of the Qwen3-VL checkpoint directory `path` into `TextEncoderParams`.
 
@@ -236,9 +246,11 @@ def load_text_encoder(path: str | os.PathLike, dtype: str = "float32", mesh=None
     try:
         keys = _check_keys(path, checkpoint.tensors, config)
         _, abstract = nnx.split(nnx.eval_shape(lambda: TextEncoder(config, rngs=nnx.Rngs(0))))
-        nested = checkpoint.read_nested({key: (leaf_path, "transpose" if transpose else "copy")
-                                         for key, (leaf_path, transpose, _) in keys.items()}, target,
-                                        _shardings(abstract, mesh, rules))
+        nested = checkpoint.read_nested(
+            {key: (leaf_path, "transpose" if transpose else "copy") for key, (leaf_path, transpose, _) in keys.items()},
+            target,
+            _shardings(abstract, mesh, rules),
+        )
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     finally:
@@ -252,9 +264,11 @@ def _check_keys(path: Path, tensors: dict, config: TextEncoderConfig) -> dict:
     {key: TensorInfo}) present, known and of its shape."""
     prefix = next((p for p in LM_PREFIXES if p + "embed_tokens.weight" in tensors), None)
     if prefix is None:
-        raise ConfigError(f"{path}: no language-model embedding (looked for "
-                          f"{', '.join(p + 'embed_tokens.weight' for p in LM_PREFIXES)}); is this a Qwen3-VL "
-                          "checkpoint?")
+        raise ConfigError(
+            f"{path}: no language-model embedding (looked for "
+            f"{', '.join(p + 'embed_tokens.weight' for p in LM_PREFIXES)}); is this a Qwen3-VL "
+            "checkpoint?"
+        )
     keys = key_map(config, prefix)
     missing = [k for k in keys if k not in tensors]
     # Anything else under the language model's prefix would be silently dropped (biases, extra layers...).
@@ -269,17 +283,22 @@ def _check_keys(path: Path, tensors: dict, config: TextEncoderConfig) -> dict:
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected language-model tensors: {some_of(unexpected)}")
     if problems:
-        raise ConfigError(f"{path}: checkpoint does not match its config (num_hidden_layers={config.num_layers}): "
-                          + "; ".join(problems))
-    bad = [f"{k} has shape {tensors[k].shape}, expected {shape}"
-           for k, (_, _, shape) in keys.items() if tuple(tensors[k].shape) != tuple(shape)]
+        raise ConfigError(
+            f"{path}: checkpoint does not match its config (num_hidden_layers={config.num_layers}): "
+            + "; ".join(problems)
+        )
+    bad = [
+        f"{k} has shape {tensors[k].shape}, expected {shape}"
+        for k, (_, _, shape) in keys.items()
+        if tuple(tensors[k].shape) != tuple(shape)
+    ]
     if bad:
         raise ConfigError(f"{path}: {len(bad)} tensors have the wrong shape: " + "; ".join(bad[:MAX_LISTED]))
     return keys
 
 
-
 # --- image-conditioned forward --------------------------------------------------------------------------------------
+
 
 def mrope_positions(input_ids, attention_mask, image_pad_id: int, merged_grid_hw: tuple[int, int]):
     """(3, B, S) int32 (temporal, height, width) positions as transformers' `get_rope_index` makes them for rows
@@ -337,15 +356,17 @@ def _features_with_images(text_params, input_ids, attention_mask, image_embeds, 
     picked = [states[i] for i in cfg.feature_layers]
     if len(picked) == 1:
         return picked[0]
-    return jnp.concatenate([p * jax.lax.rsqrt(jnp.mean(jnp.square(p), axis=-1, keepdims=True) + 1e-6)
-                            for p in picked], axis=-1)
+    return jnp.concatenate(
+        [p * jax.lax.rsqrt(jnp.mean(jnp.square(p), axis=-1, keepdims=True) + 1e-6) for p in picked], axis=-1
+    )
 
 
 _features_with_images_jit = jax.jit(_features_with_images, static_argnames=("merged_grid_hw",))
 
 
-def features_with_images(text_params: TextEncoderParams, input_ids, attention_mask, image_embeds, deepstack,
-                         merged_grid_hw):
+def features_with_images(
+    text_params: TextEncoderParams, input_ids, attention_mask, image_embeds, deepstack, merged_grid_hw
+):
     """Image-conditioned features (B, S, output_size) float32 (jitted; jittable with `merged_grid_hw` static):
     the last decoder layer's output before the final norm for the default `feature_layers`.
 
@@ -361,10 +382,10 @@ def features_with_images(text_params: TextEncoderParams, input_ids, attention_ma
     image_embeds, deepstack = jnp.asarray(image_embeds), tuple(jnp.asarray(d) for d in deepstack)
     _check_slots(input_ids, attention_mask, cfg.image_pad_id, image_embeds.shape, merged_grid_hw)
     if any(d.shape != image_embeds.shape for d in deepstack):
-        raise ValueError(f"deepstack features {[d.shape for d in deepstack]} must match image_embeds "
-                         f"{image_embeds.shape}")
-    return _features_with_images_jit(text_params, input_ids, attention_mask, image_embeds, deepstack,
-                                     merged_grid_hw)
+        raise ValueError(
+            f"deepstack features {[d.shape for d in deepstack]} must match image_embeds {image_embeds.shape}"
+        )
+    return _features_with_images_jit(text_params, input_ids, attention_mask, image_embeds, deepstack, merged_grid_hw)
 
 
 def _check_slots(input_ids, attention_mask, image_pad_id, embeds_shape, merged_grid_hw):
@@ -372,8 +393,10 @@ def _check_slots(input_ids, attention_mask, image_pad_id, embeds_shape, merged_g
     (checked on concrete inputs only: under an outer jit the caller is trusted)."""
     tokens = merged_grid_hw[0] * merged_grid_hw[1]
     if len(embeds_shape) != 3 or embeds_shape[0] != input_ids.shape[0] or embeds_shape[1] % tokens:
-        raise ValueError(f"image_embeds must be (B={input_ids.shape[0]}, K*{tokens}, hidden) for merged grid "
-                         f"{merged_grid_hw}, got {tuple(embeds_shape)}")
+        raise ValueError(
+            f"image_embeds must be (B={input_ids.shape[0]}, K*{tokens}, hidden) for merged grid "
+            f"{merged_grid_hw}, got {tuple(embeds_shape)}"
+        )
     if isinstance(input_ids, jax.core.Tracer) or isinstance(attention_mask, jax.core.Tracer):
         return
     is_image = (np.asarray(input_ids) == image_pad_id) & (np.asarray(attention_mask) > 0)
@@ -381,15 +404,19 @@ def _check_slots(input_ids, attention_mask, image_pad_id, embeds_shape, merged_g
         edges = np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
         runs = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
         if row.sum() != embeds_shape[1] or np.any(runs != tokens):
-            raise ValueError(f"row {b} has image-token runs {runs.tolist()}; the images need "
-                             f"{embeds_shape[1] // tokens} runs of {tokens} (h*w for merged grid {merged_grid_hw})")
+            raise ValueError(
+                f"row {b} has image-token runs {runs.tolist()}; the images need "
+                f"{embeds_shape[1] // tokens} runs of {tokens} (h*w for merged grid {merged_grid_hw})"
+            )
 
 
 # --- text + vision ----------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3VLParams:
     """The whole encoder: language model and vision tower (None for a checkpoint without `model.visual.*`)."""
+
     text: TextEncoderParams
     vision: vision_lib.VisionParams | None
 
@@ -419,16 +446,19 @@ def load_qwen3_vl(path: str | os.PathLike, dtype: str = "float32", mesh=None, ru
         return Qwen3VLParams(text, None)
     vision = vision_lib.load_vision_tower(path, dtype, mesh, rules)
     if vision.config.out_hidden_size != text.config.hidden_size:
-        raise ConfigError(f"{path}: the vision tower's out_hidden_size {vision.config.out_hidden_size} != the "
-                          f"language model's hidden_size {text.config.hidden_size}")
+        raise ConfigError(
+            f"{path}: the vision tower's out_hidden_size {vision.config.out_hidden_size} != the "
+            f"language model's hidden_size {text.config.hidden_size}"
+        )
     return Qwen3VLParams(text, vision)
 
 
 def _encode_with_images(params: Qwen3VLParams, input_ids, attention_mask, patches, grid_hw):
     embeds, deepstack = vision_lib._vision_embeddings(params.vision, patches, grid_hw)
     m = params.vision.config.spatial_merge_size
-    return _features_with_images(params.text, input_ids, attention_mask, embeds, deepstack,
-                                 (grid_hw[0] // m, grid_hw[1] // m))
+    return _features_with_images(
+        params.text, input_ids, attention_mask, embeds, deepstack, (grid_hw[0] // m, grid_hw[1] // m)
+    )
 
 
 _encode_with_images_jit = jax.jit(_encode_with_images, static_argnames=("grid_hw",))
@@ -451,9 +481,16 @@ def encode_features(params: Qwen3VLParams, input_ids, attention_mask, patches=No
     input_ids, attention_mask = jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32)
     patches = jnp.asarray(patches)
     if patches.shape != (input_ids.shape[0], grid_hw[0] * grid_hw[1], cfg.patch_dim):
-        raise ValueError(f"patches must be (B={input_ids.shape[0]}, {grid_hw[0] * grid_hw[1]}, {cfg.patch_dim}) "
-                         f"for grid {grid_hw}, got {patches.shape}")
-    tokens = grid_hw[0] * grid_hw[1] // m ** 2
-    _check_slots(input_ids, attention_mask, params.text.config.image_pad_id,
-                 (input_ids.shape[0], tokens, cfg.out_hidden_size), (grid_hw[0] // m, grid_hw[1] // m))
+        raise ValueError(
+            f"patches must be (B={input_ids.shape[0]}, {grid_hw[0] * grid_hw[1]}, {cfg.patch_dim}) "
+            f"for grid {grid_hw}, got {patches.shape}"
+        )
+    tokens = grid_hw[0] * grid_hw[1] // m**2
+    _check_slots(
+        input_ids,
+        attention_mask,
+        params.text.config.image_pad_id,
+        (input_ids.shape[0], tokens, cfg.out_hidden_size),
+        (grid_hw[0] // m, grid_hw[1] // m),
+    )
     return _encode_with_images_jit(params, input_ids, attention_mask, patches, grid_hw)

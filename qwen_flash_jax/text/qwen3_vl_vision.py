@@ -55,14 +55,26 @@ DTYPES = ("float32", "bfloat16")
 BACKENDS = ("torchvision", "pil")
 _ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu": False}  # name -> tanh approximation
 # Qwen3VLVisionConfig's class defaults, for fields a config.json leaves out (transformers fills them the same way).
-_VISION_DEFAULTS = dict(depth=27, hidden_size=1152, hidden_act="gelu_pytorch_tanh", intermediate_size=4304,
-                        num_heads=16, in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                        out_hidden_size=3584, num_position_embeddings=2304, deepstack_visual_indexes=(8, 16, 24))
+_VISION_DEFAULTS = dict(
+    depth=27,
+    hidden_size=1152,
+    hidden_act="gelu_pytorch_tanh",
+    intermediate_size=4304,
+    num_heads=16,
+    in_channels=3,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    out_hidden_size=3584,
+    num_position_embeddings=2304,
+    deepstack_visual_indexes=(8, 16, 24),
+)
 # Without a preprocessor_config.json: Qwen3-VL's published preprocessing (mean = std = 0.5, 256**2 to 4096**2
 # pixels). transformers' class defaults are Qwen2-VL's (CLIP mean/std, 56**2 to 28**2*1280 pixels); a file that
 # exists but leaves a key out gets those, as the processor would.
-_QWEN3_VL_PREPROCESSING = dict(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), min_pixels=256 * 256,
-                               max_pixels=4096 * 4096)
+_QWEN3_VL_PREPROCESSING = dict(
+    image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), min_pixels=256 * 256, max_pixels=4096 * 4096
+)
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _LN_EPS = 1e-6
 
@@ -98,17 +110,22 @@ class VisionConfig:
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (one of {', '.join(_ACTIVATIONS)})")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(f"hidden_size {self.hidden_size} must split into num_heads={self.num_heads} heads of a "
-                             "multiple of 4 (the 2-D rotary embedding)")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must split into num_heads={self.num_heads} heads of a "
+                "multiple of 4 (the 2-D rotary embedding)"
+            )
         if math.isqrt(self.num_position_embeddings) ** 2 != self.num_position_embeddings:
             raise ValueError(f"num_position_embeddings {self.num_position_embeddings} is not a square grid")
         idx = self.deepstack_visual_indexes
         if list(idx) != sorted(set(idx)) or any(not 0 <= i < self.depth for i in idx):
-            raise ValueError(f"deepstack_visual_indexes {list(idx)} must be increasing block indices < depth "
-                             f"{self.depth}")
+            raise ValueError(
+                f"deepstack_visual_indexes {list(idx)} must be increasing block indices < depth {self.depth}"
+            )
         if len(self.image_mean) != self.in_channels or len(self.image_std) != self.in_channels:
-            raise ValueError(f"image_mean/image_std need {self.in_channels} values, got {list(self.image_mean)}, "
-                             f"{list(self.image_std)}")
+            raise ValueError(
+                f"image_mean/image_std need {self.in_channels} values, got {list(self.image_mean)}, "
+                f"{list(self.image_std)}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -117,11 +134,11 @@ class VisionConfig:
     @property
     def patch_dim(self) -> int:
         """Width of one row of `image_patches`: in_channels * temporal_patch_size * patch_size**2."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @property
     def merged_size(self) -> int:
-        return self.hidden_size * self.spatial_merge_size ** 2
+        return self.hidden_size * self.spatial_merge_size**2
 
 
 def vision_config_from_hf(hf_config: dict, preprocessor: dict | None = None) -> VisionConfig:
@@ -149,20 +166,27 @@ def _preprocessing(pre, vision: dict) -> dict:
         return dict(_QWEN3_VL_PREPROCESSING)
     if not isinstance(pre, dict):
         raise ConfigError(f"{PREPROCESSOR_FILE} is not a JSON object")
-    for ours, theirs in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
-                         ("spatial_merge_size", "merge_size")):
+    for ours, theirs in (
+        ("patch_size", "patch_size"),
+        ("temporal_patch_size", "temporal_patch_size"),
+        ("spatial_merge_size", "merge_size"),
+    ):
         if theirs in pre and pre[theirs] != vision[ours]:
-            raise ConfigError(f"{PREPROCESSOR_FILE} has {theirs}={pre[theirs]!r} but the vision tower's "
-                              f"{ours} is {vision[ours]}")
+            raise ConfigError(
+                f"{PREPROCESSOR_FILE} has {theirs}={pre[theirs]!r} but the vision tower's {ours} is {vision[ours]}"
+            )
     size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
     try:
-        return dict(image_mean=tuple(float(v) for v in pre.get("image_mean", _CLIP_MEAN)),
-                    image_std=tuple(float(v) for v in pre.get("image_std", _CLIP_STD)),
-                    rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
-                    do_rescale=bool(pre.get("do_rescale", True)), do_normalize=bool(pre.get("do_normalize", True)),
-                    do_resize=bool(pre.get("do_resize", True)),
-                    min_pixels=int(size.get("shortest_edge", pre.get("min_pixels", 56 * 56))),
-                    max_pixels=int(size.get("longest_edge", pre.get("max_pixels", 28 * 28 * 1280))))
+        return dict(
+            image_mean=tuple(float(v) for v in pre.get("image_mean", _CLIP_MEAN)),
+            image_std=tuple(float(v) for v in pre.get("image_std", _CLIP_STD)),
+            rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+            do_rescale=bool(pre.get("do_rescale", True)),
+            do_normalize=bool(pre.get("do_normalize", True)),
+            do_resize=bool(pre.get("do_resize", True)),
+            min_pixels=int(size.get("shortest_edge", pre.get("min_pixels", 56 * 56))),
+            max_pixels=int(size.get("longest_edge", pre.get("max_pixels", 28 * 28 * 1280))),
+        )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{PREPROCESSOR_FILE} has an invalid value: {e}") from None
 
@@ -189,6 +213,7 @@ def read_vision_config(path: str | os.PathLike) -> VisionConfig:
 
 # --- preprocessing (host) -----------------------------------------------------------------------------------------
 
+
 def image_grid(height: int, width: int, config: VisionConfig) -> tuple[tuple[int, int], int]:
     """((h, w) in patches, merged vision tokens h*w/merge**2) for an image of height x width pixels.
 
@@ -197,15 +222,19 @@ def image_grid(height: int, width: int, config: VisionConfig) -> tuple[tuple[int
     """
     factor = config.patch_size * config.spatial_merge_size
     if height <= 0 or width <= 0 or height % factor or width % factor:
-        raise ValueError(f"image of {height}x{width} pixels: height and width must be positive multiples of "
-                         f"patch_size * spatial_merge_size = {factor} (the processor would resize it)")
+        raise ValueError(
+            f"image of {height}x{width} pixels: height and width must be positive multiples of "
+            f"patch_size * spatial_merge_size = {factor} (the processor would resize it)"
+        )
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"image of {height}x{width} pixels: aspect ratio above 200, which the processor refuses")
     if config.do_resize and not config.min_pixels <= height * width <= config.max_pixels:
-        raise ValueError(f"image of {height}x{width} = {height * width} pixels is outside the processor's "
-                         f"[{config.min_pixels}, {config.max_pixels}] (it would be resized)")
+        raise ValueError(
+            f"image of {height}x{width} = {height * width} pixels is outside the processor's "
+            f"[{config.min_pixels}, {config.max_pixels}] (it would be resized)"
+        )
     h, w = height // config.patch_size, width // config.patch_size
-    return (h, w), h * w // config.spatial_merge_size ** 2
+    return (h, w), h * w // config.spatial_merge_size**2
 
 
 def image_patches(images, config: VisionConfig, backend: str = "torchvision"):
@@ -219,16 +248,18 @@ def image_patches(images, config: VisionConfig, backend: str = "torchvision"):
     if not isinstance(images, jax.Array):
         images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] != config.in_channels:
-        raise ValueError(f"images must be uint8 (B, H, W, {config.in_channels}), got {images.dtype} "
-                         f"{images.shape}")
+        raise ValueError(f"images must be uint8 (B, H, W, {config.in_channels}), got {images.dtype} {images.shape}")
     (gh, gw), _ = image_grid(images.shape[1], images.shape[2], config)
     if isinstance(images, jax.Array):
         return _patch_rows(jnp, images, config, gh, gw, _normalise_torchvision(images, config))
     if backend == "torchvision":
         x = _normalise_torchvision(images, config)
     else:  # PIL: x / 255 rounded from float64 to float32, then (v - mean) / std
-        x = ((images.astype(np.float64) * config.rescale_factor).astype(np.float32) if config.do_rescale
-             else images.astype(np.float32))
+        x = (
+            (images.astype(np.float64) * config.rescale_factor).astype(np.float32)
+            if config.do_rescale
+            else images.astype(np.float32)
+        )
         if config.do_normalize:
             x = (x - np.asarray(config.image_mean, np.float32)) / np.asarray(config.image_std, np.float32)
     return np.ascontiguousarray(_patch_rows(np, images, config, gh, gw, x), dtype=np.float32)
@@ -277,28 +308,31 @@ def _grid_tables(config: VisionConfig, grid_hw: tuple[int, int]):
     index = (ht[:, :, None] * side + wt[:, None, :]).reshape(-1, 4)
     weight = (hw_[:, :, None] * ww[:, None, :]).reshape(-1, 4)
     quarter = config.head_dim // 2
-    inv_freq = np.float32(1.0) / (np.float32(config.rope_theta) ** (np.arange(0, quarter, 2, dtype=np.float32)
-                                                                     / np.float32(quarter)))
-    angles = np.concatenate([row[:, None].astype(np.float32) * inv_freq, col[:, None].astype(np.float32) * inv_freq],
-                            axis=-1)
+    inv_freq = np.float32(1.0) / (
+        np.float32(config.rope_theta) ** (np.arange(0, quarter, 2, dtype=np.float32) / np.float32(quarter))
+    )
+    angles = np.concatenate(
+        [row[:, None].astype(np.float32) * inv_freq, col[:, None].astype(np.float32) * inv_freq], axis=-1
+    )
     angles = np.concatenate([angles, angles], axis=-1)
     return index, weight, np.cos(angles), np.sin(angles)
 
 
 # --- modules ------------------------------------------------------------------------------------------------------
 
+
 class Linear(nnx.Module):
     """Linear layer with bias, kernel (in, out), used in float32 whatever the stored dtype."""
 
     def __init__(self, din: int, dout: int, axes: tuple, *, rngs: nnx.Rngs):
         init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.kernel = nnx.Param(init(rngs.params(), (din, dout), jnp.float32), out_sharding=axes,
-                                eager_sharding=False)
+        self.kernel = nnx.Param(init(rngs.params(), (din, dout), jnp.float32), out_sharding=axes, eager_sharding=False)
         self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32), out_sharding=(axes[1],), eager_sharding=False)
 
     def __call__(self, x):
         y = jnp.dot(x.reshape(-1, x.shape[-1]), self.kernel[...].astype(jnp.float32)) + self.bias[...].astype(
-            jnp.float32)
+            jnp.float32
+        )
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -310,8 +344,9 @@ class LayerNorm(nnx.Module):
     def __call__(self, x):
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        return ((x - mean) * jax.lax.rsqrt(var + _LN_EPS) * self.scale[...].astype(jnp.float32)
-                + self.bias[...].astype(jnp.float32))
+        return (x - mean) * jax.lax.rsqrt(var + _LN_EPS) * self.scale[...].astype(jnp.float32) + self.bias[...].astype(
+            jnp.float32
+        )
 
 
 class VisionBlock(nnx.Module):
@@ -341,8 +376,9 @@ class PatchMerger(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, postshuffle: bool, *, rngs: nnx.Rngs):
         wide = cfg.merged_size
-        self.norm = LayerNorm(wide if postshuffle else cfg.hidden_size, "vision_merge" if postshuffle
-                              else "vision_embed")
+        self.norm = LayerNorm(
+            wide if postshuffle else cfg.hidden_size, "vision_merge" if postshuffle else "vision_embed"
+        )
         self.fc1 = Linear(wide, wide, ("vision_merge", "vision_merge"), rngs=rngs)
         self.fc2 = Linear(wide, cfg.out_hidden_size, ("vision_merge", "embed"), rngs=rngs)
         self.postshuffle, self.wide = postshuffle, wide
@@ -356,9 +392,11 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
         self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, (None, "vision_embed"), rngs=rngs)
-        self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.num_position_embeddings,
-                                                                            cfg.hidden_size), jnp.float32),
-                                   out_sharding=("vision_pos", "vision_embed"), eager_sharding=False)
+        self.pos_embed = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (cfg.num_position_embeddings, cfg.hidden_size), jnp.float32),
+            out_sharding=("vision_pos", "vision_embed"),
+            eager_sharding=False,
+        )
         self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, False, rngs=rngs)
         self.deepstack_mergers = nnx.List([PatchMerger(cfg, True, rngs=rngs) for _ in cfg.deepstack_visual_indexes])
@@ -368,8 +406,10 @@ class VisionTower(nnx.Module):
         """patches (B, h*w, patch_dim) -> (embeds (B, T, out_hidden), deepstack tuple of (B, T, out_hidden))."""
         cfg = self.cfg
         if patches.ndim != 3 or patches.shape[1:] != (grid_hw[0] * grid_hw[1], cfg.patch_dim):
-            raise ValueError(f"patches must be (B, {grid_hw[0] * grid_hw[1]}, {cfg.patch_dim}) for grid "
-                             f"{tuple(grid_hw)}, got {patches.shape}")
+            raise ValueError(
+                f"patches must be (B, {grid_hw[0] * grid_hw[1]}, {cfg.patch_dim}) for grid "
+                f"{tuple(grid_hw)}, got {patches.shape}"
+            )
         index, weight, cos, sin = _grid_tables(cfg, tuple(grid_hw))
         x = self.patch_embed(patches.astype(jnp.float32))
         pos = jnp.take(self.pos_embed[...].astype(jnp.float32), index, axis=0)  # (N, 4, D)
@@ -390,9 +430,11 @@ def _rotate(x, cos, sin):
 
 # --- functional API -----------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class VisionParams:
     """The tower's parameters: a pytree with `config` static and `state` (an `nnx.State` of Params) as leaves."""
+
     config: VisionConfig
     state: nnx.State
 
@@ -421,10 +463,16 @@ def vision_embeddings(params: VisionParams, patches, grid_hw):
 
 # --- loading ------------------------------------------------------------------------------------------------------
 
+
 def key_map(config: VisionConfig, prefix: str = VISUAL_PREFIXES[0]) -> dict[str, tuple[tuple, str, tuple]]:
     """Every checkpoint key of the tower -> (path in our state, how to convert it, torch shape)."""
-    d, i, w, o, p = config.hidden_size, config.intermediate_size, config.merged_size, config.out_hidden_size, \
-        config.patch_size
+    d, i, w, o, p = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.merged_size,
+        config.out_hidden_size,
+        config.patch_size,
+    )
     out = {}
 
     def linear(key, path, din, dout):
@@ -435,8 +483,11 @@ def key_map(config: VisionConfig, prefix: str = VISUAL_PREFIXES[0]) -> dict[str,
         out[f"{prefix}{key}.weight"] = (path + ("scale",), "copy", (dim,))
         out[f"{prefix}{key}.bias"] = (path + ("bias",), "copy", (dim,))
 
-    out[f"{prefix}patch_embed.proj.weight"] = (("patch_embed", "kernel"), "conv",
-                                               (d, config.in_channels, config.temporal_patch_size, p, p))
+    out[f"{prefix}patch_embed.proj.weight"] = (
+        ("patch_embed", "kernel"),
+        "conv",
+        (d, config.in_channels, config.temporal_patch_size, p, p),
+    )
     out[f"{prefix}patch_embed.proj.bias"] = (("patch_embed", "bias"), "copy", (d,))
     out[f"{prefix}pos_embed.weight"] = (("pos_embed",), "copy", (config.num_position_embeddings, d))
     for b in range(config.depth):
@@ -446,8 +497,9 @@ def key_map(config: VisionConfig, prefix: str = VISUAL_PREFIXES[0]) -> dict[str,
         linear(f"blocks.{b}.attn.proj", ("blocks", b, "proj"), d, d)
         linear(f"blocks.{b}.mlp.linear_fc1", ("blocks", b, "fc1"), d, i)
         linear(f"blocks.{b}.mlp.linear_fc2", ("blocks", b, "fc2"), i, d)
-    mergers = [("merger", ("merger",), d)] + [(f"deepstack_merger_list.{j}", ("deepstack_mergers", j), w)
-                                               for j in range(len(config.deepstack_visual_indexes))]
+    mergers = [("merger", ("merger",), d)] + [
+        (f"deepstack_merger_list.{j}", ("deepstack_mergers", j), w) for j in range(len(config.deepstack_visual_indexes))
+    ]
     for key, path, norm_dim in mergers:
         norm(f"{key}.norm", path + ("norm",), norm_dim)
         linear(f"{key}.linear_fc1", path + ("fc1",), w, w)
@@ -488,8 +540,9 @@ def load_vision_tower(path: str | os.PathLike, dtype: str = "float32", mesh=None
         shardings = None
         if mesh is not None:
             shardings = sharding.param_shardings(abstract, mesh, sharding.normalise_rules(rules))
-        nested = checkpoint.read_nested({key: (leaf_path, _LAYOUTS[how])
-                                         for key, (leaf_path, how, _) in keys.items()}, target, shardings)
+        nested = checkpoint.read_nested(
+            {key: (leaf_path, _LAYOUTS[how]) for key, (leaf_path, how, _) in keys.items()}, target, shardings
+        )
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     finally:
@@ -511,11 +564,15 @@ def _check_keys(path: Path, tensors: dict, config: VisionConfig) -> dict:
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected vision tensors: {some_of(unexpected)}")
     if problems:
-        raise ConfigError(f"{path}: checkpoint does not match its vision_config (depth={config.depth}, "
-                          f"{len(config.deepstack_visual_indexes)} deepstack mergers): " + "; ".join(problems))
-    bad = [f"{k} has shape {tuple(tensors[k].shape)}, expected {shape}"
-           for k, (_, _, shape) in keys.items() if tuple(tensors[k].shape) != tuple(shape)]
+        raise ConfigError(
+            f"{path}: checkpoint does not match its vision_config (depth={config.depth}, "
+            f"{len(config.deepstack_visual_indexes)} deepstack mergers): " + "; ".join(problems)
+        )
+    bad = [
+        f"{k} has shape {tuple(tensors[k].shape)}, expected {shape}"
+        for k, (_, _, shape) in keys.items()
+        if tuple(tensors[k].shape) != tuple(shape)
+    ]
     if bad:
         raise ConfigError(f"{path}: {len(bad)} vision tensors have the wrong shape: " + "; ".join(bad[:5]))
     return keys
-

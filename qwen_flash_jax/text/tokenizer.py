@@ -31,8 +31,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> transformers
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     min_size = len(alphabet) + len(SPECIAL_TOKENS)
     if vocab_size < min_size:
-        raise ValueError(f"vocab_size must be at least {min_size} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
-                         f"got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least {min_size} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
+            f"got {vocab_size}"
+        )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -64,4 +66,3 @@ def _training_texts(texts: list[str]):
         for special in SPECIAL_TOKENS:
             templated = templated.replace(special, "\n")
         yield templated
-

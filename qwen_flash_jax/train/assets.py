@@ -80,8 +80,12 @@ def _sources(config, log):
     d = config.data
     if d.source == "toy_world":
         log(f"toy world data: {d.examples_per_category} records per category at {d.image_size}px")
-        return sources_lib.toy_world_sources(cache_root(config) / "tfds", size=int(d.image_size),
-                                             examples_per_category=int(d.examples_per_category), seed=int(d.seed))
+        return sources_lib.toy_world_sources(
+            cache_root(config) / "tfds",
+            size=int(d.image_size),
+            examples_per_category=int(d.examples_per_category),
+            seed=int(d.seed),
+        )
     if d.source == "jsonl":
         parts = []
         kw = dict(size=int(d.image_size), on_bad_record=d.on_bad_record, image_root=d.image_root or None)
@@ -117,12 +121,16 @@ def check_text_encoder(config) -> None:
     layers = tuple(int(i) for i in te.get("feature_layers", (-1,)))
     depth = int(te.num_layers)
     if not layers or any(not -depth - 1 <= i <= depth for i in layers):
-        raise ConfigError(f"text_encoder.feature_layers must be a non-empty list of indices in [{-depth - 1}, "
-                          f"{depth}], got {list(layers)}")
+        raise ConfigError(
+            f"text_encoder.feature_layers must be a non-empty list of indices in [{-depth - 1}, "
+            f"{depth}], got {list(layers)}"
+        )
     width = int(te.hidden_size) * len(layers)
     if width != int(config.model.context_in_dim):
-        raise ConfigError(f"text encoder output width {width} (hidden_size {te.hidden_size} x {len(layers)} feature "
-                          f"layers) != model.context_in_dim {config.model.context_in_dim}")
+        raise ConfigError(
+            f"text encoder output width {width} (hidden_size {te.hidden_size} x {len(layers)} feature "
+            f"layers) != model.context_in_dim {config.model.context_in_dim}"
+        )
 
 
 def _codec(config, log):
@@ -131,8 +139,9 @@ def _codec(config, log):
     log(f"loading the VAE from {config.codec.path}")
     codec = VAECodec(load_vae(config.codec.path, dtype=_frozen_dtype(config)))
     if codec.scale_factor != VAE_SCALE_FACTOR:
-        raise ConfigError(f"{config.codec.path}: the VAE downsamples by {codec.scale_factor}, Qwen-Image 2.x's by "
-                          f"{VAE_SCALE_FACTOR}")
+        raise ConfigError(
+            f"{config.codec.path}: the VAE downsamples by {codec.scale_factor}, Qwen-Image 2.x's by {VAE_SCALE_FACTOR}"
+        )
     return codec
 
 
@@ -146,27 +155,36 @@ def _qwen3_vl_text_encoder(config, log):
     # What config.json and the tokenizer say is checked before the minutes it takes to read an 8B checkpoint.
     te_config = qwen3_vl.read_config(path)
     if te_config.output_size != int(config.model.context_in_dim):
-        raise ConfigError(f"{path}: the text encoder's hidden size {te_config.output_size} != model.context_in_dim "
-                          f"{config.model.context_in_dim}")
+        raise ConfigError(
+            f"{path}: the text encoder's hidden size {te_config.output_size} != model.context_in_dim "
+            f"{config.model.context_in_dim}"
+        )
     tokenizer = _hf_tokenizer(path)
     if te_config.image_pad_id not in (None, special_token_id(tokenizer, IMAGE_PAD)):
-        raise ConfigError(f"{path}: the tokenizer's {IMAGE_PAD} id {special_token_id(tokenizer, IMAGE_PAD)} is not "
-                          f"the model's image_token_id {te_config.image_pad_id}")
+        raise ConfigError(
+            f"{path}: the tokenizer's {IMAGE_PAD} id {special_token_id(tokenizer, IMAGE_PAD)} is not "
+            f"the model's image_token_id {te_config.image_pad_id}"
+        )
     log(f"loading the Qwen3-VL text encoder from {path}")
     # Sharded like the transformer (its logical axes, the config's rules): a replicated 8B encoder would not fit
     # beside the models on a 16 GiB chip.
     mesh = config_lib.make_mesh(config)
     params = qwen3_vl.load_qwen3_vl(path, dtype=_frozen_dtype(config), mesh=mesh, rules=config.mesh.rules)
     if params.vision is None and pipeline_lib.mixing.parse_ratio(config.data.task_ratio)[1]:
-        raise ConfigError(f"{path}: the checkpoint has no vision tower (model.visual.*), which edits need; "
-                          "use the full Qwen3-VL checkpoint or data.task_ratio='1:0'")
+        raise ConfigError(
+            f"{path}: the checkpoint has no vision tower (model.visual.*), which edits need; "
+            "use the full Qwen3-VL checkpoint or data.task_ratio='1:0'"
+        )
     return tokenizer, params
 
 
 def _hf_tokenizer(text_encoder_path: pathlib.Path):
     """The tokenizer beside the text encoder, or in the diffusers pipeline's `tokenizer/` or `processor/` folder."""
-    for candidate in (text_encoder_path, text_encoder_path.parent / "tokenizer",
-                      text_encoder_path.parent / "processor"):
+    for candidate in (
+        text_encoder_path,
+        text_encoder_path.parent / "tokenizer",
+        text_encoder_path.parent / "processor",
+    ):
         if (candidate / "tokenizer_config.json").exists() or (candidate / "tokenizer.json").exists():
             try:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(str(candidate), local_files_only=True)
@@ -180,8 +198,10 @@ def _hf_tokenizer(text_encoder_path: pathlib.Path):
             if tokenizer.pad_token_id is None:
                 raise ConfigError(f"{candidate}: the tokenizer has no pad token")
             return tokenizer
-    raise ConfigError(f"no tokenizer beside {text_encoder_path} (tokenizer.json / tokenizer_config.json there, or "
-                      "in the pipeline's tokenizer/ or processor/ folder)")
+    raise ConfigError(
+        f"no tokenizer beside {text_encoder_path} (tokenizer.json / tokenizer_config.json there, or "
+        "in the pipeline's tokenizer/ or processor/ folder)"
+    )
 
 
 def _toy_text_encoder(config, log):
@@ -194,9 +214,15 @@ def _toy_text_encoder(config, log):
     texts = world_texts(int(config.data.image_size), per_category=300, seed=12345)
     tokenizer = train_tokenizer(texts, vocab_size=int(te.vocab_size))
     te_config = text_encoder.TextEncoderConfig.for_tokenizer(
-        tokenizer, hidden_size=te.hidden_size, num_layers=te.num_layers, num_heads=te.num_heads,
-        num_kv_heads=te.num_kv_heads, head_dim=te.head_dim, mlp_dim=te.mlp_dim,
-        condition_channels=int(config.model.in_channels))
+        tokenizer,
+        hidden_size=te.hidden_size,
+        num_layers=te.num_layers,
+        num_heads=te.num_heads,
+        num_kv_heads=te.num_kv_heads,
+        head_dim=te.head_dim,
+        mlp_dim=te.mlp_dim,
+        condition_channels=int(config.model.in_channels),
+    )
     params = text_encoder.pretrain_text_encoder(tokenizer, texts, te_config, steps=int(te.pretrain_steps), seed=0)
     text_encoder.save(path, params, tokenizer)
     return _load_encoder(path, feature_layers)
@@ -219,6 +245,7 @@ def world_texts(size: int, per_category: int, seed: int) -> list[str]:
     """Captions and edit instructions of the toy world: the tokenizer's and the encoder's training text."""
     rng = np.random.default_rng(seed)
     texts = [world.sample_t2i(rng, c, size).caption for c in world.T2I_CATEGORIES for _ in range(per_category)]
-    texts += [world.sample_edit(rng, c, size).instruction for c in world.EDIT_CATEGORIES
-              for _ in range(per_category // 2)]
+    texts += [
+        world.sample_edit(rng, c, size).instruction for c in world.EDIT_CATEGORIES for _ in range(per_category // 2)
+    ]
     return texts

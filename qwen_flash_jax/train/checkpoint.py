@@ -19,8 +19,9 @@ class Checkpointer:
     def __init__(self, directory, *, keep: int = 2, every: int = 100, async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
         self.every = int(every)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               cleanup_tmp_directories=True, create=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
@@ -32,9 +33,14 @@ class Checkpointer:
             return False
         if self._manager.latest_step() == step:
             return False
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state()),
-            meta=ocp.args.JsonSave(meta)))
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(iterator.get_state()),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
         return True
 
     def restore(self, abstract_state, step: int | None = None):
@@ -43,9 +49,14 @@ class Checkpointer:
         if step is None:
             return None
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore()))
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
         except ValueError as e:
             if "do not match" not in str(e) and "mismatch" not in str(e):
                 raise
@@ -53,7 +64,8 @@ class Checkpointer:
             raise ConfigError(
                 f"the checkpoint at step {step} in {self.directory} holds a different train state than this run "
                 "builds (written by another version of the code or a different config); use a new --workdir, "
-                "or delete that directory to start over") from None
+                "or delete that directory to start over"
+            ) from None
         return restored["state"], restored["data"], restored["meta"]
 
     def wait(self):
@@ -66,8 +78,7 @@ class Checkpointer:
 
 def abstract_like(tree):
     """ShapeDtypeStructs (with shardings) of a concrete pytree: the restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                        tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 def place_on_mesh(tree, mesh):

@@ -44,8 +44,9 @@ class Components:
     mu: float  # the time shift of the config's image size
 
 
-def build(config, log: Callable[[str], None] = print, *, random_teachers: bool = False,
-          initial_networks: bool = True) -> Components:
+def build(
+    config, log: Callable[[str], None] = print, *, random_teachers: bool = False, initial_networks: bool = True
+) -> Components:
     """The distillation's components. Teachers come from their checkpoints or the cache (trained on first use);
     with `random_teachers`, every teacher is one randomly initialised transformer (for timing only). Without
     `initial_networks`, the student's and fake score's initial teachers are not loaded (`base` and `fake_init` are
@@ -84,29 +85,37 @@ def distill_setup(config, model: TransformerModel, mu: float) -> DistillSetup:
         model=model,
         student_opt=optim.from_config(config.optim, steps, float(config.student.learning_rate)),
         fake_opt=optim.from_config(config.optim, steps * ratio + warmup, float(config.fake_score.learning_rate)),
-        timesteps=tuple(float(t) for t in dmd.student_timesteps(int(config.student.num_steps), mu,
-                                                                 tuple(config.student.timesteps))),
-        guidance=dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS,
-                                    int(config.student.num_steps)),
-        teacher_names=names, cfg_scale=float(config.guidance.cfg_scale),
-        cfg_rescale=float(config.guidance.cfg_rescale), t_min=float(config.guidance.t_min),
-        t_max=float(config.guidance.t_max), ema_decay=float(config.student.ema_decay),
+        timesteps=tuple(
+            float(t) for t in dmd.student_timesteps(int(config.student.num_steps), mu, tuple(config.student.timesteps))
+        ),
+        guidance=dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps)),
+        teacher_names=names,
+        cfg_scale=float(config.guidance.cfg_scale),
+        cfg_rescale=float(config.guidance.cfg_rescale),
+        t_min=float(config.guidance.t_min),
+        t_max=float(config.guidance.t_max),
+        ema_decay=float(config.student.ema_decay),
         first_step_fm_weight=float(config.student.first_step_fm_weight),
-        disc_opt=optim.from_config(config.optim, steps * ratio + warmup,
-                                   float(config.fake_score.gan_head_learning_rate)),
-        gan_weight=float(config.student.gan_weight), gan_critic_weight=float(config.fake_score.gan_weight),
+        disc_opt=optim.from_config(
+            config.optim, steps * ratio + warmup, float(config.fake_score.gan_head_learning_rate)
+        ),
+        gan_weight=float(config.student.gan_weight),
+        gan_critic_weight=float(config.fake_score.gan_weight),
         gan_tasks=tuple(config.student.gan_tasks),
-        renoise=str(config.student.renoise), regression_weight=float(config.student.regression_weight),
+        renoise=str(config.student.renoise),
+        regression_weight=float(config.student.regression_weight),
         critic_step_probs=dmd.critic_step_probs(int(config.student.num_steps), tuple(config.fake_score.step_probs)),
-        schedule=str(config.guidance.schedule))
+        schedule=str(config.guidance.schedule),
+    )
 
 
 def initial_state(config, parts: Components, setup: DistillSetup) -> DistillState:
     """Step 0: the student (`setup.model`'s parameters), a copy of the fake score's initial teacher, their
     optimisers, the EMA (only when EMA is on), the discriminator head and the RNG, placed on the mesh."""
     student = setup.model.params
-    fake = from_params(parts.model_config, jax.tree.map(jnp.copy, parts.fake_init), mesh=parts.mesh,
-                       rules=parts.rules).params
+    fake = from_params(
+        parts.model_config, jax.tree.map(jnp.copy, parts.fake_init), mesh=parts.mesh, rules=parts.rules
+    ).params
     seed = config_lib.distill_seed(config)
     disc = gan.init_head(jax.random.key(seed + 2), parts.model_config.inner_dim)
     rng = jax.random.key_data(jax.random.key(seed + 1))
@@ -116,6 +125,7 @@ def initial_state(config, parts: Components, setup: DistillSetup) -> DistillStat
 def jitted_steps(setup: DistillSetup):
     """(critic update, generator update), jitted; each donates the state it is given."""
     critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",), donate_argnums=(0,))
-    generator = jax.jit(functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"),
-                        donate_argnums=(0,))
+    generator = jax.jit(
+        functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"), donate_argnums=(0,)
+    )
     return critic, generator

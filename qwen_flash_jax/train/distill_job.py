@@ -50,11 +50,17 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
 
     # One student update takes `ratio` critic batches and one generator batch, all of one task: the T2I:Edit
     # pattern steps once per update, so the generator and the critic both see the configured ratio.
-    iterator = iter(pipeline_lib.build_pipeline(config_lib.distill_data_config(config), assets.sources,
-                                                assets.tokenizer, assets.codec,
-                                                condition_pixels=assets.condition_pixels, slot_batches=ratio + 1))
-    ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator, label="distill",
-                                  log=log)
+    iterator = iter(
+        pipeline_lib.build_pipeline(
+            config_lib.distill_data_config(config),
+            assets.sources,
+            assets.tokenizer,
+            assets.codec,
+            condition_pixels=assets.condition_pixels,
+            slot_batches=ratio + 1,
+        )
+    )
+    ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator, label="distill", log=log)
 
     critic, generator = components.jitted_steps(setup)
     batch_sharding = sharding.batch_sharding(parts.mesh, parts.rules)
@@ -65,16 +71,18 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         return task, pipeline_lib.to_global(batch, batch_sharding)
 
     writer = metric_writers.create_default_writer(str(workdir / "logs"), just_logging=jax.process_index() > 0)
-    progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer,
-                                               every_steps=config.train.log_every)
-    log(f"distill: {steps} student updates x {ratio} critic updates, {config.student.num_steps}-step student, "
-        f"teachers {list(names)}, ratio {config.data.task_ratio}, T2I {dict(config.data.t2i_weights)}")
+    progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=config.train.log_every)
+    log(
+        f"distill: {steps} student updates x {ratio} critic updates, {config.student.num_steps}-step student, "
+        f"teachers {list(names)}, ratio {config.data.task_ratio}, T2I {dict(config.data.t2i_weights)}"
+    )
     # One sampler cache for the regression bank, the probes and the final evaluation.
     gen = Generator(model, assets, mu, student_timesteps=setup.timesteps, student_renoise=setup.renoise)
     bank = {}
     if setup.regression_weight:
-        bank = pairs_lib.build_pair_bank(config, gen, base, lambda b: pipeline_lib.to_global(b, batch_sharding),
-                                         log=log)
+        bank = pairs_lib.build_pair_bank(
+            config, gen, base, lambda b: pipeline_lib.to_global(b, batch_sharding), log=log
+        )
     probe = _make_probe(config, workdir, gen, writer, log)
     if probe and int(state.step) == 0:
         probe(0, state)
@@ -90,8 +98,15 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
             task, batch = next_batch()
             state, m_critic = critic(state, assets.text_encoder, batch, spec=assets.tasks[task])
         task, batch = next_batch()
-        state, m_gen = generator(state, assets.text_encoder, teachers, batch, spec=assets.tasks[task],
-                                 condition_offset=CONDITION_OFFSET[task], pairs=pairs_lib.bank_batch(bank, task, step))
+        state, m_gen = generator(
+            state,
+            assets.text_encoder,
+            teachers,
+            batch,
+            spec=assets.tasks[task],
+            condition_offset=CONDITION_OFFSET[task],
+            pairs=pairs_lib.bank_batch(bank, task, step),
+        )
         pending.append({**m_gen, **{k: v for k, v in m_critic.items() if k != "skipped"}})
         done = step + 1
         progress(done)
@@ -101,15 +116,20 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
             writer.write_scalars(done, summary)
             if history is not None:
                 history.append((done, summary))
-            log(f"distill step {done}/{steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
-                + f" ({time.perf_counter() - started:.0f}s)")
+            log(
+                f"distill step {done}/{steps}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
+                + f" ({time.perf_counter() - started:.0f}s)"
+            )
             if summary["nonfinite_run"] >= config.nonfinite_limit:
                 ckpt.close()
                 last = ckpt.latest_step()
                 raise NonFiniteError(
                     f"{int(summary['nonfinite_run'])} consecutive steps had non-finite losses or gradients; "
-                    f"stopping. Last good checkpoint: step {last} in {ckpt.directory}" if last is not None else
-                    "no checkpoint was written yet")
+                    f"stopping. Last good checkpoint: step {last} in {ckpt.directory}"
+                    if last is not None
+                    else "no checkpoint was written yet"
+                )
         if probe and done % config.train.sample_every == 0:
             probe(done, state)
         ckpt.maybe_save(done, state, iterator, {"step": done}, force=done == steps)
@@ -170,15 +190,19 @@ def check_config(config) -> None:
     if not 0.0 <= float(config.student.ema_decay) < 1.0:
         raise ConfigError(f"student.ema_decay must lie in [0, 1) (0 turns the EMA off), got {config.student.ema_decay}")
     if float(config.student.first_step_fm_weight) < 0:
-        raise ConfigError(f"student.first_step_fm_weight must be >= 0 (0 turns it off), got "
-                          f"{config.student.first_step_fm_weight}")
+        raise ConfigError(
+            f"student.first_step_fm_weight must be >= 0 (0 turns it off), got {config.student.first_step_fm_weight}"
+        )
     if float(config.student.regression_weight) < 0:
-        raise ConfigError(f"student.regression_weight must be >= 0 (0 turns it off), got "
-                          f"{config.student.regression_weight}")
+        raise ConfigError(
+            f"student.regression_weight must be >= 0 (0 turns it off), got {config.student.regression_weight}"
+        )
     if float(config.student.regression_weight) > 0:
         if str(config.student.renoise) != "predicted":
-            raise ConfigError("student.regression_weight > 0 needs student.renoise='predicted': with fresh noise "
-                              "between steps the student's sample is no function of its first noise")
+            raise ConfigError(
+                "student.regression_weight > 0 needs student.renoise='predicted': with fresh noise "
+                "between steps the student's sample is no function of its first noise"
+            )
         if int(config.student.regression_batches) < 1:
             raise ConfigError(f"student.regression_batches must be >= 1, got {config.student.regression_batches}")
     if int(config.fake_score.warmup_updates) < 0:
@@ -192,11 +216,15 @@ def check_config(config) -> None:
         raise ConfigError(f"student.gan_tasks names unknown tasks {unknown}; the tasks are {list(mixing.TASKS)}")
     trained_tasks = {task for task, share in zip(mixing.TASKS, mixing.parse_ratio(config.data.task_ratio)) if share}
     if float(config.student.gan_weight) > 0 and not trained_tasks & set(config.student.gan_tasks):
-        raise ConfigError(f"student.gan_weight > 0 but no task in student.gan_tasks {list(config.student.gan_tasks)} "
-                          f"is trained at data.task_ratio {config.data.task_ratio!r}: the GAN term would never run")
+        raise ConfigError(
+            f"student.gan_weight > 0 but no task in student.gan_tasks {list(config.student.gan_tasks)} "
+            f"is trained at data.task_ratio {config.data.task_ratio!r}: the GAN term would never run"
+        )
     if float(config.student.gan_weight) > 0 and float(config.fake_score.gan_head_learning_rate) <= 0:
-        raise ConfigError("student.gan_weight > 0 needs fake_score.gan_head_learning_rate > 0: the discriminator "
-                          "head starts from zero and would never learn")
+        raise ConfigError(
+            "student.gan_weight > 0 needs fake_score.gan_head_learning_rate > 0: the discriminator "
+            "head starts from zero and would never learn"
+        )
 
 
 def check_batch_fits_mesh(config) -> None:
@@ -206,8 +234,10 @@ def check_batch_fits_mesh(config) -> None:
     axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
     ways = int(np.prod([mesh.shape[a] for a in axes]))
     if int(config.data.batch_size) % ways:
-        raise ConfigError(f"data.batch_size={config.data.batch_size} does not split over the {ways} devices of the "
-                          f"mesh axes {list(axes)} that shard the batch; use a multiple of {ways}")
+        raise ConfigError(
+            f"data.batch_size={config.data.batch_size} does not split over the {ways} devices of the "
+            f"mesh axes {list(axes)} that shard the batch; use a multiple of {ways}"
+        )
 
 
 def _summarise(pending, state) -> dict[str, float]:
@@ -228,24 +258,38 @@ def _make_probe(config, workdir, gen, writer, log):
     if every <= 0 or config.eval.judge == "none":
         return None
     k = int(config.student.num_steps)
-    judge = judge_io.load_or_train_judge(cache.cache_category(config, "judge", log), size=int(config.data.image_size),
-                                log=log)
+    judge = judge_io.load_or_train_judge(
+        cache.cache_category(config, "judge", log), size=int(config.data.image_size), log=log
+    )
 
     def probe(step, state):
         params = state.evaluated_student()
         # At step 0 the student is still its initial teacher weights, shared by every run from that teacher.
         key = _images_key(config, gen, cache.params_fingerprint(params), student=True) if step == 0 else None
-        student = report.Contender("student", k, lambda c: gen.t2i(params, c, num_steps=k, student=True),
-                                   lambda s, i: gen.edit(params, s, i, num_steps=k, student=True), cache_key=key)
-        results = report.evaluate([student], judge, size=int(config.data.image_size),
-                                  prompts_per_category=int(config.eval.probe_prompts_per_category),
-                                  edits_per_category=int(config.eval.probe_edits_per_category),
-                                  seed=int(config.eval.seed) + 1, grid_dir=workdir / "samples" / f"step_{step:06d}",
-                                  image_cache=_image_cache(config), log=lambda *_: None)["student"]
+        student = report.Contender(
+            "student",
+            k,
+            lambda c: gen.t2i(params, c, num_steps=k, student=True),
+            lambda s, i: gen.edit(params, s, i, num_steps=k, student=True),
+            cache_key=key,
+        )
+        results = report.evaluate(
+            [student],
+            judge,
+            size=int(config.data.image_size),
+            prompts_per_category=int(config.eval.probe_prompts_per_category),
+            edits_per_category=int(config.eval.probe_edits_per_category),
+            seed=int(config.eval.seed) + 1,
+            grid_dir=workdir / "samples" / f"step_{step:06d}",
+            image_cache=_image_cache(config),
+            log=lambda *_: None,
+        )["student"]
         scalars = {"probe/t2i_average": results["t2i_average"], "probe/edit_average": results["edit_average"]}
         writer.write_scalars(step, scalars)
-        log(f"probe at step {step}: T2I {scalars['probe/t2i_average']:.3f}, edit {scalars['probe/edit_average']:.3f} "
-            f"(grids in {workdir / 'samples' / f'step_{step:06d}'})")
+        log(
+            f"probe at step {step}: T2I {scalars['probe/t2i_average']:.3f}, edit {scalars['probe/edit_average']:.3f} "
+            f"(grids in {workdir / 'samples' / f'step_{step:06d}'})"
+        )
 
     return probe
 
@@ -266,10 +310,17 @@ def _images_key(config, gen, params_digest: str | None, **sampler) -> str | None
     if sampler.pop("student", False):
         sampler.update(student=True, timesteps=gen.student_timesteps, renoise=gen.student_renoise)
     return cache.config_hash(
-        params_digest, text_digest, config.model, config.text_encoder,
-        config.codec, [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens,
-                       d.get("edit_prompt_tokens", 0)],
-        [gen.mu, gen.batch_size, gen.use_kv_cache], sampler, jax.__version__, "images-v1")
+        params_digest,
+        text_digest,
+        config.model,
+        config.text_encoder,
+        config.codec,
+        [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens, d.get("edit_prompt_tokens", 0)],
+        [gen.mu, gen.batch_size, gen.use_kv_cache],
+        sampler,
+        jax.__version__,
+        "images-v1",
+    )
 
 
 def run_evaluation(config, workdir, gen, state, base, log):
@@ -284,31 +335,53 @@ def run_evaluation(config, workdir, gen, state, base, log):
 
     def euler(params, steps, timesteps=None, label=""):
         kw = dict(num_steps=steps, cfg_scale=cfg, timesteps=timesteps)
-        return report.Contender(f"teacher {config.student.init_from} ({steps} steps{label})", 2 * steps,
-                                lambda c: gen.t2i(params, c, **kw), lambda s, i: gen.edit(params, s, i, **kw),
-                                cache_key=_images_key(config, gen, base_digest, **kw))
+        return report.Contender(
+            f"teacher {config.student.init_from} ({steps} steps{label})",
+            2 * steps,
+            lambda c: gen.t2i(params, c, **kw),
+            lambda s, i: gen.edit(params, s, i, **kw),
+            cache_key=_images_key(config, gen, base_digest, **kw),
+        )
 
     contenders = [euler(base, n_teacher), euler(base, k)]
     if not np.allclose(gen.student_timesteps, dmd.student_timesteps(k, gen.mu)):
         # The teacher's own sampler on the student's times: how much of the student's lead is the schedule.
         contenders.append(euler(base, k, gen.student_timesteps, ", student's times"))
     contenders.append(
-        report.Contender(f"student ({k} steps)", k, lambda c: gen.t2i(student, c, num_steps=k, student=True),
-                         lambda s, i: gen.edit(student, s, i, num_steps=k, student=True)))
+        report.Contender(
+            f"student ({k} steps)",
+            k,
+            lambda c: gen.t2i(student, c, num_steps=k, student=True),
+            lambda s, i: gen.edit(student, s, i, num_steps=k, student=True),
+        )
+    )
     if config.eval.judge == "none":
         captions, edits = _sample_prompts(config, gen.assets.sources, int(config.eval.unjudged_samples))
-        results = report.sample_unjudged(workdir, contenders, captions, edits,
-                                         title=f"Distillation samples: {workdir.name}", log=log)
+        results = report.sample_unjudged(
+            workdir, contenders, captions, edits, title=f"Distillation samples: {workdir.name}", log=log
+        )
         log(f"samples of {len(contenders)} models written to {workdir}/grid_*.png (not scored: eval.judge='none')")
         return results
-    judge = judge_io.load_or_train_judge(cache.cache_category(config, "judge", log), size=int(config.data.image_size),
-                                log=log)
-    results = report.evaluate(contenders, judge, size=int(config.data.image_size),
-                              prompts_per_category=int(config.eval.prompts_per_category),
-                              edits_per_category=int(config.eval.edits_per_category), seed=int(config.eval.seed),
-                              grid_dir=workdir, image_cache=_image_cache(config), log=log)
-    report.write_results(workdir, results, title=f"Distillation results: {workdir.name}",
-                         notes="NFE counts CFG's two forwards per teacher step; the student needs no CFG.",
-                         reference=contenders[1].name)  # the teacher's own 4-step sampling
+    judge = judge_io.load_or_train_judge(
+        cache.cache_category(config, "judge", log), size=int(config.data.image_size), log=log
+    )
+    results = report.evaluate(
+        contenders,
+        judge,
+        size=int(config.data.image_size),
+        prompts_per_category=int(config.eval.prompts_per_category),
+        edits_per_category=int(config.eval.edits_per_category),
+        seed=int(config.eval.seed),
+        grid_dir=workdir,
+        image_cache=_image_cache(config),
+        log=log,
+    )
+    report.write_results(
+        workdir,
+        results,
+        title=f"Distillation results: {workdir.name}",
+        notes="NFE counts CFG's two forwards per teacher step; the student needs no CFG.",
+        reference=contenders[1].name,
+    )  # the teacher's own 4-step sampling
     log((workdir / "results.md").read_text())
     return results

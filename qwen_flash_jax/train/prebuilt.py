@@ -38,8 +38,9 @@ def entries_for(config, cache: pathlib.Path) -> list[pathlib.Path]:
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.cache_dir, config.prebuilt_cache = str(cache), False  # names only: nothing is copied here
-    entries = [teacher.cache_dir(config, name) for name in sorted(config.teachers.keys())
-               if not config.teachers[name].path]
+    entries = [
+        teacher.cache_dir(config, name) for name in sorted(config.teachers.keys()) if not config.teachers[name].path
+    ]
     entries.append(cache / "text_encoder" / assets_lib.toy_text_encoder_key(config))
     entries.append(cache / "judge" / cache_name(int(config.data.image_size), 0))
     entries += sorted((cache / "eval_images").glob("*.npz"))
@@ -52,8 +53,9 @@ def export(config, cache: pathlib.Path, root: pathlib.Path = SHIPPED_ROOT) -> di
     entries = entries_for(config, cache)
     missing = [str(e) for e in entries if not e.exists()]
     if missing:
-        raise FileNotFoundError(f"not in {cache}: {', '.join(missing)}; run the toy main job with "
-                                f"--config.cache_dir={cache} first")
+        raise FileNotFoundError(
+            f"not in {cache}: {', '.join(missing)}; run the toy main job with --config.cache_dir={cache} first"
+        )
     with atomic.publish(root) as staging:  # a failed export leaves the shipped entries as they were
         staging.mkdir()
         for entry in entries:

@@ -21,8 +21,9 @@ from qwen_flash_jax.train import components
 from qwen_flash_jax.train.components import CONDITIONS
 
 
-def score_fields(config, *, category: str = "text", n: int = 4, t: float = 0.6, seed: int = 0,
-                 fake_params=None, log=print) -> dict[str, np.ndarray]:
+def score_fields(
+    config, *, category: str = "text", n: int = 4, t: float = 0.6, seed: int = 0, fake_params=None, log=print
+) -> dict[str, np.ndarray]:
     """Decoded fields for `n` T2I prompts of `category`: keys `x`, `x_t`, `x0/<teacher>`, `blend/k<k>`, and
     `dmd_direction` (|x0_fake - x0_real| at the last step's blend, scaled to [0, 255]) when `fake_params` is given."""
     parts = components.build(config, log, initial_networks=False)

@@ -62,8 +62,18 @@ def target_mu(config) -> float:
     return flow.dynamic_shift_mu(tokens, s.base_seq_len, s.max_seq_len, s.base_shift, s.max_shift)
 
 
-def train_teacher(config, name: str, workdir, *, log=print, init_params=None, assets=None, stop_at=None,
-                  history=None, write_samples=True):
+def train_teacher(
+    config,
+    name: str,
+    workdir,
+    *,
+    log=print,
+    init_params=None,
+    assets=None,
+    stop_at=None,
+    history=None,
+    write_samples=True,
+):
     """Trains teacher `name` of `config` in `workdir` (resuming if interrupted); returns its parameters.
 
     `history`, if given, receives (step, metrics) at every log step; `stop_at` ends the run early after that step
@@ -80,34 +90,54 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
     model = build_transformer(model_cfg, seed=int(config.seed), mesh=mesh, rules=rules)
     if init_params is not None:
         model = from_params(model_cfg, init_params, mesh=mesh, rules=rules)
-    optimizer = optim.adamw(float(train_cfg.learning_rate), steps, warmup_steps=int(train_cfg.warmup_steps),
-                            weight_decay=float(config.optim.weight_decay), clip_norm=float(config.optim.clip_norm))
-    state = TeacherState(step=jnp.zeros((), jnp.int32), params=model.params,
-                         ema=jax.tree.map(jnp.copy, model.params), opt_state=optimizer.init(model.params),
-                         rng=jax.random.key_data(jax.random.key(int(config.seed))))
+    optimizer = optim.adamw(
+        float(train_cfg.learning_rate),
+        steps,
+        warmup_steps=int(train_cfg.warmup_steps),
+        weight_decay=float(config.optim.weight_decay),
+        clip_norm=float(config.optim.clip_norm),
+    )
+    state = TeacherState(
+        step=jnp.zeros((), jnp.int32),
+        params=model.params,
+        ema=jax.tree.map(jnp.copy, model.params),
+        opt_state=optimizer.init(model.params),
+        rng=jax.random.key_data(jax.random.key(int(config.seed))),
+    )
     state = place_on_mesh(state, mesh)
 
-    data = pipeline_lib.build_pipeline(run.data, assets.sources, assets.tokenizer, assets.codec,
-                                       condition_pixels=assets.condition_pixels)
+    data = pipeline_lib.build_pipeline(
+        run.data, assets.sources, assets.tokenizer, assets.codec, condition_pixels=assets.condition_pixels
+    )
     iterator = iter(data)
-    ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator,
-                                  label=f"teacher {name}", log=log)
+    ckpt, state = open_and_resume(
+        workdir / "checkpoints", config.train, state, iterator, label=f"teacher {name}", log=log
+    )
 
     mu = target_mu(config)
-    step_fn = _make_step(model, optimizer, mu, float(train_cfg.caption_dropout), float(train_cfg.ema_decay),
-                         float(train_cfg.get("uniform_t_fraction", 0.0)))
+    step_fn = _make_step(
+        model,
+        optimizer,
+        mu,
+        float(train_cfg.caption_dropout),
+        float(train_cfg.ema_decay),
+        float(train_cfg.get("uniform_t_fraction", 0.0)),
+    )
     batch_sharding = sharding.batch_sharding(mesh, rules)
     writer = metric_writers.create_default_writer(str(workdir / "logs"), just_logging=jax.process_index() > 0)
     progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=config.train.log_every)
-    log(f"teacher {name}: {steps} steps, batch {run.data.batch_size}, ratio {run.data.task_ratio}, "
-        f"T2I {dict(run.data.t2i_weights)}, edit {dict(run.data.edit_weights)}")
+    log(
+        f"teacher {name}: {steps} steps, batch {run.data.batch_size}, ratio {run.data.task_ratio}, "
+        f"T2I {dict(run.data.t2i_weights)}, edit {dict(run.data.edit_weights)}"
+    )
 
     pending, start, first = [], int(state.step), time.perf_counter()
     for step in range(start, steps):
         batch = next(iterator)
         task = batch.pop("task")
-        state, metrics = step_fn(state, assets.text_encoder, pipeline_lib.to_global(batch, batch_sharding),
-                                 spec=assets.tasks[task])
+        state, metrics = step_fn(
+            state, assets.text_encoder, pipeline_lib.to_global(batch, batch_sharding), spec=assets.tasks[task]
+        )
         pending.append((task, metrics))
         done = step + 1
         progress(done)
@@ -116,8 +146,11 @@ def train_teacher(config, name: str, workdir, *, log=print, init_params=None, as
             writer.write_scalars(done, summary)
             if history is not None:
                 history.append((done, summary))
-            log(f"teacher {name} step {done}/{steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
-                + f" ({time.perf_counter() - first:.0f}s)")
+            log(
+                f"teacher {name} step {done}/{steps}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
+                + f" ({time.perf_counter() - first:.0f}s)"
+            )
             pending = []
         ckpt.maybe_save(done, state, iterator, {"step": done}, force=done == steps)
         if stop_at is not None and done >= stop_at and done < steps:
@@ -136,8 +169,9 @@ def _make_step(model, optimizer, mu: float, caption_dropout: float, ema_decay: f
     def train_step(state: TeacherState, te_params, batch, *, spec):
         key = jax.random.wrap_key_data(state.rng)
         key, k_t, k_eps, k_drop = jax.random.split(key, 4)
-        ids, mask = conditioning.drop_captions(k_drop, spec, batch["input_ids"], batch["attention_mask"],
-                                               caption_dropout)
+        ids, mask = conditioning.drop_captions(
+            k_drop, spec, batch["input_ids"], batch["attention_mask"], caption_dropout
+        )
         cond = conditioning.encode(te_params, spec, ids, mask, **conditioning.image_inputs(batch))
         x = batch["target_latents"]
         t = flow.sample_training_t(k_t, x.shape[0], mu, uniform_fraction=uniform_t_fraction)
@@ -156,8 +190,9 @@ def _make_step(model, optimizer, mu: float, caption_dropout: float, ema_decay: f
         decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
         metrics = {f"loss_{spec.task}": loss, "grad_norm": _global_norm(grads)}
-        return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state,
-                             rng=jax.random.key_data(key)), metrics
+        return state.replace(
+            step=state.step + 1, params=params, ema=ema, opt_state=opt_state, rng=jax.random.key_data(key)
+        ), metrics
 
     return jax.jit(train_step, static_argnames=("spec",), donate_argnums=(0,))
 
@@ -193,11 +228,16 @@ def _write_samples(workdir, name, config, generator: Generator, params, writer):
     cfg = float(config.sampling.cfg_scale)
     images = {}
     for steps in (int(config.sampling.teacher_steps), 4):
-        samples = ({cat: generator.t2i(params, b.captions, num_steps=steps, cfg_scale=cfg) for cat, b in t2i.items()},
-                   {cat: generator.edit(params, b.sources, b.instructions, num_steps=steps, cfg_scale=cfg)
-                    for cat, b in edits.items()})
+        samples = (
+            {cat: generator.t2i(params, b.captions, num_steps=steps, cfg_scale=cfg) for cat, b in t2i.items()},
+            {
+                cat: generator.edit(params, b.sources, b.instructions, num_steps=steps, cfg_scale=cfg)
+                for cat, b in edits.items()
+            },
+        )
         t2i_sections, edit_sections = report.benchmark_sections(
-            t2i, edits, {f"teacher {name}, {steps} steps + CFG {cfg:g}\n{2 * steps} NFE": samples})
+            t2i, edits, {f"teacher {name}, {steps} steps + CFG {cfg:g}\n{2 * steps} NFE": samples}
+        )
         path = pathlib.Path(workdir) / f"samples_{name}_{steps}steps.png"
         save_grid(path, t2i_sections + edit_sections)
         images[f"samples_{steps}steps"] = np.asarray(_read_png(path))[None]
@@ -220,11 +260,24 @@ def cache_dir(config, name: str) -> pathlib.Path:
     # How the blocks run (scanned or unrolled) and how the work is laid out over devices (the mesh) change only
     # float rounding, so they stay out of the key: a teacher trained with fsdp serves a data-parallel run.
     model = {k: v for k, v in config.model.to_dict().items() if k != "scan_layers"}
-    key = cache.config_hash(model, config.text_encoder, config.codec, spec.train.to_dict(),
-                                 [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens,
-                                  # only when set, so that the keys of teachers cached before it existed hold
-                                  *([d.edit_prompt_tokens] if d.get("edit_prompt_tokens") else [])],
-                                 config.seed, parent, "v1")
+    key = cache.config_hash(
+        model,
+        config.text_encoder,
+        config.codec,
+        spec.train.to_dict(),
+        [
+            d.source,
+            d.image_size,
+            d.examples_per_category,
+            d.seed,
+            d.max_prompt_tokens,
+            # only when set, so that the keys of teachers cached before it existed hold
+            *([d.edit_prompt_tokens] if d.get("edit_prompt_tokens") else []),
+        ],
+        config.seed,
+        parent,
+        "v1",
+    )
     return cache.cache_category(config, "teachers") / f"{name}-{key}"
 
 
@@ -258,7 +311,8 @@ def _exclusive(directory: pathlib.Path):
         except BlockingIOError:
             raise config_lib.ConfigError(
                 f"another run is training the cached teacher in {directory}; wait for it to finish "
-                "(later runs reuse it) or give this run its own --config.cache_dir") from None
+                "(later runs reuse it) or give this run its own --config.cache_dir"
+            ) from None
         try:
             yield
         finally:
@@ -275,9 +329,11 @@ def check_source(config, name: str) -> None:
         raise config_lib.ConfigError(f"teachers.{name}.train.uniform_t_fraction must lie in [0, 1], got {fraction}")
     if spec.path:
         if not (pathlib.Path(spec.path) / "params").exists():
-            raise config_lib.ConfigError(f"teachers.{name}.path={spec.path!r} holds no teacher checkpoint "
-                                         "(expected a directory with params/ written by a teacher run or by "
-                                         "`python -m qwen_flash_jax.convert`)")
+            raise config_lib.ConfigError(
+                f"teachers.{name}.path={spec.path!r} holds no teacher checkpoint "
+                "(expected a directory with params/ written by a teacher run or by "
+                "`python -m qwen_flash_jax.convert`)"
+            )
         if (pathlib.Path(spec.path) / "config.json").exists():
             _check_converted(config, spec.path, f"teachers.{name}.path")
     elif int(spec.train.steps) <= 0:
@@ -288,8 +344,9 @@ def check_source(config, name: str) -> None:
 
 def _restore_standalone(config, directory):
     mesh = config_lib.make_mesh(config)
-    model = build_transformer(config_lib.transformer_config(config), seed=0, mesh=mesh,
-                              rules=config_lib.mesh_rules(config))
+    model = build_transformer(
+        config_lib.transformer_config(config), seed=0, mesh=mesh, rules=config_lib.mesh_rules(config)
+    )
     if not (pathlib.Path(directory) / "params").exists():
         raise config_lib.ConfigError(f"no teacher parameters at {directory}/params")
     if (pathlib.Path(directory) / "config.json").exists():  # a converted diffusers checkpoint (orbax v1 layout)
@@ -309,8 +366,14 @@ def _check_converted(config, directory, field: str) -> None:
     except CheckpointError as e:
         raise config_lib.ConfigError(f"{field}: {e}") from None
     wanted = dataclasses.asdict(config_lib.transformer_config(config))
-    diff = [f"{k}={stored[k]!r} (config: {wanted[k]!r})" for k in wanted
-            if k not in _RUNTIME_FIELDS and stored.get(k) != wanted[k]]
+    diff = [
+        f"{k}={stored[k]!r} (config: {wanted[k]!r})"
+        for k in wanted
+        if k not in _RUNTIME_FIELDS and stored.get(k) != wanted[k]
+    ]
     if diff:
-        raise config_lib.ConfigError(f"{field}={str(directory)!r} holds a different transformer: "
-                                     + ", ".join(diff) + "; set model.* to match the checkpoint")
+        raise config_lib.ConfigError(
+            f"{field}={str(directory)!r} holds a different transformer: "
+            + ", ".join(diff)
+            + "; set model.* to match the checkpoint"
+        )

@@ -85,12 +85,16 @@ def merge_sources(*parts: Mapping[str, Mapping[str, RandomAccessSource]]) -> Tas
     collected: dict[str, dict[str, list[RandomAccessSource]]] = {}
     for n, part in enumerate(parts):
         if not isinstance(part, Mapping):
-            raise ConfigError(f"merge_sources argument {n} must be a {{task: {{category: source}}}} dict, "
-                              f"got {type(part).__name__}")
+            raise ConfigError(
+                f"merge_sources argument {n} must be a {{task: {{category: source}}}} dict, got {type(part).__name__}"
+            )
         for task, categories in part.items():
             if task not in TASKS:
                 raise ConfigError(f"merge_sources argument {n} has unknown task {task!r}; valid: {list(TASKS)}")
             for category, source in categories.items():
                 collected.setdefault(task, {}).setdefault(category, []).append(source)
-    return {task: {c: s[0] if len(s) == 1 else ConcatSource(s) for c, s in collected[task].items()}
-            for task in TASKS if task in collected}
+    return {
+        task: {c: s[0] if len(s) == 1 else ConcatSource(s) for c, s in collected[task].items()}
+        for task in TASKS
+        if task in collected
+    }

@@ -62,8 +62,9 @@ def load_image(path: str, size: int) -> np.ndarray:
 class _Schema:
     """Which fields a task's lines have; `parse` validates a decoded line into (category, text, id, image paths)."""
 
-    def __init__(self, task: str, text: str, record_text: str, images: tuple[tuple[str, bool], ...],
-                 categories: tuple[str, ...]):
+    def __init__(
+        self, task: str, text: str, record_text: str, images: tuple[tuple[str, bool], ...], categories: tuple[str, ...]
+    ):
         self.task, self.text, self.record_text = task, text, record_text  # JSONL field, record key
         self.images, self.categories = images, categories  # images: (field, required)
 
@@ -73,8 +74,9 @@ class _Schema:
         required = [self.text, "category"] + [f for f, req in self.images if req]
         missing = [f for f in required if f not in obj or obj[f] is None]
         if missing:
-            raise _Bad("missing_field", f"missing field{'s' if len(missing) > 1 else ''} "
-                                        f"{', '.join(repr(m) for m in missing)}")
+            raise _Bad(
+                "missing_field", f"missing field{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}"
+            )
         for field in (self.text, "category"):
             if not isinstance(obj[field], str):
                 raise _Bad("invalid_field", f"field {field!r} must be a string, got {type(obj[field]).__name__}")
@@ -83,8 +85,10 @@ class _Schema:
             raise _Bad(f"empty_{self.text}", f"empty {self.text}")
         category = obj["category"]
         if category not in self.categories:
-            raise _Bad("unknown_category", f"unknown category {category!r}; valid {self.task} categories: "
-                                           f"{', '.join(self.categories)}")
+            raise _Bad(
+                "unknown_category",
+                f"unknown category {category!r}; valid {self.task} categories: {', '.join(self.categories)}",
+            )
         rid = obj.get("id", default_id)
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
             raise _Bad("invalid_field", f"field 'id' must be a non-empty string or an integer, got {rid!r}")
@@ -108,9 +112,20 @@ EDIT = _Schema("edit", "instruction", "instruction", (("source", True), ("target
 class JsonlSource:
     """The good lines of one category of a JSONL file; records are built (images decoded) on access."""
 
-    def __init__(self, schema: _Schema, path: str, base: str, category: str, offsets: np.ndarray,
-                 lengths: np.ndarray, line_numbers: np.ndarray, size: int, on_bad_record: str,
-                 stamp: tuple[int, int], skipped: dict[str, int]):
+    def __init__(
+        self,
+        schema: _Schema,
+        path: str,
+        base: str,
+        category: str,
+        offsets: np.ndarray,
+        lengths: np.ndarray,
+        line_numbers: np.ndarray,
+        size: int,
+        on_bad_record: str,
+        stamp: tuple[int, int],
+        skipped: dict[str, int],
+    ):
         self.schema, self.path, self.base, self.category = schema, path, base, category
         self._offsets, self._lengths, self._line_numbers = offsets, lengths, line_numbers
         self.size, self.on_bad_record, self._stamp = size, on_bad_record, stamp
@@ -163,8 +178,11 @@ class JsonlSource:
             try:
                 images[field] = None if path is None else load_image(path, self.size)
             except Exception as e:  # noqa: BLE001 - any decoding failure makes the record unusable
-                raise _Bad("unreadable_image", f"{self.path}:{lineno}: record {rid!r}: cannot read {field} image "
-                                               f"{path!r}: {one_line(e) or type(e).__name__}") from None
+                raise _Bad(
+                    "unreadable_image",
+                    f"{self.path}:{lineno}: record {rid!r}: cannot read {field} image "
+                    f"{path!r}: {one_line(e) or type(e).__name__}",
+                ) from None
         return {"id": rid, "category": category, self.schema.record_text: text, **images, "spec": ""}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -197,8 +215,9 @@ def _decode(raw: bytes) -> Any:
         raise _Bad("invalid_json", f"invalid JSON (not UTF-8: {e.reason} at byte {e.start})") from None
 
 
-def _open(schema: _Schema, path: str | os.PathLike, size: int, on_bad_record: str,
-          image_root: str | os.PathLike | None) -> TaskSources:
+def _open(
+    schema: _Schema, path: str | os.PathLike, size: int, on_bad_record: str, image_root: str | os.PathLike | None
+) -> TaskSources:
     size = check_int("size", size, 1)
     on_bad_record = check_on_bad_record(on_bad_record)
     path = os.path.abspath(os.fspath(path))
@@ -209,7 +228,8 @@ def _open(schema: _Schema, path: str | os.PathLike, size: int, on_bad_record: st
     first_skip = ""
     # Compact growing int arrays (not lists of Python ints): a million lines cost ~16 MB, also while opening.
     per_category: dict[str, tuple[array.array, ...]] = collections.defaultdict(
-        lambda: (array.array("q"), array.array("i"), array.array("i")))
+        lambda: (array.array("q"), array.array("i"), array.array("i"))
+    )
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -244,19 +264,42 @@ def _open(schema: _Schema, path: str | os.PathLike, size: int, on_bad_record: st
         extra = f" (skipped {sum(skipped.values())} bad ones; first at {first_skip})" if skipped else ""
         raise DataError(f"{path}: no usable {schema.task} records{extra}")
     stamp = (stat.st_size, stat.st_mtime_ns)
-    return {schema.task: {
-        c: JsonlSource(schema, path, base, c, *(np.frombuffer(a, a.typecode).copy() for a in per_category[c]),
-                       size, on_bad_record, stamp, skipped)
-        for c in schema.categories if c in per_category}}
+    return {
+        schema.task: {
+            c: JsonlSource(
+                schema,
+                path,
+                base,
+                c,
+                *(np.frombuffer(a, a.typecode).copy() for a in per_category[c]),
+                size,
+                on_bad_record,
+                stamp,
+                skipped,
+            )
+            for c in schema.categories
+            if c in per_category
+        }
+    }
 
 
-def jsonl_t2i_sources(path: str | os.PathLike, *, size: int = 32, on_bad_record: str = "error",
-                      image_root: str | os.PathLike | None = None) -> TaskSources:
+def jsonl_t2i_sources(
+    path: str | os.PathLike,
+    *,
+    size: int = 32,
+    on_bad_record: str = "error",
+    image_root: str | os.PathLike | None = None,
+) -> TaskSources:
     """{"t2i": {category: source}} from a JSONL of prompts; records without an image have ``image=None``."""
     return _open(T2I, path, size, on_bad_record, image_root)
 
 
-def jsonl_edit_sources(path: str | os.PathLike, *, size: int = 32, on_bad_record: str = "error",
-                       image_root: str | os.PathLike | None = None) -> TaskSources:
+def jsonl_edit_sources(
+    path: str | os.PathLike,
+    *,
+    size: int = 32,
+    on_bad_record: str = "error",
+    image_root: str | os.PathLike | None = None,
+) -> TaskSources:
     """{"edit": {category: source}} from a JSONL of edit pairs; records without a target have ``target=None``."""
     return _open(EDIT, path, size, on_bad_record, image_root)

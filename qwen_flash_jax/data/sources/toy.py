@@ -43,8 +43,11 @@ class ToyWorldConfig(tfds.core.BuilderConfig):
     """size / examples_per_category / seed, all encoded in the config name so settings never share a folder."""
 
     def __init__(self, *, size: int, examples_per_category: int, seed: int):
-        super().__init__(name=config_name(size, examples_per_category, seed), version=VERSION,
-                         description=f"{size}x{size} images, {examples_per_category} per category, seed {seed}")
+        super().__init__(
+            name=config_name(size, examples_per_category, seed),
+            version=VERSION,
+            description=f"{size}x{size} images, {examples_per_category} per category, seed {seed}",
+        )
         self.size, self.examples_per_category, self.seed = size, examples_per_category, seed
 
 
@@ -102,12 +105,18 @@ class ToyWorldT2I(_ToyWorldBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo directly: `dataset_info_from_configs` would scan this package's folder for README / TAGS files.
         s = self.builder_config.size
-        return _LocalDatasetInfo(builder=self, description=self.__doc__, features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "caption": tfds.features.Text(),
-            "image": _image_feature(s),
-            "spec": tfds.features.Text(),
-        }))
+        return _LocalDatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "caption": tfds.features.Text(),
+                    "image": _image_feature(s),
+                    "spec": tfds.features.Text(),
+                }
+            ),
+        )
 
     @staticmethod
     def example(rng: np.random.Generator, category: str, size: int, id_: str) -> dict[str, Any]:
@@ -124,19 +133,30 @@ class ToyWorldEdit(_ToyWorldBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         s = self.builder_config.size
         image = _image_feature(s)
-        return _LocalDatasetInfo(builder=self, description=self.__doc__, features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "instruction": tfds.features.Text(),
-            "source": image,
-            "target": image,
-            "spec": tfds.features.Text(),
-        }))
+        return _LocalDatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "instruction": tfds.features.Text(),
+                    "source": image,
+                    "target": image,
+                    "spec": tfds.features.Text(),
+                }
+            ),
+        )
 
     @staticmethod
     def example(rng: np.random.Generator, category: str, size: int, id_: str) -> dict[str, Any]:
         e = sample_edit(rng, category, size)
-        return {"id": id_, "instruction": e.instruction, "source": e.source, "target": e.target,
-                "spec": json.dumps(e.spec)}
+        return {
+            "id": id_,
+            "instruction": e.instruction,
+            "source": e.source,
+            "target": e.target,
+            "spec": json.dumps(e.spec),
+        }
 
 
 BUILDERS: dict[str, type[_ToyWorldBuilder]] = {"t2i": ToyWorldT2I, "edit": ToyWorldEdit}
@@ -182,8 +202,9 @@ def prepare(task: str, data_dir: str, size: int, n: int, seed: int) -> _ToyWorld
     if _is_prepared(builder):
         return builder
     t0 = time.perf_counter()
-    download_config = tfds.download.DownloadConfig(try_download_gcs=False,
-                                                   compute_stats=tfds.download.ComputeStatsMode.SKIP)
+    download_config = tfds.download.DownloadConfig(
+        try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP
+    )
     try:
         with _quiet_tfds():
             builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
@@ -195,8 +216,14 @@ def prepare(task: str, data_dir: str, size: int, n: int, seed: int) -> _ToyWorld
         log.info("%s/%s was prepared by another process meanwhile; using it", builder.name, builder.builder_config.name)
         return builder
     total = sum(s.num_examples for s in builder.info.splits.values())
-    log.info("prepared %s/%s: %d examples in %.1f s (%s)", builder.name, builder.builder_config.name, total,
-             time.perf_counter() - t0, builder.data_dir)
+    log.info(
+        "prepared %s/%s: %d examples in %.1f s (%s)",
+        builder.name,
+        builder.builder_config.name,
+        total,
+        time.perf_counter() - t0,
+        builder.data_dir,
+    )
     return builder
 
 
@@ -206,8 +233,17 @@ class ToyWorldSource:
     Pickles as its settings only; each process (re)opens the ArrayRecord files on first access.
     """
 
-    def __init__(self, task: str, data_dir: str, size: int, examples_per_category: int, seed: int, category: str,
-                 length: int, reader: Any = None):
+    def __init__(
+        self,
+        task: str,
+        data_dir: str,
+        size: int,
+        examples_per_category: int,
+        seed: int,
+        category: str,
+        length: int,
+        reader: Any = None,
+    ):
         self.task, self.data_dir, self.size = task, data_dir, size
         self.examples_per_category, self.seed, self.category = examples_per_category, seed, category
         self._length = length
@@ -219,8 +255,10 @@ class ToyWorldSource:
             if self._reader is None:
                 builder = _builder(self.task, self.data_dir, self.size, self.examples_per_category, self.seed)
                 if not _is_prepared(builder):
-                    raise DataError(f"{builder.data_dir}: toy dataset is not prepared (was it deleted?); "
-                                    f"call toy_world_sources again")
+                    raise DataError(
+                        f"{builder.data_dir}: toy dataset is not prepared (was it deleted?); "
+                        f"call toy_world_sources again"
+                    )
                 with _quiet_tfds():
                     self._reader = builder.as_data_source(split=self.category)
             return self._reader
@@ -232,10 +270,21 @@ class ToyWorldSource:
         ex = (self._reader or self._open())[check_index(index, self._length)]
         # Images are copied: TFDS returns read-only views of the record bytes, JSONL sources writable arrays.
         if self.task == "t2i":
-            return {"id": ex["id"].decode(), "category": self.category, "caption": ex["caption"].decode(),
-                    "image": np.array(ex["image"]), "spec": ex["spec"].decode()}
-        return {"id": ex["id"].decode(), "category": self.category, "instruction": ex["instruction"].decode(),
-                "source": np.array(ex["source"]), "target": np.array(ex["target"]), "spec": ex["spec"].decode()}
+            return {
+                "id": ex["id"].decode(),
+                "category": self.category,
+                "caption": ex["caption"].decode(),
+                "image": np.array(ex["image"]),
+                "spec": ex["spec"].decode(),
+            }
+        return {
+            "id": ex["id"].decode(),
+            "category": self.category,
+            "instruction": ex["instruction"].decode(),
+            "source": np.array(ex["source"]),
+            "target": np.array(ex["target"]),
+            "spec": ex["spec"].decode(),
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_reader", "_lock")}
@@ -244,8 +293,10 @@ class ToyWorldSource:
         self.__dict__.update(state, _reader=None, _lock=threading.Lock())
 
     def __repr__(self) -> str:
-        return (f"ToyWorldSource({self.task}/{self.category}, {self._length} records, "
-                f"{config_name(self.size, self.examples_per_category, self.seed)})")
+        return (
+            f"ToyWorldSource({self.task}/{self.category}, {self._length} records, "
+            f"{config_name(self.size, self.examples_per_category, self.seed)})"
+        )
 
 
 def _check_current(source: ToyWorldSource) -> None:
@@ -253,17 +304,29 @@ def _check_current(source: ToyWorldSource) -> None:
     record = source[0]
     i = int(record["id"].rsplit("/", 1)[1])
     cls = BUILDERS[source.task]
-    fresh = cls.example(np.random.default_rng([source.seed, cls.CATEGORIES.index(source.category), i]),
-                        source.category, source.size, record["id"])
+    fresh = cls.example(
+        np.random.default_rng([source.seed, cls.CATEGORIES.index(source.category), i]),
+        source.category,
+        source.size,
+        record["id"],
+    )
     if any(not np.array_equal(record[k], v) if isinstance(v, np.ndarray) else record[k] != v for k, v in fresh.items()):
         name = config_name(source.size, source.examples_per_category, source.seed)
         folder = os.path.join(source.data_dir, cls.name, name)
-        raise DataError(f"{folder}: record {record['id']!r} differs from what the toy world generates now (data "
-                        f"prepared by older code?); delete that folder to regenerate it")
+        raise DataError(
+            f"{folder}: record {record['id']!r} differs from what the toy world generates now (data "
+            f"prepared by older code?); delete that folder to regenerate it"
+        )
 
 
-def toy_world_sources(data_dir: str | os.PathLike, *, size: int = 32, examples_per_category: int = 1000, seed: int = 0,
-                      tasks: tuple[str, ...] = TASKS) -> TaskSources:
+def toy_world_sources(
+    data_dir: str | os.PathLike,
+    *,
+    size: int = 32,
+    examples_per_category: int = 1000,
+    seed: int = 0,
+    tasks: tuple[str, ...] = TASKS,
+) -> TaskSources:
     """{"t2i": {category: source}, "edit": {category: source}} over the toy world, prepared into data_dir once."""
     size = check_int("size", size, MIN_SIZE)
     n = check_int("examples_per_category", examples_per_category, 1)

@@ -91,50 +91,88 @@ def _instruction(r: random.Random, src: dict, op: dict) -> str:
         return r.choice(_DEGRADATION_TEXT[op["degradation"]])
     a, old, new, act = op["attribute"], op["from"], op["to"], op["action"]
     if a == "time_of_day":
-        opts = (f"Change the time of day to {_TOD[new]}", f"Make it {_TOD[new]}",
-                f"Turn this {_TOD[old]} scene into a {_TOD[new]} scene", f"Show the same place at {_TOD[new]}")
+        opts = (
+            f"Change the time of day to {_TOD[new]}",
+            f"Make it {_TOD[new]}",
+            f"Turn this {_TOD[old]} scene into a {_TOD[new]} scene",
+            f"Show the same place at {_TOD[new]}",
+        )
     elif a == "season":
-        opts = (f"Change the season to {new}", f"Make it {new}", f"Turn this {old} landscape into a {new} landscape",
-                f"Show the same place in {new}")
+        opts = (
+            f"Change the season to {new}",
+            f"Make it {new}",
+            f"Turn this {old} landscape into a {new} landscape",
+            f"Show the same place in {new}",
+        )
     elif a == "background":
-        opts = (f"Change the background to {new}", f"Make the background {new}",
-                f"Replace the {old} background with a {new} one")
+        opts = (
+            f"Change the background to {new}",
+            f"Make the background {new}",
+            f"Replace the {old} background with a {new} one",
+        )
     elif a == "celestial":
         if act == "add":
             opts = (f"Add {_CEL[new]} to the sky", f"Put {_CEL[new]} in the sky", f"Add {_CEL[new]}")
         elif act == "remove":
             opts = (f"Remove {_CEL[old]}", f"Take {_CEL[old]} out of the sky", f"Delete {_CEL[old]} from the sky")
         else:
-            opts = (f"Replace {_CEL[old]} with {_CEL[new]}", f"Swap {_CEL[old]} for {_CEL[new]}",
-                    f"Turn {_CEL[old]} into {_CEL[new]}")
+            opts = (
+                f"Replace {_CEL[old]} with {_CEL[new]}",
+                f"Swap {_CEL[old]} for {_CEL[new]}",
+                f"Turn {_CEL[old]} into {_CEL[new]}",
+            )
     elif a == "water":
-        opts = (("Add a lake", "Put a small lake in the foreground", "Add a blue lake to the landscape") if act == "add"
-                else ("Remove the lake", "Get rid of the lake", "Replace the lake with ground"))
+        opts = (
+            ("Add a lake", "Put a small lake in the foreground", "Add a blue lake to the landscape")
+            if act == "add"
+            else ("Remove the lake", "Get rid of the lake", "Replace the lake with ground")
+        )
     elif a == "trees":
         if new == "none":
             opts = ("Remove all the trees", "Cut down every tree", "Delete the trees")
         elif act == "add":
-            opts = (("Add a few trees", "Plant some trees", "Add three trees") if new == "few"
-                    else ("Add many more trees", "Fill the landscape with trees", "Plant lots of trees"))
+            opts = (
+                ("Add a few trees", "Plant some trees", "Add three trees")
+                if new == "few"
+                else ("Add many more trees", "Fill the landscape with trees", "Plant lots of trees")
+            )
         else:
             opts = ("Remove most of the trees", "Thin the trees out to just a few", "Keep only a few of the trees")
     elif a == "sign_colour":
         noun = src["surface"]
-        opts = (f"Recolour the {noun} {new}", f"Make the {noun} {new}", f"Change the {noun} colour from {old} to {new}",
-                f"Paint the {noun} {new}")
+        opts = (
+            f"Recolour the {noun} {new}",
+            f"Make the {noun} {new}",
+            f"Change the {noun} colour from {old} to {new}",
+            f"Paint the {noun} {new}",
+        )
     elif a == "word":
         noun = src["surface"]
-        opts = (f'Change the text to "{new}"', f'Replace "{old}" with "{new}"', f'Make the {noun} say "{new}" instead',
-                f'Edit the word "{old}" so it reads "{new}"')
+        opts = (
+            f'Change the text to "{new}"',
+            f'Replace "{old}" with "{new}"',
+            f'Make the {noun} say "{new}" instead',
+            f'Edit the word "{old}" so it reads "{new}"',
+        )
     elif a == "hair_colour":
-        opts = (f"Dye the hair {new}", f"Change the hair colour to {new}", f"Make their hair {new}",
-                f"Give the person {new} hair")
+        opts = (
+            f"Dye the hair {new}",
+            f"Change the hair colour to {new}",
+            f"Make their hair {new}",
+            f"Give the person {new} hair",
+        )
     elif a == "hair_length":
-        opts = (("Make the hair long", "Give them long hair", "Let the hair grow long") if new == "long"
-                else ("Cut the hair short", "Give them short hair", "Make the hair short"))
+        opts = (
+            ("Make the hair long", "Give them long hair", "Let the hair grow long")
+            if new == "long"
+            else ("Cut the hair short", "Give them short hair", "Make the hair short")
+        )
     elif a == "glasses":
-        opts = (("Add glasses", "Put glasses on the person", "Give them a pair of glasses") if new == "yes"
-                else ("Remove the glasses", "Take off the glasses", "Remove their glasses"))
+        opts = (
+            ("Add glasses", "Put glasses on the person", "Give them a pair of glasses")
+            if new == "yes"
+            else ("Remove the glasses", "Take off the glasses", "Remove their glasses")
+        )
     else:  # pragma: no cover - EDIT_OPS and this table are kept in sync by the tests
         raise ValueError(f"no instruction template for attribute {a!r}")
     return r.choice(opts) + r.choice(_SUFFIXES)

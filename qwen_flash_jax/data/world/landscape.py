@@ -181,8 +181,14 @@ def render(spec: dict, size: int) -> np.ndarray:
             if season == "winter":
                 f = 0.38
                 depth = base_y - s * py_
-                d.polygon([(s * (px_ - hw * f), s * py_ + depth * f), (s * px_, s * py_),
-                           (s * (px_ + hw * f), s * py_ + depth * f)], fill=scale_colour(SNOW, tint))
+                d.polygon(
+                    [
+                        (s * (px_ - hw * f), s * py_ + depth * f),
+                        (s * px_, s * py_),
+                        (s * (px_ + hw * f), s * py_ + depth * f),
+                    ],
+                    fill=scale_colour(SNOW, tint),
+                )
 
     if spec["water"] == "lake":
         lx, ly, lrx, lry = lay.lake
@@ -198,8 +204,14 @@ def render(spec: dict, size: int) -> np.ndarray:
             trunk_h = 0.3 * h
             fill_rect(d, s * x - tw / 2, s * (base - trunk_h), s * x + tw / 2, s * base, fill=trunk)
             if season == "winter":
-                d.polygon([(s * (x - w / 2), s * (base - trunk_h)), (s * x, s * (base - h)),
-                           (s * (x + w / 2), s * (base - trunk_h))], fill=canopy)
+                d.polygon(
+                    [
+                        (s * (x - w / 2), s * (base - trunk_h)),
+                        (s * x, s * (base - h)),
+                        (s * (x + w / 2), s * (base - trunk_h)),
+                    ],
+                    fill=canopy,
+                )
             else:
                 d.ellipse((s * (x - w / 2), s * (base - h), s * (x + w / 2), s * (base - trunk_h * 0.7)), fill=canopy)
     return np.array(im)

@@ -19,8 +19,16 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ._common import (capitalise, fill_rect, gradient_rows, join_clauses, mix, pad_box, rows_to_image,
-                      sample_uniform_spec)
+from ._common import (
+    capitalise,
+    fill_rect,
+    gradient_rows,
+    join_clauses,
+    mix,
+    pad_box,
+    rows_to_image,
+    sample_uniform_spec,
+)
 
 NAME = "portrait"
 
@@ -70,8 +78,10 @@ def _geometry(lay: Layout):
     top = cy - ry - 0.035
     fringe_box = (cx - rx - 0.025, top, cx + rx + 0.025, 2 * fringe_y - top)  # upper half of this = fringe
     side_w = 0.05
-    sideburns = ((cx - rx - 0.01, fringe_y - 0.02, cx - rx + side_w, cy + 0.05),
-                 (cx + rx - side_w, fringe_y - 0.02, cx + rx + 0.01, cy + 0.05))
+    sideburns = (
+        (cx - rx - 0.01, fringe_y - 0.02, cx - rx + side_w, cy + 0.05),
+        (cx + rx - side_w, fringe_y - 0.02, cx + rx + 0.01, cy + 0.05),
+    )
     curtains = (cx - rx - 0.05, cy - 0.5 * ry, cx + rx + 0.05, cy + ry + 0.16)
     ey = cy + lay.eye_dy
     eyes = ((cx - lay.eye_dx, ey), (cx + lay.eye_dx, ey))
@@ -156,12 +166,22 @@ PHRASES: dict[str, dict[str, tuple[str, ...]]] = {
         for c in ("blue", "green", "grey", "pink")
     },
 }
-HAIR_WORDS = {"black": ("black", "jet black"), "brown": ("brown", "chestnut brown"),
-              "blonde": ("blonde", "golden blonde"), "red": ("red", "copper red")}
+HAIR_WORDS = {
+    "black": ("black", "jet black"),
+    "brown": ("brown", "chestnut brown"),
+    "blonde": ("blonde", "golden blonde"),
+    "red": ("red", "copper red"),
+}
 LENGTH_WORDS = {"short": ("short", "short cropped"), "long": ("long", "long flowing")}
 HAIR_TEMPLATES = ("with {l} {c} hair", "with {c} hair that is {l}", "whose {c} hair is {l}")
-OPENERS = ("A portrait of a person", "A headshot of someone", "A close-up portrait of a person",
-           "A photo of a person's face", "A simple portrait of a person", "A person")
+OPENERS = (
+    "A portrait of a person",
+    "A headshot of someone",
+    "A close-up portrait of a person",
+    "A photo of a person's face",
+    "A simple portrait of a person",
+    "A person",
+)
 
 
 def caption(spec: dict, r: random.Random) -> str:

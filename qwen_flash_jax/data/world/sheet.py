@@ -42,12 +42,13 @@ def contact_sheet(images: Sequence[np.ndarray], cols: int, scale: int = 4, pad: 
     sheet = np.full((pad + rows * (ch + pad), pad + cols * (cw + pad), 3), fill, np.uint8)
     for k, im in enumerate(imgs):
         y, x = pad + (k // cols) * (ch + pad), pad + (k % cols) * (cw + pad)
-        sheet[y: y + im.shape[0], x: x + im.shape[1]] = im
+        sheet[y : y + im.shape[0], x : x + im.shape[1]] = im
     return np.repeat(np.repeat(sheet, scale, axis=0), scale, axis=1)
 
 
-def demo_sheet(seed: int = 0, size: int = 32, t2i_per_category: int = 6, edits_per_category: int = 4,
-               scale: int = 4) -> np.ndarray:
+def demo_sheet(
+    seed: int = 0, size: int = 32, t2i_per_category: int = 6, edits_per_category: int = 4, scale: int = 4
+) -> np.ndarray:
     """One row per T2I category (samples), then one row per edit category (source|target pairs)."""
     rng = np.random.default_rng(seed)
     strips = []

@@ -20,8 +20,22 @@ from ._common import capitalise, fill_rect, gradient_rows, mix, new_seed, pad_bo
 NAME = "text"
 
 VOCABULARY: tuple[str, ...] = (
-    "CAT", "DOG", "SUN", "BOX", "BUS", "ZOO", "INN", "SKI",
-    "STOP", "OPEN", "SALE", "EXIT", "CAFE", "SHOP", "TAXI", "FISH",
+    "CAT",
+    "DOG",
+    "SUN",
+    "BOX",
+    "BUS",
+    "ZOO",
+    "INN",
+    "SKI",
+    "STOP",
+    "OPEN",
+    "SALE",
+    "EXIT",
+    "CAFE",
+    "SHOP",
+    "TAXI",
+    "FISH",
 )
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -69,8 +83,9 @@ def layout(seed: int) -> Layout:
     r = random.Random(seed)
     u = r.uniform
     poster = (u(0.03, 0.05), u(0.03, 0.06), u(0.95, 0.97), u(0.94, 0.97))
-    return Layout(u(0.48, 0.52), r.randrange(len(SKIES)), r.randrange(len(GROUNDS)), u(0.8, 0.86),
-                  r.randrange(len(WALLS)), poster)
+    return Layout(
+        u(0.48, 0.52), r.randrange(len(SKIES)), r.randrange(len(GROUNDS)), u(0.8, 0.86), r.randrange(len(WALLS)), poster
+    )
 
 
 def sample_spec(r: random.Random) -> dict:
@@ -117,7 +132,8 @@ def word_masks(size: int) -> dict[str, np.ndarray]:
         for w, m in word_masks(32).items():
             h, wd = m.shape
             im = Image.fromarray((m * 255).astype(np.uint8)).resize(
-                (max(1, wd * size // 32), max(1, h * size // 32)), Image.Resampling.BOX)
+                (max(1, wd * size // 32), max(1, h * size // 32)), Image.Resampling.BOX
+            )
             small = np.clip(np.asarray(im, np.float32) * (2.0 / 255.0), 0.0, 1.0)
             small.setflags(write=False)
             out[w] = small
@@ -134,7 +150,7 @@ def word_masks(size: int) -> dict[str, np.ndarray]:
     out = {}
     for w, m in raw.items():
         cols = np.flatnonzero(m.any(axis=0))
-        crop = np.ascontiguousarray(m[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1])
+        crop = np.ascontiguousarray(m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
         crop.setflags(write=False)
         out[w] = crop
     return out
@@ -173,17 +189,16 @@ def render(spec: dict, size: int) -> np.ndarray:
         wall = WALLS[lay.wall]
         im = Image.fromarray(rows_to_image(gradient_rows(s, wall, mix(wall, (0, 0, 0), 0.3)), s))
         d = ImageDraw.Draw(im)
-        fill_rect(d, s * x0, s * y0, s * x1, s * y1, fill=sign_rgb, outline=mix(sign_rgb, (0, 0, 0), 0.45),
-                    width=lw)
+        fill_rect(d, s * x0, s * y0, s * x1, s * y1, fill=sign_rgb, outline=mix(sign_rgb, (0, 0, 0), 0.45), width=lw)
     img = np.array(im)
 
     m = word_mask(spec["word"], s)
     h, w = m.shape
     px, py = int(round(tx * s - w / 2)), int(round(ty * s - h / 2))
-    patch = img[py: py + h, px: px + w].astype(np.float32)
+    patch = img[py : py + h, px : px + w].astype(np.float32)
     colour = np.asarray(TEXT_RGB[spec["text_colour"]], np.float32)
     mm = m[..., None]
-    img[py: py + h, px: px + w] = (patch + (colour - patch) * mm + 0.5).astype(np.uint8)
+    img[py : py + h, px : px + w] = (patch + (colour - patch) * mm + 0.5).astype(np.uint8)
     return img
 
 
@@ -199,8 +214,10 @@ def region(spec: dict, attribute: str) -> list[float] | None:
 
 
 # ----------------------------------------------------------------------------------------------- captions
-NOUNS = {"sign": ("sign", "signboard", "street sign", "road sign"),
-         "poster": ("poster", "paper poster", "printed poster", "wall poster")}
+NOUNS = {
+    "sign": ("sign", "signboard", "street sign", "road sign"),
+    "poster": ("poster", "paper poster", "printed poster", "wall poster"),
+}
 WORD_CLAUSES = ('that reads "{w}"', 'with the word "{w}"', 'saying "{w}"', 'bearing the text "{w}"', 'that says "{w}"')
 COLOUR_CLAUSES = ("in {c} letters", "written in {c}", "in {c} capital letters", "with {c} lettering")
 PLACEMENT_PHRASES = {
