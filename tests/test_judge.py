@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from qwen_flash_jax.data.world import T2I_CATEGORIES, EDIT_CATEGORIES, render, sample_edit, sample_t2i
+from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES, render, sample_edit, sample_t2i
 from qwen_flash_jax.eval import judge as judge_mod
 from qwen_flash_jax.eval import judge_calib
 from qwen_flash_jax.eval import judge_metrics as jm
@@ -60,6 +60,7 @@ def test_param_count_and_logical_axes(judge):
     n = sum(v.size for v in judge.params.values())
     assert 50_000 <= n <= 200_000, n
     from flax import nnx
+
     from qwen_flash_jax.eval.judge_net import JudgeNet
 
     model = nnx.eval_shape(lambda: JudgeNet(judge.config, rngs=nnx.Rngs(0)))
@@ -238,7 +239,7 @@ def test_bad_inputs_raise(judge, t2i_sets, edit_sets):
         "empty": images[:0],
         "4 channels": np.zeros((2, 32, 32, 4), np.uint8),
     }
-    for name, x in bad_images.items():
+    for x in bad_images.values():
         with pytest.raises(ValueError, match=r"uint8 array of shape \(N, 32, 32, 3\)"):
             judge.score_t2i(x, specs[: len(x)] if len(x) else [])
     with pytest.raises(ValueError, match="one spec dict per image"):

@@ -9,8 +9,7 @@ import pytest
 
 from qwen_flash_jax import config_lib
 from qwen_flash_jax.train import assets as assets_lib
-from qwen_flash_jax.train import prebuilt
-from qwen_flash_jax.train import teacher
+from qwen_flash_jax.train import prebuilt, teacher
 
 
 def _toy(cache, **overrides):

@@ -18,11 +18,15 @@ import jax.numpy as jnp  # noqa: E402
 
 from qwen_flash_jax.models.config import ConfigError  # noqa: E402
 from qwen_flash_jax.text import encoder as enc  # noqa: E402
-from qwen_flash_jax.text import prompts  # noqa: E402
-from qwen_flash_jax.text import qwen3_vl  # noqa: E402
+from qwen_flash_jax.text import prompts, qwen3_vl  # noqa: E402
 from qwen_flash_jax.text import qwen3_vl_vision as vis  # noqa: E402
-from qwen_flash_jax.text.tokenizer import IMAGE_PAD, VISION_END, VISION_START, special_token_id  # noqa: E402
-from qwen_flash_jax.text.tokenizer import train_tokenizer  # noqa: E402
+from qwen_flash_jax.text.tokenizer import (  # noqa: E402
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    special_token_id,
+    train_tokenizer,
+)
 
 F32_TOLERANCE = 1e-4  # max abs error relative to the reference's max magnitude (at valid positions)
 VOCAB = 320  # the toy tokenizer's 300 ids, plus room for the video token
@@ -60,8 +64,9 @@ def checkpoint(tmp_path_factory, tokenizer):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     torch.manual_seed(0)
-    config = Qwen3VLConfig(text_config=TEXT, vision_config=VISION, image_token_id=special_token_id(tokenizer, IMAGE_PAD),
-                           video_token_id=VOCAB - 1, vision_start_token_id=special_token_id(tokenizer, VISION_START),
+    config = Qwen3VLConfig(text_config=TEXT, vision_config=VISION,
+                           image_token_id=special_token_id(tokenizer, IMAGE_PAD), video_token_id=VOCAB - 1,
+                           vision_start_token_id=special_token_id(tokenizer, VISION_START),
                            vision_end_token_id=special_token_id(tokenizer, VISION_END))
     model = Qwen3VLForConditionalGeneration(config).eval()
     with torch.no_grad():  # random everything, norm scales around 1, so that every weight matters

@@ -23,9 +23,9 @@ from qwen_flash_jax.data.sources import (
     jsonl_edit_sources,
     jsonl_t2i_sources,
     merge_sources,
+    toy,
     toy_world_sources,
 )
-from qwen_flash_jax.data.sources import toy
 from qwen_flash_jax.models.config import ConfigError
 
 N = 12  # toy examples per category: small keeps every preparation well under a second

@@ -7,10 +7,9 @@ encoder), and its `_get_qwen_prompt_embeds` must agree with `encode_prompts`.
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 import transformers
 from flax import nnx
 
@@ -76,7 +75,7 @@ def test_tokenizer_save_load_and_determinism(tokenizer, captions, tmp_path):
         train_tokenizer(captions, vocab_size=100)
 
 
-# --- prompt conventions ------------------------------------------------------------------------------------------------
+# --- prompt conventions -----------------------------------------------------------------------------------------------
 
 class _StubProcessor:
     """Qwen3-VL processor stand-in: our tokenizer, `<|image_pad|>` expanded to one pad per 2x2 latent tokens."""

@@ -17,11 +17,14 @@ from qwen_flash_jax.data.world import (
     attribute_labels,
     caption,
     contact_sheet,
+    landscape,
+    portrait,
     render,
     sample_edit,
     sample_t2i,
+    styles,
+    text,
 )
-from qwen_flash_jax.data.world import landscape, portrait, styles, text
 
 SIZES = (16, 32, 64)
 
