@@ -24,11 +24,11 @@ def main():
     from qwen_flash_jax.models import TransformerConfig, make_layout
     from qwen_flash_jax.models.codec import SpaceToDepthCodec
     from qwen_flash_jax.text.tokenizer import train_tokenizer
-    from tests.test_pipeline import SIZE, _config, _records
+    from tests.helpers import SIZE, pipeline_config, world_records
 
-    sources = {"t2i": {c: _records("t2i", c, 12, 0) for c in pipeline.CATEGORIES["t2i"]}}
+    sources = {"t2i": {c: world_records("t2i", c, 12, 0) for c in pipeline.CATEGORIES["t2i"]}}
     tokenizer = train_tokenizer([r["caption"] for recs in sources["t2i"].values() for r in recs], vocab_size=1024)
-    data = pipeline.build_pipeline(_config(task_ratio="1:0", batch_size=8), sources, tokenizer,
+    data = pipeline.build_pipeline(pipeline_config(task_ratio="1:0", batch_size=8), sources, tokenizer,
                                    SpaceToDepthCodec(patch=4))
     mesh = sharding.make_mesh([("fsdp", -1)])
     rules = (("batch", "fsdp"), ("embed", "fsdp"))

@@ -8,20 +8,7 @@ import numpy as np
 import pytest
 
 from qwen_flash_jax.distill import trainer
-from tests.test_teacher import tiny_config
-
-
-def tiny_distill_config(cache_dir):
-    config = tiny_config(cache_dir)
-    config.job = "distill"
-    config.teachers.text.train.update(steps=4, batch_size=8, warmup_steps=1)
-    config.data.update(batch_size=8, task_ratio="1:1")
-    config.train.update(steps=6, log_every=1, checkpoint_every=2)
-    config.fake_score.updates_per_student = 1
-    config.eval.update(prompts_per_category=2, edits_per_category=2, probe_prompts_per_category=2,
-                       probe_edits_per_category=1)
-    config.train.sample_every = 0  # the probe is exercised by the evaluation test only
-    return config
+from tests.helpers import tiny_distill_config
 
 
 @pytest.fixture
@@ -40,6 +27,7 @@ def straight_run(toy_cache, tmp_path_factory):
     return history
 
 
+@pytest.mark.sharded  # the toy mesh is data parallel: the batch splits over the 8 devices
 def test_resumed_distillation_reproduces_the_uninterrupted_losses_exactly(cache, straight_run, tmp_path):
     config = tiny_distill_config(cache)
     assert len(straight_run) == 6 and all(m["skipped"] == 0 for _, m in straight_run)

@@ -8,10 +8,10 @@ import pytest
 
 from qwen_flash_jax import flow, sampling
 from qwen_flash_jax.distill import dmd, pairs
-from qwen_flash_jax.loading import build_transformer, from_params
-from qwen_flash_jax.models import TransformerConfig, make_layout
+from qwen_flash_jax.loading import build_transformer
+from qwen_flash_jax.models import TransformerConfig
 from qwen_flash_jax.models.config import ConfigError
-from tests.torch_reference import TINY, make_inputs
+from tests.torch_reference import TINY
 
 
 def test_dmd_loss_gradient_is_the_normalised_score_difference():
@@ -75,31 +75,8 @@ def test_guidance_table_picks_the_most_specific_rule_and_checks_sums():
         dmd.guidance_table({"edit": [{"base": 1.0}] * 2}, ("base",), ("t2i/text",), 2)
 
 
-def _random_model(seed):
-    """A tiny transformer with every weight random: the init zeroes the output projection, and with it every
-    velocity, which would make each x0 equal its input and the comparisons below hold trivially."""
-    config = TransformerConfig(**TINY)
-    params = build_transformer(config, seed=seed).params
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return from_params(config, jax.tree.unflatten(treedef, noisy))
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model, other = _random_model(0), _random_model(1)
-    inputs = make_inputs(np.random.default_rng(0), batch=2, conditions=[], target=(1, 4, 4), text_runs=[6])
-    layout = make_layout(inputs["img_shapes"], inputs["img_mask"])
-    cond = sampling.Conditioning(jnp.asarray(inputs["encoder_hidden_states"]),
-                                 jnp.asarray(inputs["encoder_hidden_states_mask"]), jnp.zeros((2, 0, 8)), layout)
-    neg = cond.replace(encoder_hidden_states=jnp.zeros_like(cond.encoder_hidden_states))
-    x_t = jax.random.normal(jax.random.key(3), (2, 16, 8))
-    return model, {"base": model.params, "text": other.params}, cond, neg, x_t
-
-
-def test_real_x0_blends_teachers_and_skips_unused_ones(setup):
-    model, teachers, cond, neg, x_t = setup
+def test_real_x0_blends_teachers_and_skips_unused_ones(tiny_teachers):
+    model, teachers, cond, neg, x_t = tiny_teachers
     t = jnp.array([0.6, 0.3])
 
     def x0_of(params):
@@ -119,10 +96,10 @@ def test_real_x0_blends_teachers_and_skips_unused_ones(setup):
 
 
 @pytest.mark.parametrize("rescale", [0.0, 0.7])
-def test_real_x0_parts_are_the_conditional_and_the_guided_blend(setup, rescale):
+def test_real_x0_parts_are_the_conditional_and_the_guided_blend(tiny_teachers, rescale):
     """The decoupled schedule's two real x0s: the guided one is `real_x0`'s (also rescaled), the conditional one is
     `real_x0` at CFG 1, both blended with the same weights."""
-    model, teachers, cond, neg, x_t = setup
+    model, teachers, cond, neg, x_t = tiny_teachers
     t = jnp.array([0.6, 0.3])
     weights = jnp.array([[1.0, 0.0], [0.25, 0.75]])
     conditional, guided = dmd.real_x0_parts(model, teachers, weights, cond, neg, x_t, t, 3.0, rescale)
@@ -156,8 +133,8 @@ def test_decoupled_times_never_exceed_the_student_steps_time():
         dmd.check_schedule("split")
 
 
-def test_backward_simulation_runs_the_earlier_steps(setup):
-    model, teachers, cond, _, noise = setup
+def test_backward_simulation_runs_the_earlier_steps(tiny_teachers):
+    model, teachers, cond, _, noise = tiny_teachers
     times = dmd.student_timesteps(4, 0.5)
     key = jax.random.key(5)
     sim = jax.jit(lambda k: dmd.backward_simulation(model, model.params, cond, noise, k, times, key))
@@ -174,16 +151,17 @@ def test_backward_simulation_runs_the_earlier_steps(setup):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_the_critic_sample_on_the_prefix_cache_matches_full_forwards(setup, causal):
+def test_the_critic_sample_on_the_prefix_cache_matches_full_forwards(tiny_teachers, causal):
     """`student_sample` (and the backward simulation) reuse step 0's text/condition keys and values when the model
     has causal_condition: every k reaches the input and x0 of the plain loop of full forwards, with a traced k."""
-    _, _, cond, _, noise = setup
+    _, _, cond, _, noise = tiny_teachers
     model = build_transformer(TransformerConfig(**TINY, causal_condition=causal), seed=2)
     times = dmd.student_timesteps(4, 0.5)
     key = jax.random.key(11)
     for mode in ("fresh", "predicted"):
-        sample = jax.jit(lambda k: dmd.student_sample(model, model.params, cond, noise, k, times, key, mode))
-        simulate = jax.jit(lambda k: dmd.backward_simulation(model, model.params, cond, noise, k, times, key, mode))
+        # Both are called within this iteration only, so they see this iteration's mode.
+        sample = jax.jit(lambda k: dmd.student_sample(model, model.params, cond, noise, k, times, key, mode))  # noqa: B023
+        simulate = jax.jit(lambda k: dmd.backward_simulation(model, model.params, cond, noise, k, times, key, mode))  # noqa: B023
         z = noise
         for k in range(4):
             x0, v = dmd.student_x0(model, model.params, cond, z, jnp.full((2,), times[k]))
@@ -198,11 +176,11 @@ def test_the_critic_sample_on_the_prefix_cache_matches_full_forwards(setup, caus
                                                            jnp.full((2,), times[0]))[0], rtol=1e-5, atol=1e-5)
 
 
-def test_predicted_renoising_makes_the_student_the_euler_sampler(setup):
+def test_predicted_renoising_makes_the_student_the_euler_sampler(tiny_teachers):
     """With the noise its velocity implies, each student step is an Euler step: the student at initialisation
     samples exactly as the teacher's Euler sampler (without CFG) over the same times, and its backward simulation
     reaches the Euler iterate. With fresh noise the samples differ."""
-    model, _, cond, _, noise = setup
+    model, _, cond, _, noise = tiny_teachers
     times = dmd.student_timesteps(4, 0.5)
     key = jax.random.key(3)
     out = dmd.generate(model, model.params, cond, noise, times, key, "predicted")
@@ -230,10 +208,10 @@ def test_student_timesteps_default_to_the_shifted_schedule_and_check_an_explicit
 
 
 @pytest.mark.parametrize("mode", ["fresh", "predicted"])
-def test_differentiable_simulation_reaches_the_same_input_and_passes_gradients_back(setup, mode):
+def test_differentiable_simulation_reaches_the_same_input_and_passes_gradients_back(tiny_teachers, mode):
     """`trajectory_grad`'s simulation: the same step-k input as the backward simulation, but its gradient in the
     parameters is non-zero for k > 0 (the earlier steps are differentiated), where the backward simulation's is 0."""
-    model, _, cond, _, noise = setup
+    model, _, cond, _, noise = tiny_teachers
     times = dmd.student_timesteps(4, 0.5)
     key = jax.random.key(7)
 
@@ -263,11 +241,11 @@ def test_student_step_probs_are_checked_and_normalised():
 
 
 @pytest.mark.parametrize("k", [0, 2, 3])
-def test_the_segment_target_is_the_x0_whose_euler_step_lands_on_the_teachers_ode(setup, k):
+def test_the_segment_target_is_the_x0_whose_euler_step_lands_on_the_teachers_ode(tiny_teachers, k):
     """Student step k's segment target from input z: its Euler step to t_{k+1} (0 after the last step) lands where
     the teacher's own guided Euler sampler lands from z over that segment in n steps; with one substep it is the
     teacher's guided x0 at (z, t_k). Both teachers blend by the step-wise weights."""
-    model, teachers, cond, neg, z = setup
+    model, teachers, cond, neg, z = tiny_teachers
     times = (1.0, 0.8, 0.5, 0.2)
     t_k, t_next = times[k], (*times, 0.0)[k + 1]
     only_base = jnp.array([[1.0, 0.0], [1.0, 0.0]])

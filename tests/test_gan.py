@@ -8,11 +8,10 @@ import pytest
 
 from qwen_flash_jax import sampling
 from qwen_flash_jax.distill import gan
-from tests.test_dmd import setup  # noqa: F401  (module fixture: tiny model, conditioning, noisy sample)
 
 
-def test_features_come_from_the_same_forward_as_the_velocity(setup):  # noqa: F811
-    model, _, cond, _, x_t = setup
+def test_features_come_from_the_same_forward_as_the_velocity(tiny_teachers):
+    model, _, cond, _, x_t = tiny_teachers
     t = jnp.array([0.6, 0.3])
     v, features = sampling.velocity_and_features(model, model.params, cond, x_t, t)
     plain, _ = sampling.velocity(model, model.params, cond, x_t, t)
@@ -23,10 +22,10 @@ def test_features_come_from_the_same_forward_as_the_velocity(setup):  # noqa: F8
                       cond.encoder_hidden_states_mask, kv_cache_mode="extract", return_features=True)
 
 
-def test_the_critic_learns_to_tell_real_from_student_samples(setup):  # noqa: F811
+def test_the_critic_learns_to_tell_real_from_student_samples(tiny_teachers):
     """Trunk + head, trained on the classification loss, separate two sample distributions the DMD noise levels
     blur: real samples are smooth, student samples are white noise of the same scale."""
-    model, _, cond, _, x_t = setup
+    model, _, cond, _, x_t = tiny_teachers
     real = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, x_t.shape[1])[None, :, None], x_t.shape)
     student = jax.random.normal(jax.random.key(7), x_t.shape)
     params = {"fake": model.params, "head": gan.init_head(jax.random.key(0), model.config.inner_dim)}
@@ -51,8 +50,8 @@ def test_the_critic_learns_to_tell_real_from_student_samples(setup):  # noqa: F8
     assert cls < 0.5 * first[1] and accuracy > 0.9, (float(cls), float(accuracy))
 
 
-def test_generator_gradient_is_the_input_gradient_of_the_non_saturating_loss(setup):  # noqa: F811
-    model, _, cond, _, x_t = setup
+def test_generator_gradient_is_the_input_gradient_of_the_non_saturating_loss(tiny_teachers):
+    model, _, cond, _, x_t = tiny_teachers
     t = jnp.array([0.6, 0.3])
     head = gan.init_head(jax.random.key(1), model.config.inner_dim)
     head["logit"] = jax.random.normal(jax.random.key(2), head["logit"].shape)  # a non-trivial discriminator

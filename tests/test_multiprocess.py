@@ -2,7 +2,6 @@
 sharded forward agree with a single-process run."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,14 +11,12 @@ import portpicker
 from qwen_flash_jax.data import pipeline
 from qwen_flash_jax.models.codec import SpaceToDepthCodec
 from qwen_flash_jax.text.tokenizer import train_tokenizer
-from tests.test_pipeline import _config, _records
+from tests.helpers import pipeline_config, world_records
 
 
-def test_two_processes_share_one_global_batch():
+def test_two_processes_share_one_global_batch(cpu_devices_env):
     port = portpicker.pick_unused_port()
-    # conftest's flags (its collective timeouts too), with 2 devices per process.
-    flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(2)  # 2 devices per process
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", f"localhost:{port}", str(i)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in range(2)]
@@ -35,9 +32,9 @@ def test_two_processes_share_one_global_batch():
     # Both processes see the same global values ...
     assert a["latent_sum"] == b["latent_sum"] and a["output_sum"] == b["output_sum"]
     # ... which are exactly the single-process stream of 8 examples, split [0::2] / [1::2] between the processes.
-    sources = {"t2i": {c: _records("t2i", c, 12, 0) for c in pipeline.CATEGORIES["t2i"]}}
+    sources = {"t2i": {c: world_records("t2i", c, 12, 0) for c in pipeline.CATEGORIES["t2i"]}}
     tokenizer = train_tokenizer([r["caption"] for recs in sources["t2i"].values() for r in recs], vocab_size=1024)
-    single = next(iter(pipeline.build_pipeline(_config(task_ratio="1:0", batch_size=8), sources, tokenizer,
+    single = next(iter(pipeline.build_pipeline(pipeline_config(task_ratio="1:0", batch_size=8), sources, tokenizer,
                                                SpaceToDepthCodec(patch=4), process_index=0, process_count=1)))
     whole = single["target_latents"]
     np.testing.assert_allclose(a["latent_sum"], whole.sum(), rtol=1e-5)

@@ -4,37 +4,20 @@ import json
 import threading
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from qwen_flash_jax.data import pipeline, world
+from qwen_flash_jax.data import pipeline
 from qwen_flash_jax.data.mixing import parse_ratio, task_pattern
 from qwen_flash_jax.models.codec import SpaceToDepthCodec
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.text.tokenizer import train_tokenizer
-
-SIZE = 16
-
-
-def _records(task, category, n, seed):
-    rng = np.random.default_rng([seed, pipeline.CATEGORIES[task].index(category)])
-    out = []
-    for i in range(n):
-        if task == "t2i":
-            s = world.sample_t2i(rng, category, SIZE)
-            out.append({"id": f"{category}-{i}", "category": category, "caption": s.caption, "image": s.image,
-                        "spec": json.dumps(s.spec)})
-        else:
-            s = world.sample_edit(rng, category, SIZE)
-            out.append({"id": f"{category}-{i}", "category": category, "instruction": s.instruction,
-                        "source": s.source, "target": s.target, "spec": json.dumps(s.spec)})
-    return out
+from tests.helpers import SIZE, pipeline_config, world_records
 
 
 @pytest.fixture(scope="module")
 def sources():
-    return {task: {c: _records(task, c, 12, 0) for c in cats} for task, cats in pipeline.CATEGORIES.items()}
+    return {task: {c: world_records(task, c, 12, 0) for c in cats} for task, cats in pipeline.CATEGORIES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +27,8 @@ def tokenizer(sources):
     return train_tokenizer(texts, vocab_size=1024)
 
 
-def _config(**overrides):
-    fields = dict(task_ratio="7:3", batch_size=4, max_prompt_tokens=160, image_size=SIZE, seed=0,
-                  t2i_weights=dict(landscape=1.0, portrait=1.0, text=1.0),
-                  edit_weights={c: 1.0 for c in world.EDIT_CATEGORIES})
-    return ml_collections.ConfigDict(fields | overrides)
-
-
 def _build(sources, tokenizer, **kwargs):
-    config = _config(**{k: v for k, v in kwargs.items() if k not in ("process_index", "process_count")})
+    config = pipeline_config(**{k: v for k, v in kwargs.items() if k not in ("process_index", "process_count")})
     return pipeline.build_pipeline(config, sources, tokenizer, SpaceToDepthCodec(patch=4),
                                    process_index=kwargs.get("process_index", 0),
                                    process_count=kwargs.get("process_count", 1))
@@ -72,7 +48,7 @@ def test_slot_batches_give_every_position_of_a_step_the_exact_ratio(sources, tok
     """A consumer taking 4 batches per step (3 critic updates, then the generator) at 1:1: with one batch per slot
     its 4th batch would always be an edit; with 4 per slot each step is one task and the steps follow the pattern,
     also after a restore mid-slot."""
-    config = _config(task_ratio="1:1")
+    config = pipeline_config(task_ratio="1:1")
     build = lambda: pipeline.build_pipeline(config, sources, tokenizer, SpaceToDepthCodec(patch=4),  # noqa: E731
                                             process_index=0, process_count=1, slot_batches=4)
     it = iter(build())
@@ -109,7 +85,7 @@ def test_batches_have_fixed_shapes(sources, tokenizer):
 
 
 def test_edit_prompts_get_their_own_length_and_can_carry_the_condition_pixels(sources, tokenizer):
-    config = _config(task_ratio="1:1", edit_prompt_tokens=192)
+    config = pipeline_config(task_ratio="1:1", edit_prompt_tokens=192)
     it = iter(pipeline.build_pipeline(config, sources, tokenizer, SpaceToDepthCodec(patch=4), process_index=0,
                                       process_count=1, condition_pixels=True))
     t2i, edit = next(it), next(it)
@@ -139,13 +115,13 @@ def test_images_are_encoded_a_batch_at_a_time_in_the_consumers_thread(sources, t
     """grain's prefetch threads only prepare pixels; the codec (a jitted VAE at full scale) runs once per batch in
     the thread that draws it. Prompt-only T2I records get a black image's latents from one cached encode."""
     codec = _CountingCodec()
-    it = iter(pipeline.build_pipeline(_config(task_ratio="1:1"), sources, tokenizer, codec, process_index=0,
+    it = iter(pipeline.build_pipeline(pipeline_config(task_ratio="1:1"), sources, tokenizer, codec, process_index=0,
                                       process_count=1))
     next(it), next(it)
     assert codec.calls == [(threading.get_ident(), 4)] * 3  # T2I targets; edit sources and targets
     prompt_only = {"t2i": {c: [dict(r, image=None) for r in recs] for c, recs in sources["t2i"].items()}}
     codec = _CountingCodec()
-    batches = iter(pipeline.build_pipeline(_config(task_ratio="1:0"), prompt_only, tokenizer, codec,
+    batches = iter(pipeline.build_pipeline(pipeline_config(task_ratio="1:0"), prompt_only, tokenizer, codec,
                                            process_index=0, process_count=1))
     first, second = next(batches), next(batches)
     black = codec.pack(SpaceToDepthCodec(patch=4).encode(np.zeros((1, SIZE, SIZE, 3), np.uint8)))[0]
@@ -213,8 +189,10 @@ def test_prompt_too_long_names_the_prompt(sources, tokenizer):
         next(it)
 
 
+@pytest.mark.sharded
 def test_global_arrays_are_sharded_over_the_batch(sources, tokenizer):
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from qwen_flash_jax.sharding import make_mesh
 

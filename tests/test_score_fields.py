@@ -3,7 +3,7 @@
 import numpy as np
 
 from qwen_flash_jax.eval.score_fields import score_fields
-from tests.test_distill import tiny_distill_config
+from tests.helpers import tiny_distill_config
 
 
 def test_score_fields_decode_every_teacher_and_every_step(toy_cache):

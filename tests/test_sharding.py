@@ -12,6 +12,8 @@ from tests.torch_reference import make_inputs
 
 CONFIG = TransformerConfig(num_layers=2, attention_head_dim=16, num_attention_heads=4, in_channels=8,
                            out_channels=8, context_in_dim=24, axes_dims_rope=(4, 6, 6))
+pytestmark = pytest.mark.sharded
+
 RULES = (("batch", "fsdp"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
          ("act_mlp", "tensor"), ("act_heads", "tensor"))
 
@@ -19,7 +21,7 @@ RULES = (("batch", "fsdp"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "ten
 @pytest.fixture(scope="module")
 def mesh():
     if jax.device_count() < 8:
-        pytest.fail("tests/conftest.py should provide 8 emulated CPU devices")
+        pytest.fail("sharded tests run on 8 emulated CPU devices (tests/conftest.py)")
     return sharding.make_mesh([("fsdp", 4), ("tensor", 2)])
 
 

@@ -12,9 +12,9 @@ pytest.importorskip("diffusers")
 
 import jax.numpy as jnp  # noqa: E402
 
-from qwen_flash_jax.models.config import ConfigError  # noqa: E402
 from qwen_flash_jax.models import vae as vae_lib  # noqa: E402
 from qwen_flash_jax.models import vae_io  # noqa: E402
+from qwen_flash_jax.models.config import ConfigError  # noqa: E402
 
 F32_TOLERANCE = 1e-4  # max abs error relative to the reference output's max magnitude
 # bf16 params and activations against the float32 reference, measured on the "residual" config with 3 input seeds:
@@ -171,6 +171,7 @@ def test_pipeline_latent_transforms_match_diffusers(saved, loaded):
     assert vae_io.VAECodec(ours).decode(codec.unpack(tokens, 4, 4)).shape[-1] == 3  # rgb=True drops alpha
 
 
+@pytest.mark.sharded
 def test_config_and_parameter_tree_match_diffusers(saved):
     """Config fields map one to one; every parameter has logical axes, its diffusers key and shape; the module
     splits in tree mode (no shared state)."""
