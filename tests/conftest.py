@@ -12,6 +12,7 @@ tests/test_sharding.py`).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,10 @@ import jax  # noqa: E402  (after XLA_FLAGS: the device count is fixed at import)
 
 # Identical programs compiled by several tests (the same tiny model in a fresh run, a resumed run ...) are compiled
 # once per session: a persistent compilation cache in a per-session temporary directory, shared with the child.
-os.environ.setdefault(JAX_CACHE_ENV, tempfile.mkdtemp(prefix="qf-jax-cache-"))
+_OWN_TEMPORARIES = []  # made by this process (not inherited from a parent session): removed when it ends
+if not os.environ.get(JAX_CACHE_ENV):
+    os.environ[JAX_CACHE_ENV] = tempfile.mkdtemp(prefix="qf-jax-cache-")
+    _OWN_TEMPORARIES.append(os.environ[JAX_CACHE_ENV])
 jax.config.update("jax_compilation_cache_dir", os.environ[JAX_CACHE_ENV])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -134,6 +138,7 @@ class ShardedBatch:
 
     def _run(self):
         tmp = tempfile.mkdtemp(prefix="qf-sharded-")
+        _OWN_TEMPORARIES.append(tmp)
         report, self._log = os.path.join(tmp, "report.jsonl"), os.path.join(tmp, "log.txt")
         env = dict(os.environ, **{DEVICES_ENV: str(SHARDED_DEVICES), REPORT_ENV: report})
         if TOY_CACHE_ENV not in env:  # the parent has no toy cache yet: the child makes one, the parent reuses it
@@ -158,13 +163,15 @@ class ShardedBatch:
 
 @pytest.hookimpl(trylast=True)  # after -m / -k / --deselect: only the selected tests go to the child
 def pytest_collection_modifyitems(session, config, items):
+    """Moves the `sharded` tests to the end of the session, so that their child reuses the toy assets (and the
+    compiled programs) that the other tests made on one device, rather than making them on 8 slower ones."""
     if _in_place():
         return
     batch = ShardedBatch(config.rootpath)
-    for i, item in enumerate(items):
-        if item.get_closest_marker("sharded") is not None:
-            batch.nodeids.append(item.nodeid)
-            items[i] = ShardedRun.from_parent(item.parent, name=item.name, original=item, batch=batch)
+    sharded = [item for item in items if item.get_closest_marker("sharded") is not None]
+    batch.nodeids = [item.nodeid for item in sharded]
+    items[:] = [item for item in items if item.get_closest_marker("sharded") is None] + [
+        ShardedRun.from_parent(item.parent, name=item.name, original=item, batch=batch) for item in sharded]
 
 
 def pytest_runtest_logreport(report):
@@ -177,3 +184,8 @@ def pytest_runtest_logreport(report):
     with open(path, "a") as f:
         f.write(json.dumps({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
                             "text": text}) + "\n")
+
+
+def pytest_unconfigure(config):
+    for path in _OWN_TEMPORARIES:
+        shutil.rmtree(path, ignore_errors=True)

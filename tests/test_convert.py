@@ -22,6 +22,8 @@ from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import TransformerConfig
 from qwen_flash_jax.safetensors_reader import INDEX_FILE, SafetensorsCheckpoint, SafetensorsFile
 
+pytestmark = pytest.mark.parity  # converts a random diffusers checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
     num_layers=2,

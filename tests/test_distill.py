@@ -10,6 +10,8 @@ import pytest
 from qwen_flash_jax.distill import trainer
 from tests.helpers import tiny_distill_config
 
+pytestmark = pytest.mark.job  # whole distillation runs
+
 
 @pytest.fixture
 def cache(toy_cache):

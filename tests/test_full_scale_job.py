@@ -20,6 +20,8 @@ from qwen_flash_jax.text import tokenizer as tokenizer_lib  # noqa: E402
 from qwen_flash_jax.train import assets as assets_lib  # noqa: E402
 from qwen_flash_jax.train import jobs  # noqa: E402
 
+pytestmark = pytest.mark.job
+
 TEXT_WIDTH = 32
 LATENT_CHANNELS = 8
 IMAGE_SIZE = 64  # pixels: 4x4 latents at the VAE's 16x compression

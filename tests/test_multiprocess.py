@@ -7,11 +7,14 @@ import sys
 
 import numpy as np
 import portpicker
+import pytest
 
 from qwen_flash_jax.data import pipeline
 from qwen_flash_jax.models.codec import SpaceToDepthCodec
 from qwen_flash_jax.text.tokenizer import train_tokenizer
 from tests.helpers import pipeline_config, world_records
+
+pytestmark = pytest.mark.job
 
 
 def test_two_processes_share_one_global_batch(cpu_devices_env):

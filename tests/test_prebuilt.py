@@ -65,6 +65,7 @@ def test_seeding_copies_missing_entries_whole_and_keeps_present_ones(tmp_path, m
     assert sorted(p.name for p in target.iterdir()) == ["b.npz"]
 
 
+@pytest.mark.job
 def test_a_toy_run_reads_the_shipped_networks_instead_of_training(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("trained although the package ships it")

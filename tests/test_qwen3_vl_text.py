@@ -17,6 +17,8 @@ from qwen_flash_jax.models.config import ConfigError  # noqa: E402
 from qwen_flash_jax.text import encoder as enc  # noqa: E402
 from qwen_flash_jax.text import qwen3_vl  # noqa: E402
 
+pytestmark = pytest.mark.parity
+
 F32_TOLERANCE = 1e-4  # max abs error relative to the reference's max magnitude, at the unpadded positions
 HEAD_DIM = 16
 TEXT = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

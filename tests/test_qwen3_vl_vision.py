@@ -28,6 +28,8 @@ from qwen_flash_jax.text.tokenizer import (  # noqa: E402
     train_tokenizer,
 )
 
+pytestmark = pytest.mark.parity
+
 F32_TOLERANCE = 1e-4  # max abs error relative to the reference's max magnitude (at valid positions)
 VOCAB = 320  # the toy tokenizer's 300 ids, plus room for the video token
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

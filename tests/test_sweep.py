@@ -64,6 +64,7 @@ def test_run_suite_reruns_only_unfinished_rows_and_writes_the_table(tmp_path, mo
     assert json.loads((tmp_path / "table.json").read_text()) == table
 
 
+@pytest.mark.job  # the sweep command, in a subprocess
 def test_cli_rejects_a_bad_override_with_one_line_and_writes_nothing(tmp_path):
     workdir = tmp_path / "sweep"
     result = subprocess.run([sys.executable, "-m", "qwen_flash_jax.sweep", "--suite=ratio", f"--workdir={workdir}",

@@ -9,6 +9,8 @@ import pytest
 from qwen_flash_jax.train import teacher
 from tests.helpers import tiny_config
 
+pytestmark = pytest.mark.job  # whole teacher trainings
+
 
 @pytest.fixture
 def cache(toy_cache):

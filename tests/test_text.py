@@ -153,6 +153,7 @@ def _pipeline(tokenizer, params, codec, num_prompts):
     return pipe, processor
 
 
+@pytest.mark.parity
 def test_templates_match_diffusers(tokenizer, params):
     pipe, _ = _pipeline(tokenizer, params, SpaceToDepthCodec(), 1)
     assert P.PROMPT_TEMPLATE_T2I == pipe.prompt_template_t2i
@@ -163,6 +164,7 @@ def test_templates_match_diffusers(tokenizer, params):
     assert P.build_prompt("", 0) == pipe.prompt_template_t2i.format(" ")
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("num_images", [0, 1, 3])
 def test_pipeline_parity(tokenizer, params, num_images):
     """The diffusers pipeline's prompt path, run with our tokenizer and encoder, equals encode_prompts."""

@@ -13,6 +13,8 @@ from qwen_flash_jax.models import TransformerConfig  # noqa: E402
 from qwen_flash_jax.models.hf_keys import state_dict_to_params  # noqa: E402
 from tests.torch_reference import TINY, make_inputs, random_diffusers_transformer, state_dict_numpy, torch_forward  # noqa: E402
 
+pytestmark = pytest.mark.parity
+
 F32_TOLERANCE = 1e-4  # max abs error relative to the output's max magnitude
 # bf16 params and activations against the float32 reference (random weights of std 0.2, 2 layers). Measured over
 # these cases and 3 input seeds: max error 1.7e-2..6.1e-2 of the output scale, RMS error 1.5e-2..4.1e-2 of the

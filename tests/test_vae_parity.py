@@ -16,6 +16,8 @@ from qwen_flash_jax.models import vae as vae_lib  # noqa: E402
 from qwen_flash_jax.models import vae_io  # noqa: E402
 from qwen_flash_jax.models.config import ConfigError  # noqa: E402
 
+pytestmark = pytest.mark.parity
+
 F32_TOLERANCE = 1e-4  # max abs error relative to the reference output's max magnitude
 # bf16 params and activations against the float32 reference, measured on the "residual" config with 3 input seeds:
 # encoder mean max error 1.3..1.5e-2 of its scale, decoded images 4.1..4.4e-2 (RMS errors <= 1.4e-2 of the RMS).
