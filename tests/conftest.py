@@ -33,14 +33,17 @@ def cpu_device_flags(devices):
     warning + 40 s). Emulated devices on a busy 2-core CI machine can lag that much: one CI run died so. A lag is not
     a bug here, so the tests wait up to 30 min, and warn only after 2.
     """
-    return (f"--xla_force_host_platform_device_count={devices} "
-            "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
-            "--xla_cpu_collective_call_terminate_timeout_seconds=1800")
+    return (
+        f"--xla_force_host_platform_device_count={devices} "
+        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=1800"
+    )
 
 
 if os.environ.get(DEVICES_ENV):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
-                               + cpu_device_flags(int(os.environ[DEVICES_ENV]))).strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " " + cpu_device_flags(int(os.environ[DEVICES_ENV]))
+    ).strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS: the device count is fixed at import)
 
@@ -76,10 +79,15 @@ def tiny_teachers():
 @pytest.fixture
 def cpu_devices_env():
     """`cpu_devices_env(n)`: this process's environment for a subprocess with `n` emulated CPU devices."""
+
     def env(devices):
-        flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                         if not f.startswith("--xla_force_host_platform_device_count"))
+        flags = " ".join(
+            f
+            for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")
+        )
         return dict(os.environ, XLA_FLAGS=f"{flags} {cpu_device_flags(devices)}".strip(), JAX_PLATFORMS="cpu")
+
     return env
 
 
@@ -103,8 +111,10 @@ class ShardedRun(pytest.Item):
         phases = self.batch.outcomes()
         mine = phases.get(self.nodeid)
         if mine is None:
-            raise ShardedFailure(f"the child run with {SHARDED_DEVICES} devices reported nothing for this test:\n"
-                                 + self.batch.log_tail())
+            raise ShardedFailure(
+                f"the child run with {SHARDED_DEVICES} devices reported nothing for this test:\n"
+                + self.batch.log_tail()
+            )
         for phase in mine:
             if phase["outcome"] == "failed":
                 raise ShardedFailure(f"[{phase['when']}, {SHARDED_DEVICES} emulated devices]\n{phase['text']}")
@@ -144,8 +154,14 @@ class ShardedBatch:
         if TOY_CACHE_ENV not in env:  # the parent has no toy cache yet: the child makes one, the parent reuses it
             env[TOY_CACHE_ENV] = os.environ[TOY_CACHE_ENV] = os.path.join(tmp, "toy_cache")
         with open(self._log, "w") as log:
-            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids],
-                           cwd=self.rootpath, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=3600)
+            subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids],
+                cwd=self.rootpath,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=3600,
+            )
         phases = {}
         if os.path.exists(report):
             with open(report) as f:
@@ -171,7 +187,8 @@ def pytest_collection_modifyitems(session, config, items):
     sharded = [item for item in items if item.get_closest_marker("sharded") is not None]
     batch.nodeids = [item.nodeid for item in sharded]
     items[:] = [item for item in items if item.get_closest_marker("sharded") is None] + [
-        ShardedRun.from_parent(item.parent, name=item.name, original=item, batch=batch) for item in sharded]
+        ShardedRun.from_parent(item.parent, name=item.name, original=item, batch=batch) for item in sharded
+    ]
 
 
 def pytest_runtest_logreport(report):
@@ -182,8 +199,9 @@ def pytest_runtest_logreport(report):
     if report.skipped and isinstance(report.longrepr, tuple):
         text = report.longrepr[2]  # (file, line, reason)
     with open(path, "a") as f:
-        f.write(json.dumps({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
-                            "text": text}) + "\n")
+        f.write(
+            json.dumps({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome, "text": text}) + "\n"
+        )
 
 
 def pytest_unconfigure(config):

@@ -42,8 +42,9 @@ def tiny_distill_config(cache_dir):
     config.data.update(batch_size=8, task_ratio="1:1")
     config.train.update(steps=6, log_every=1, checkpoint_every=2)
     config.fake_score.updates_per_student = 1
-    config.eval.update(prompts_per_category=2, edits_per_category=2, probe_prompts_per_category=2,
-                       probe_edits_per_category=1)
+    config.eval.update(
+        prompts_per_category=2, edits_per_category=2, probe_prompts_per_category=2, probe_edits_per_category=1
+    )
     config.train.sample_every = 0  # the probe is exercised by the evaluation test only
     return config
 
@@ -55,20 +56,41 @@ def world_records(task, category, n, seed):
     for i in range(n):
         if task == "t2i":
             s = world.sample_t2i(rng, category, SIZE)
-            out.append({"id": f"{category}-{i}", "category": category, "caption": s.caption, "image": s.image,
-                        "spec": json.dumps(s.spec)})
+            out.append(
+                {
+                    "id": f"{category}-{i}",
+                    "category": category,
+                    "caption": s.caption,
+                    "image": s.image,
+                    "spec": json.dumps(s.spec),
+                }
+            )
         else:
             s = world.sample_edit(rng, category, SIZE)
-            out.append({"id": f"{category}-{i}", "category": category, "instruction": s.instruction,
-                        "source": s.source, "target": s.target, "spec": json.dumps(s.spec)})
+            out.append(
+                {
+                    "id": f"{category}-{i}",
+                    "category": category,
+                    "instruction": s.instruction,
+                    "source": s.source,
+                    "target": s.target,
+                    "spec": json.dumps(s.spec),
+                }
+            )
     return out
 
 
 def pipeline_config(**overrides):
     """The `data` section the pipeline reads, at 7:3 over every category unless overridden."""
-    fields = dict(task_ratio="7:3", batch_size=4, max_prompt_tokens=160, image_size=SIZE, seed=0,
-                  t2i_weights=dict(landscape=1.0, portrait=1.0, text=1.0),
-                  edit_weights={c: 1.0 for c in world.EDIT_CATEGORIES})
+    fields = dict(
+        task_ratio="7:3",
+        batch_size=4,
+        max_prompt_tokens=160,
+        image_size=SIZE,
+        seed=0,
+        t2i_weights=dict(landscape=1.0, portrait=1.0, text=1.0),
+        edit_weights={c: 1.0 for c in world.EDIT_CATEGORIES},
+    )
     return ml_collections.ConfigDict(fields | overrides)
 
 
@@ -88,8 +110,12 @@ def tiny_teachers():
     model, other = random_transformer(0), random_transformer(1)
     inputs = make_inputs(np.random.default_rng(0), batch=2, conditions=[], target=(1, 4, 4), text_runs=[6])
     layout = make_layout(inputs["img_shapes"], inputs["img_mask"])
-    cond = sampling.Conditioning(jnp.asarray(inputs["encoder_hidden_states"]),
-                                 jnp.asarray(inputs["encoder_hidden_states_mask"]), jnp.zeros((2, 0, 8)), layout)
+    cond = sampling.Conditioning(
+        jnp.asarray(inputs["encoder_hidden_states"]),
+        jnp.asarray(inputs["encoder_hidden_states_mask"]),
+        jnp.zeros((2, 0, 8)),
+        layout,
+    )
     neg = cond.replace(encoder_hidden_states=jnp.zeros_like(cond.encoder_hidden_states))
     x_t = jax.random.normal(jax.random.key(3), (2, 16, 8))
     return model, {"base": model.params, "text": other.params}, cond, neg, x_t

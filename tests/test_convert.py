@@ -109,8 +109,10 @@ def test_convert_float32_is_exact(diffusers_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # temporary directory renamed away
     restored = checkpoint_io.restore_params(dst)
     assert_trees_equal(restored, hf_keys.state_dict_to_params(state, config), np.float32)
-    shapes = {jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path)): s
-              for path, s in hf_keys.param_shapes(config).items()}
+    shapes = {
+        jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path)): s
+        for path, s in hf_keys.param_shapes(config).items()
+    }
     assert {k: v.shape for k, v in leaves(restored).items()} == shapes
 
 
@@ -236,10 +238,18 @@ def _no_config(src_dir, path):
     return "config.json"
 
 
-ON_STATE = {"missing_key": _drop_key, "unexpected_key": _extra_key, "shape_mismatch": _wrong_shape,
-            "other_model_config": _other_model}
-ON_FILES = {"truncated_shard": _truncated, "corrupt_header_json": _bad_json_header,
-            "corrupt_header_length": _header_too_long, "no_config": _no_config}
+ON_STATE = {
+    "missing_key": _drop_key,
+    "unexpected_key": _extra_key,
+    "shape_mismatch": _wrong_shape,
+    "other_model_config": _other_model,
+}
+ON_FILES = {
+    "truncated_shard": _truncated,
+    "corrupt_header_json": _bad_json_header,
+    "corrupt_header_length": _header_too_long,
+    "no_config": _no_config,
+}
 
 
 @pytest.mark.parametrize("case", [*ON_STATE, *ON_FILES])
@@ -281,7 +291,11 @@ def test_missing_src_subprocess(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, "-m", "qwen_flash_jax.convert", "--src", str(tmp_path / "nope"), "--dst", str(dst)],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "does not exist" in proc.stderr
@@ -323,8 +337,14 @@ def test_reader_roundtrip_dtypes(tmp_path):
 @pytest.mark.parametrize(
     "header, data, message",
     [
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "overlap"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            bytes(12),
+            "overlap",
+        ),
         ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "needs 12 bytes"),
         ({"a": {"dtype": "I8", "shape": [2], "data_offsets": [0, 2]}}, bytes(2), "unsupported dtype 'I8'"),
         ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), "truncated"),

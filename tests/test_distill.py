@@ -42,8 +42,12 @@ def test_resumed_distillation_reproduces_the_uninterrupted_losses_exactly(cache,
 
 def test_a_job_killed_during_a_save_resumes_from_the_last_complete_checkpoint(cache, straight_run, tmp_path):
     workdir = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-m", "tests.distill_kill_worker", str(cache), str(workdir), "4"],
-                            capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.distill_kill_worker", str(cache), str(workdir), "4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     left = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert "2" in left and "4" not in left  # step 4 was being written: only a temporary directory holds it
@@ -86,15 +90,23 @@ def test_the_job_evaluates_the_student_and_writes_results_grids_and_probes(cache
     lines = []
     results = trainer.distill(config, workdir, log=lines.append)
 
-    assert list(results) == ["teacher base (2 steps)", "teacher base (4 steps)",
-                             "teacher base (4 steps, student's times)", "student (4 steps)"]
+    assert list(results) == [
+        "teacher base (2 steps)",
+        "teacher base (4 steps)",
+        "teacher base (4 steps, student's times)",
+        "student (4 steps)",
+    ]
     for name, r in results.items():
         for task in ("t2i", "edit"):
             assert 1.0 <= r[f"{task}_average"] <= 5.0, (name, task, r)
     assert json.loads((workdir / "results.json").read_text()) == results
     assert "| student (4 steps) | 4 |" in (workdir / "results.md").read_text()
-    for grid in ("grid_t2i.png", "grid_edit.png", "samples/step_000000/grid_t2i.png",
-                 "samples/step_000002/grid_edit.png"):
+    for grid in (
+        "grid_t2i.png",
+        "grid_edit.png",
+        "samples/step_000000/grid_t2i.png",
+        "samples/step_000002/grid_edit.png",
+    ):
         assert (workdir / grid).stat().st_size > 500, grid
     assert sum(line.startswith("probe at step") for line in lines) == 2
 
@@ -208,7 +220,8 @@ def test_both_renoising_modes_train_and_a_bad_mode_is_a_config_error(cache, stra
 
 
 def test_the_decoupled_schedule_adds_the_cfg_term_alone_and_a_bad_schedule_is_a_config_error(
-        cache, straight_run, tmp_path):
+    cache, straight_run, tmp_path
+):
     """Decoupled (the toy default) = distribution matching against the conditional teachers + the CFG term. At CFG
     1 there is no CFG term: the two schedules give the same run bit for bit. With CFG, its first distribution-
     matching loss is the shared run's at CFG 1 (the same state and draws), and the CFG term comes on top."""
@@ -253,10 +266,12 @@ def test_the_segment_term_regresses_each_step_onto_the_teachers_ode_and_is_check
     own = []
     trainer.distill(config, tmp_path / "own", history=own, **QUIET)
     assert own[0][1]["segment_loss"] < 1e-8 * first["segment_loss"] + 1e-10
-    for field, value, match in (("renoise", "fresh", "renoise='predicted'"),
-                                ("trajectory_grad", True, "trajectory_grad=False"),
-                                ("segment_weight", -1.0, "segment_weight must be >= 0"),
-                                ("segment_substeps", 0, "segment_substeps must be >= 1")):
+    for field, value, match in (
+        ("renoise", "fresh", "renoise='predicted'"),
+        ("trajectory_grad", True, "trajectory_grad=False"),
+        ("segment_weight", -1.0, "segment_weight must be >= 0"),
+        ("segment_substeps", 0, "segment_substeps must be >= 1"),
+    ):
         bad = tiny_distill_config(cache)
         bad.student.segment_weight = 1.0
         bad.student[field] = value
@@ -320,8 +335,9 @@ def test_the_teacher_sampled_on_given_timesteps(cache):
     gen = Generator(from_params(config_lib.transformer_config(config), params), assets, mu, batch_size=2)
     captions = ["a red sky over a lake", "a portrait with glasses"]
     default = gen.t2i(params, captions, num_steps=4, cfg_scale=2.0)
-    explicit = gen.t2i(params, captions, num_steps=4, cfg_scale=2.0,
-                       timesteps=tuple(flow.sampling_sigmas(4, mu)[:-1].tolist()))
+    explicit = gen.t2i(
+        params, captions, num_steps=4, cfg_scale=2.0, timesteps=tuple(flow.sampling_sigmas(4, mu)[:-1].tolist())
+    )
     other = gen.t2i(params, captions, num_steps=4, cfg_scale=2.0, timesteps=(1.0, 0.8, 0.5, 0.2))
     np.testing.assert_array_equal(explicit, default)
     assert np.abs(other.astype(int) - default.astype(int)).mean() > 1.0
@@ -334,8 +350,9 @@ def test_a_replicate_seed_changes_the_distillation_but_not_the_teachers(cache, s
 
     config = tiny_distill_config(cache)
     config.train.update(steps=2, seed=1)
-    assert all(teacher.cache_dir(config, n) == teacher.cache_dir(tiny_distill_config(cache), n)
-               for n in config.teachers)
+    assert all(
+        teacher.cache_dir(config, n) == teacher.cache_dir(tiny_distill_config(cache), n) for n in config.teachers
+    )
     history = []
     trainer.distill(config, tmp_path / "r", history=history, **QUIET)
     assert all(m["skipped"] == 0 for _, m in history)
@@ -377,9 +394,9 @@ def test_the_critic_draws_its_student_step_from_its_own_distribution(cache, tmp_
         config.fake_score.step_probs = probs
         runs[name] = []
         trainer.distill(config, tmp_path / name, history=runs[name], **QUIET)
-    (_, same), = runs["same"]
-    (_, explicit), = runs["explicit"]
-    (_, first), = runs["first"]
+    ((_, same),) = runs["same"]
+    ((_, explicit),) = runs["explicit"]
+    ((_, first),) = runs["first"]
     assert same == explicit
     assert first["k"] == same["k"] == 3
     assert abs(first["fake_loss"] - same["fake_loss"]) > 1e-3 * same["fake_loss"]

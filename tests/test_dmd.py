@@ -105,16 +105,19 @@ def test_real_x0_parts_are_the_conditional_and_the_guided_blend(tiny_teachers, r
     t = jnp.array([0.6, 0.3])
     weights = jnp.array([[1.0, 0.0], [0.25, 0.75]])
     conditional, guided = dmd.real_x0_parts(model, teachers, weights, cond, neg, x_t, t, 3.0, rescale)
-    np.testing.assert_allclose(guided, dmd.real_x0(model, teachers, weights, cond, neg, x_t, t, 3.0, rescale),
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(conditional, dmd.real_x0(model, teachers, weights, cond, neg, x_t, t, 1.0),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        guided, dmd.real_x0(model, teachers, weights, cond, neg, x_t, t, 3.0, rescale), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        conditional, dmd.real_x0(model, teachers, weights, cond, neg, x_t, t, 1.0), rtol=1e-4, atol=1e-4
+    )
     assert float(jnp.max(jnp.abs(guided - conditional))) > 1e-2  # CFG 3 moves the random teachers' x0
 
 
 def test_rescaled_cfg_takes_the_conditional_velocitys_norm():
-    v_cond, v_guided = (jax.random.normal(k, (3, 5, 4)) * s for k, s in zip(jax.random.split(jax.random.key(0)),
-                                                                            (1.0, 4.0)))
+    v_cond, v_guided = (
+        jax.random.normal(k, (3, 5, 4)) * s for k, s in zip(jax.random.split(jax.random.key(0)), (1.0, 4.0))
+    )
     rms = lambda v: jnp.sqrt(jnp.mean(jnp.square(v), axis=(1, 2)))  # noqa: E731
     np.testing.assert_allclose(rms(dmd._mix_rescaled(v_cond, v_guided, 1.0)), rms(v_cond), rtol=1e-5)
     half = dmd._mix_rescaled(v_cond, v_guided, 0.5)
@@ -128,7 +131,7 @@ def test_decoupled_times_never_exceed_the_student_steps_time():
     assert bool(jnp.all(t >= 0.02)) and bool(jnp.all(t <= high + 1e-7))
     # Uniform below the bound: each step's draws fill its interval (max near the bound, mean at its middle).
     for i, bound in enumerate([0.98, 0.8, 0.5, 0.2]):
-        drawn = np.asarray(t[i * 2000:(i + 1) * 2000])
+        drawn = np.asarray(t[i * 2000 : (i + 1) * 2000])
         assert drawn.max() > bound - 0.01 and abs(drawn.mean() - (0.02 + bound) / 2) < 0.02
     np.testing.assert_allclose(t[-2000:], 0.02)  # a step below t_min: the CFG term sits at t_min
     with pytest.raises(ConfigError, match="guidance.schedule"):
@@ -174,8 +177,9 @@ def test_the_critic_sample_on_the_prefix_cache_matches_full_forwards(tiny_teache
             if k < 3:
                 z = dmd.renoise(x0, z, v, jnp.full((2,), times[k]), times[k + 1], jax.random.fold_in(key, k), mode)
     one_step = dmd.student_sample(model, model.params, cond, noise, 0, times[:1], key)
-    np.testing.assert_allclose(one_step[1], dmd.student_x0(model, model.params, cond, noise,
-                                                           jnp.full((2,), times[0]))[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        one_step[1], dmd.student_x0(model, model.params, cond, noise, jnp.full((2,), times[0]))[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_predicted_renoising_makes_the_student_the_euler_sampler(tiny_teachers):
@@ -225,8 +229,9 @@ def test_differentiable_simulation_reaches_the_same_input_and_passes_gradients_b
         return jnp.sum(jnp.square(simulate(model, params, cond, noise, k, times, key, mode)))
 
     for k in (0, 2, 3):
-        z_diff = jax.jit(lambda k: dmd.differentiable_simulation(model, model.params, cond, noise, k, times, key,
-                                                                 mode))(k)
+        z_diff = jax.jit(
+            lambda k: dmd.differentiable_simulation(model, model.params, cond, noise, k, times, key, mode)
+        )(k)
         z_sim = dmd.backward_simulation(model, model.params, cond, noise, k, times, key, mode)
         np.testing.assert_allclose(z_diff, z_sim, rtol=1e-5, atol=1e-5)
         norms = {}
@@ -256,8 +261,9 @@ def test_the_segment_target_is_the_x0_whose_euler_step_lands_on_the_teachers_ode
     only_base = jnp.array([[1.0, 0.0], [1.0, 0.0]])
     target = jax.jit(lambda k: dmd.teacher_segment_x0(model, teachers, only_base, cond, neg, z, k, times, 4, 2.0))(k)
     sigmas = np.linspace(t_k, t_next, 5)
-    lands = sampling.euler_sample(model, teachers["base"], z, cond, sigmas, neg_cond=neg, cfg_scale=2.0,
-                                  use_kv_cache=False)
+    lands = sampling.euler_sample(
+        model, teachers["base"], z, cond, sigmas, neg_cond=neg, cfg_scale=2.0, use_kv_cache=False
+    )
     np.testing.assert_allclose(z - (t_k - t_next) / t_k * (z - target), lands, rtol=1e-4, atol=1e-4)
     mixed = jnp.array([[0.3, 0.7], [0.6, 0.4]])
     one = dmd.teacher_segment_x0(model, teachers, mixed, cond, neg, z, k, times, 1, 2.0)

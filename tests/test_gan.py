@@ -18,8 +18,16 @@ def test_features_come_from_the_same_forward_as_the_velocity(tiny_teachers):
     np.testing.assert_array_equal(v, plain)
     assert features.shape == (*x_t.shape[:2], model.config.inner_dim)
     with pytest.raises(ValueError, match="return_features"):
-        model.forward(model.params, cond.layout, x_t, cond.encoder_hidden_states, t,
-                      cond.encoder_hidden_states_mask, kv_cache_mode="extract", return_features=True)
+        model.forward(
+            model.params,
+            cond.layout,
+            x_t,
+            cond.encoder_hidden_states,
+            t,
+            cond.encoder_hidden_states_mask,
+            kv_cache_mode="extract",
+            return_features=True,
+        )
 
 
 def test_the_critic_learns_to_tell_real_from_student_samples(tiny_teachers):
@@ -64,7 +72,6 @@ def test_generator_gradient_is_the_input_gradient_of_the_non_saturating_loss(tin
     np.testing.assert_allclose(loss, direct(x_t), rtol=1e-5)
     np.testing.assert_allclose(grad, jax.grad(direct)(x_t), rtol=1e-4, atol=1e-7)
     # The same velocity as a plain forward (one jitted program against op by op: float32 rounding apart).
-    np.testing.assert_allclose(v_fake, sampling.velocity(model, model.params, cond, x_t, t)[0], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(v_fake, sampling.velocity(model, model.params, cond, x_t, t)[0], rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(v_fake).max()) > 0.1
     assert float(jnp.abs(grad).max()) > 0

@@ -28,8 +28,7 @@ CASES = {
     "edit_one_condition": dict(batch=1, conditions=[(1, 4, 4)], target=(1, 4, 6), text_runs=[5, 3]),
     # Two adjacent condition images: separate blocks even with no text between them.
     "edit_two_conditions": dict(batch=1, conditions=[(1, 2, 4), (1, 4, 2)], target=(1, 4, 4), text_runs=[4, 0, 3]),
-    "right_padded_batch": dict(batch=3, conditions=[(1, 4, 4)], target=(1, 4, 6), text_runs=[6, 5],
-                               padding=[0, 2, 4]),
+    "right_padded_batch": dict(batch=3, conditions=[(1, 4, 4)], target=(1, 4, 6), text_runs=[6, 5], padding=[0, 2, 4]),
     "odd_grid": dict(batch=2, conditions=[], target=(1, 2, 6), text_runs=[5], padding=[1, 0]),
 }
 
