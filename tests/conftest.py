@@ -12,6 +12,7 @@ tests/test_sharding.py`).
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,7 @@ from tests import helpers  # noqa: E402
 def toy_cache(tmp_path_factory):
     """One cache of tiny toy assets (dataset, text encoder, teachers, judge) shared by the end-to-end tests."""
     if os.environ.get(TOY_CACHE_ENV):
-        return os.environ[TOY_CACHE_ENV]
+        return pathlib.Path(os.environ[TOY_CACHE_ENV])
     path = tmp_path_factory.mktemp("toy_cache")
     os.environ[TOY_CACHE_ENV] = str(path)  # read by the child that runs the `sharded` tests
     return path
@@ -154,14 +155,17 @@ class ShardedBatch:
         if TOY_CACHE_ENV not in env:  # the parent has no toy cache yet: the child makes one, the parent reuses it
             env[TOY_CACHE_ENV] = os.environ[TOY_CACHE_ENV] = os.path.join(tmp, "toy_cache")
         with open(self._log, "w") as log:
-            subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids],
-                cwd=self.rootpath,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=3600,
-            )
+            try:
+                subprocess.run(
+                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids],
+                    cwd=self.rootpath,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=3600,
+                )
+            except subprocess.TimeoutExpired:  # the tests it did not finish fail with this log's tail
+                log.write("\nthe child pytest was stopped after 3600 s\n")
         phases = {}
         if os.path.exists(report):
             with open(report) as f:
@@ -179,8 +183,8 @@ class ShardedBatch:
 
 @pytest.hookimpl(trylast=True)  # after -m / -k / --deselect: only the selected tests go to the child
 def pytest_collection_modifyitems(session, config, items):
-    """Moves the `sharded` tests to the end of the session, so that their child reuses the toy assets (and the
-    compiled programs) that the other tests made on one device, rather than making them on 8 slower ones."""
+    """Moves the `sharded` tests to the end of the session, so that their child reuses the toy assets that the other
+    tests made on one device, rather than training them on 8 slower ones."""
     if _in_place():
         return
     batch = ShardedBatch(config.rootpath)
