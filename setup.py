@@ -31,7 +31,8 @@ setup(
         "psutil",
     ],
     extras_require={
-        # Parity tests against the diffusers/transformers reference; torch 2.13.0 is the local CPU build.
-        "test": ["pytest", "portpicker", "torch==2.13.0", "diffusers>=0.42"],
+        # Parity tests against the diffusers/transformers reference; torch 2.13.0 is the local CPU build. ruff is
+        # pinned: another version may format the same code differently and fail `ruff format --check`.
+        "test": ["pytest", "portpicker", "torch==2.13.0", "diffusers>=0.42", "ruff==0.17.6"],
     },
 )

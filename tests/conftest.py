@@ -1,33 +1,213 @@
-"""Test-session setup: 8 emulated CPU devices, so sharding code runs on a real (fsdp, tensor) mesh on any machine.
+"""Test-session setup: tiers, emulated devices, and the fixtures several test modules share.
 
-This must happen before jax is imported anywhere; unsharded tests simply run on device 0.
+Tiers (pytest markers, registered in pytest.ini): `parity` compares against torch/diffusers/transformers, `job` runs
+whole jobs; every other test is the fast unit tier (`pytest -m "not parity and not job"`).
+
+Devices: a test session runs on one CPU device. Emulating 8 devices makes every XLA:CPU program several times slower
+on a small machine, so only tests marked `sharded` get them. JAX fixes its device count when it is first imported, so
+those tests run in one child pytest process started with 8 emulated devices; the parent reports each of them with the
+child's outcome. Setting QF_TEST_DEVICES=8 yourself runs them in place (e.g. `QF_TEST_DEVICES=8 pytest
+tests/test_sharding.py`).
 """
 
+import json
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
 
-# XLA:CPU aborts the process (SIGABRT) when a device's thread reaches a collective over 60 s after the others (20 s
-# warning + 40 s). Eight emulated devices on a busy 2-core CI machine can lag that much: one CI run died so. A lag
-# is not a bug here, so the tests wait up to 30 min, and warn only after 2.
-CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
-                        "--xla_cpu_collective_call_terminate_timeout_seconds=1800")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
-                           + CPU_COLLECTIVE_FLAGS).strip()
+import pytest
 
-# Identical programs compiled by several tests (the same tiny model in a fresh run, a resumed run ...) are
-# compiled once per session: a persistent compilation cache in a per-session temporary directory.
-import tempfile  # noqa: E402
+DEVICES_ENV = "QF_TEST_DEVICES"  # set: this process emulates that many CPU devices and runs `sharded` tests itself
+REPORT_ENV = "QF_TEST_REPORT"  # set (in the child): append every test phase's outcome to this JSON-lines file
+TOY_CACHE_ENV = "QF_TEST_TOY_CACHE"  # the parent's toy cache, so that the child trains no toy asset again
+JAX_CACHE_ENV = "QF_TEST_JAX_CACHE"
+SHARDED_DEVICES = 8
 
-import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="qf-jax-cache-"))
+def cpu_device_flags(devices):
+    """XLA_FLAGS for `devices` emulated CPU devices.
+
+    XLA:CPU aborts the process (SIGABRT) when a device's thread reaches a collective over 60 s after the others (20 s
+    warning + 40 s). Emulated devices on a busy 2-core CI machine can lag that much: one CI run died so. A lag is not
+    a bug here, so the tests wait up to 30 min, and warn only after 2.
+    """
+    return (
+        f"--xla_force_host_platform_device_count={devices} "
+        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=1800"
+    )
+
+
+if os.environ.get(DEVICES_ENV):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " " + cpu_device_flags(int(os.environ[DEVICES_ENV]))
+    ).strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS: the device count is fixed at import)
+
+# Identical programs compiled by several tests (the same tiny model in a fresh run, a resumed run ...) are compiled
+# once per session: a persistent compilation cache in a per-session temporary directory, shared with the child.
+_OWN_TEMPORARIES = []  # made by this process (not inherited from a parent session): removed when it ends
+if not os.environ.get(JAX_CACHE_ENV):
+    os.environ[JAX_CACHE_ENV] = tempfile.mkdtemp(prefix="qf-jax-cache-")
+    _OWN_TEMPORARIES.append(os.environ[JAX_CACHE_ENV])
+jax.config.update("jax_compilation_cache_dir", os.environ[JAX_CACHE_ENV])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-
-import pytest  # noqa: E402
+from tests import helpers  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def toy_cache(tmp_path_factory):
     """One cache of tiny toy assets (dataset, text encoder, teachers, judge) shared by the end-to-end tests."""
-    return tmp_path_factory.mktemp("toy_cache")
+    if os.environ.get(TOY_CACHE_ENV):
+        return pathlib.Path(os.environ[TOY_CACHE_ENV])
+    path = tmp_path_factory.mktemp("toy_cache")
+    os.environ[TOY_CACHE_ENV] = str(path)  # read by the child that runs the `sharded` tests
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_teachers():
+    """A tiny random transformer, two teachers' parameters, conditioning and a noisy sample (tests/helpers.py)."""
+    return helpers.tiny_teachers()
+
+
+@pytest.fixture
+def cpu_devices_env():
+    """`cpu_devices_env(n)`: this process's environment for a subprocess with `n` emulated CPU devices."""
+
+    def env(devices):
+        flags = " ".join(
+            f
+            for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")
+        )
+        return dict(os.environ, XLA_FLAGS=f"{flags} {cpu_device_flags(devices)}".strip(), JAX_PLATFORMS="cpu")
+
+    return env
+
+
+# ---- `sharded` tests: run in one child process with 8 emulated devices ----
+
+
+def _in_place():
+    return bool(os.environ.get(DEVICES_ENV))
+
+
+class ShardedRun(pytest.Item):
+    """A `sharded` test of this session, run by the child process; reports the child's outcome as its own."""
+
+    def __init__(self, *, original, batch, **kwargs):
+        super().__init__(**kwargs)
+        self.original, self.batch = original, batch
+        self.own_markers = list(original.own_markers)
+        self.keywords.update(original.keywords)
+
+    def runtest(self):
+        phases = self.batch.outcomes()
+        mine = phases.get(self.nodeid)
+        if mine is None:
+            raise ShardedFailure(
+                f"the child run with {SHARDED_DEVICES} devices reported nothing for this test:\n"
+                + self.batch.log_tail()
+            )
+        for phase in mine:
+            if phase["outcome"] == "failed":
+                raise ShardedFailure(f"[{phase['when']}, {SHARDED_DEVICES} emulated devices]\n{phase['text']}")
+        skipped = [p for p in mine if p["outcome"] == "skipped"]
+        if skipped:
+            pytest.skip(skipped[0]["text"].removeprefix("Skipped: "))
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, ShardedFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.original.reportinfo()
+
+
+class ShardedFailure(Exception):
+    pass
+
+
+class ShardedBatch:
+    """The session's `sharded` tests, run once in one child pytest process when the first of them comes up."""
+
+    def __init__(self, rootpath):
+        self.rootpath, self.nodeids, self._outcomes, self._log = rootpath, [], None, None
+
+    def outcomes(self):
+        if self._outcomes is None:
+            self._outcomes = self._run()
+        return self._outcomes
+
+    def _run(self):
+        tmp = tempfile.mkdtemp(prefix="qf-sharded-")
+        _OWN_TEMPORARIES.append(tmp)
+        report, self._log = os.path.join(tmp, "report.jsonl"), os.path.join(tmp, "log.txt")
+        env = dict(os.environ, **{DEVICES_ENV: str(SHARDED_DEVICES), REPORT_ENV: report})
+        if TOY_CACHE_ENV not in env:  # the parent has no toy cache yet: the child makes one, the parent reuses it
+            env[TOY_CACHE_ENV] = os.environ[TOY_CACHE_ENV] = os.path.join(tmp, "toy_cache")
+        with open(self._log, "w") as log:
+            try:
+                subprocess.run(
+                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids],
+                    cwd=self.rootpath,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=3600,
+                )
+            except subprocess.TimeoutExpired:  # the tests it did not finish fail with this log's tail
+                log.write("\nthe child pytest was stopped after 3600 s\n")
+        phases = {}
+        if os.path.exists(report):
+            with open(report) as f:
+                for line in f:
+                    entry = json.loads(line)
+                    phases.setdefault(entry["nodeid"], []).append(entry)
+        return phases
+
+    def log_tail(self):
+        if self._log is None or not os.path.exists(self._log):
+            return "(no output)"
+        with open(self._log) as f:
+            return f.read()[-6000:]
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k / --deselect: only the selected tests go to the child
+def pytest_collection_modifyitems(session, config, items):
+    """Moves the `sharded` tests to the end of the session, so that their child reuses the toy assets that the other
+    tests made on one device, rather than training them on 8 slower ones."""
+    if _in_place():
+        return
+    batch = ShardedBatch(config.rootpath)
+    sharded = [item for item in items if item.get_closest_marker("sharded") is not None]
+    batch.nodeids = [item.nodeid for item in sharded]
+    items[:] = [item for item in items if item.get_closest_marker("sharded") is None] + [
+        ShardedRun.from_parent(item.parent, name=item.name, original=item, batch=batch) for item in sharded
+    ]
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get(REPORT_ENV)
+    if not path or (report.when != "call" and report.outcome == "passed"):
+        return
+    text = report.longreprtext
+    if report.skipped and isinstance(report.longrepr, tuple):
+        text = report.longrepr[2]  # (file, line, reason)
+    with open(path, "a") as f:
+        f.write(
+            json.dumps({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome, "text": text}) + "\n"
+        )
+
+
+def pytest_unconfigure(config):
+    for path in _OWN_TEMPORARIES:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Runs the tiny distillation of tests/test_distill.py and SIGKILLs itself in the middle of one checkpoint save.
+"""Runs the tiny distillation of tests/helpers.py and SIGKILLs itself in the middle of one checkpoint save.
 
     python -m tests.distill_kill_worker CACHE_DIR WORKDIR KILL_STEP
 
@@ -11,13 +11,17 @@ import os
 import signal
 import sys
 
+import jax
 import orbax.checkpoint as ocp
 
 from qwen_flash_jax.train import distill_job
-from tests.test_distill import tiny_distill_config
+from tests.helpers import tiny_distill_config
 
 
 def main(cache_dir, workdir, kill_step):
+    if os.environ.get("QF_TEST_JAX_CACHE"):  # the test session's compilation cache: its programs are these
+        jax.config.update("jax_compilation_cache_dir", os.environ["QF_TEST_JAX_CACHE"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     write_json = ocp.JsonCheckpointHandler._save_fn
 
     async def die_while_saving(self, item, directory):

@@ -1,10 +1,9 @@
 """The toy space-to-depth latent codec: lossless, shapes, packing, and clear errors on bad sizes."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from qwen_flash_jax.models.codec import CodecConfig, SpaceToDepthCodec
 

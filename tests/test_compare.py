@@ -44,14 +44,23 @@ def test_the_command_prints_a_table_row_and_refuses_runs_on_different_benchmarks
     (tmp_path / "b.json").write_text(json.dumps(_results(rng, {"t2i": 0.0, "edit": 0.0})))
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "small.json").write_text(json.dumps(_results(rng, {"t2i": 0.0, "edit": 0.0}, per_category=20)))
-    run = lambda *args: subprocess.run([sys.executable, "-m", "qwen_flash_jax.eval.compare", *args],  # noqa: E731
-                                       capture_output=True, text=True, timeout=300)
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "qwen_flash_jax.eval.compare", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
     ok = run(str(tmp_path / "a"), str(tmp_path / "b.json"))
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.splitlines()[-1].startswith(f"| {tmp_path / 'a'} | ") and ok.stdout.count("[") == 2
-    for args, message in (((str(tmp_path / "a"), str(tmp_path / "small.json")), "different t2i benchmarks"),
-                          ((str(tmp_path / "a"), str(tmp_path / "none")), "no results.json"),
-                          ((str(tmp_path / "a"), str(tmp_path / "list.json")), "not a results.json"),
-                          ((str(tmp_path / "a"), str(tmp_path / "b.json"), "--model=teacher"), "no model 'teacher'")):
+    for args, message in (
+        ((str(tmp_path / "a"), str(tmp_path / "small.json")), "different t2i benchmarks"),
+        ((str(tmp_path / "a"), str(tmp_path / "none")), "no results.json"),
+        ((str(tmp_path / "a"), str(tmp_path / "list.json")), "not a results.json"),
+        ((str(tmp_path / "a"), str(tmp_path / "b.json"), "--model=teacher"), "no model 'teacher'"),
+    ):
         bad = run(*args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr

@@ -11,9 +11,17 @@ from qwen_flash_jax.distill import dmd
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.train.components import CONDITIONS
 
-SPECS = ["configs/5to5.py:toy", "configs/5to5.py:full", "configs/7to3.py:toy", "configs/9to1.py:toy",
-         "configs/t2i_only.py:toy", "configs/teacher.py:toy", "configs/teacher.py:toy,text",
-         "configs/guidance.py:toy,single", "configs/guidance.py:toy,stepwise"]
+SPECS = [
+    "configs/5to5.py:toy",
+    "configs/5to5.py:full",
+    "configs/7to3.py:toy",
+    "configs/9to1.py:toy",
+    "configs/t2i_only.py:toy",
+    "configs/teacher.py:toy",
+    "configs/teacher.py:toy,text",
+    "configs/guidance.py:toy,single",
+    "configs/guidance.py:toy,stepwise",
+]
 SPECS += [f"configs/composition.py:toy,E{i}" for i in range(1, 6)]
 
 
@@ -24,16 +32,20 @@ def test_config_is_valid(spec):
     for task, share in zip(mixing.TASKS, mixing.parse_ratio(config.data.task_ratio)):
         if share:
             mixing.normalise_weights(dict(config.data[f"{task}_weights"]), CATEGORIES[task], task)
-    dmd.guidance_table(dict(config.guidance.weights), tuple(config.guidance.teachers), CONDITIONS,
-                       config.student.num_steps)
+    dmd.guidance_table(
+        dict(config.guidance.weights), tuple(config.guidance.teachers), CONDITIONS, config.student.num_steps
+    )
     for name in config.guidance.teachers:
         assert name in config.teachers
 
 
 def test_variants_change_only_what_they_name():
     base = config_lib.load_config("configs/5to5.py:toy").to_dict()
-    for spec, changed in [("configs/7to3.py:toy", {"data"}), ("configs/t2i_only.py:toy", {"data"}),
-                          ("configs/composition.py:toy,E3", {"data", "guidance"})]:
+    for spec, changed in [
+        ("configs/7to3.py:toy", {"data"}),
+        ("configs/t2i_only.py:toy", {"data"}),
+        ("configs/composition.py:toy,E3", {"data", "guidance"}),
+    ]:
         variant = config_lib.load_config(spec).to_dict()
         assert {k for k in base if base[k] != variant[k]} == changed, spec
 
@@ -43,22 +55,31 @@ def test_every_config_file_is_covered():
     assert files == {s.split(":")[0].split("/")[1] for s in SPECS}
 
 
-@pytest.mark.parametrize("spec,match", [("configs/5to5.py:tiny", "toy"), ("configs/composition.py:toy,E9", "E9"),
-                                        ("configs/nope.py:toy", "does not exist")])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("configs/5to5.py:tiny", "toy"),
+        ("configs/composition.py:toy,E9", "E9"),
+        ("configs/nope.py:toy", "does not exist"),
+    ],
+)
 def test_bad_config_names_are_clear_errors(spec, match):
     with pytest.raises(ConfigError, match=match):
         config_lib.load_config(spec)
 
 
-@pytest.mark.parametrize("section,values,match", [
-    ("student", {"gan_weight": -1.0}, "student.gan_weight must be >= 0"),
-    ("fake_score", {"gan_weight": -0.5}, "fake_score.gan_weight must be >= 0"),
-    ("fake_score", {"gan_head_learning_rate": 0.0}, "gan_head_learning_rate > 0"),
-    ("student", {"timesteps": (1.0, 0.5)}, "2 entries, student.num_steps is 4"),
-    ("student", {"timesteps": (1.0, 0.7, 0.7, 0.2)}, "decrease strictly"),
-    ("teachers.base.train", {"uniform_t_fraction": 1.5}, "uniform_t_fraction must lie in"),
-    ("guidance", {"schedule": "Decoupled"}, "guidance.schedule must be one of"),
-])
+@pytest.mark.parametrize(
+    "section,values,match",
+    [
+        ("student", {"gan_weight": -1.0}, "student.gan_weight must be >= 0"),
+        ("fake_score", {"gan_weight": -0.5}, "fake_score.gan_weight must be >= 0"),
+        ("fake_score", {"gan_head_learning_rate": 0.0}, "gan_head_learning_rate > 0"),
+        ("student", {"timesteps": (1.0, 0.5)}, "2 entries, student.num_steps is 4"),
+        ("student", {"timesteps": (1.0, 0.7, 0.7, 0.2)}, "decrease strictly"),
+        ("teachers.base.train", {"uniform_t_fraction": 1.5}, "uniform_t_fraction must lie in"),
+        ("guidance", {"schedule": "Decoupled"}, "guidance.schedule must be one of"),
+    ],
+)
 def test_bad_distillation_settings_are_clear_errors_before_any_work(section, values, match):
     from qwen_flash_jax.train import distill_job
 
@@ -74,8 +95,13 @@ def test_bad_distillation_settings_are_clear_errors_before_any_work(section, val
 
 
 @pytest.mark.parametrize("job", ["distill", "teacher"])
-@pytest.mark.parametrize("values,match", [({"text_encoder.feature_layers": (0, 5)}, "feature_layers must be"),
-                                          ({"model.context_in_dim": 64}, "2 feature layers")])
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        ({"text_encoder.feature_layers": (0, 5)}, "feature_layers must be"),
+        ({"model.context_in_dim": 64}, "2 feature layers"),
+    ],
+)
 def test_bad_text_encoder_features_stop_before_the_workdir_exists(job, values, match, tmp_path):
     from qwen_flash_jax.train import jobs
 

@@ -23,6 +23,8 @@ from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import TransformerConfig
 from qwen_flash_jax.safetensors_checkpoint import INDEX_FILES, SafetensorsCheckpoint
 
+pytestmark = pytest.mark.parity  # converts a random diffusers checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 INDEX_FILE = INDEX_FILES[0]  # diffusers' shard index
 TINY = dict(
@@ -109,11 +111,14 @@ def test_convert_float32_is_exact(diffusers_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # temporary directory renamed away
     restored = checkpoint_io.restore_params(dst)
     assert_trees_equal(restored, hf_keys.state_dict_to_params(state, config), np.float32)
-    shapes = {jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path)): s
-              for path, s in hf_keys.param_shapes(config).items()}
+    shapes = {
+        jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path)): s
+        for path, s in hf_keys.param_shapes(config).items()
+    }
     assert {k: v.shape for k, v in leaves(restored).items()} == shapes
 
 
+@pytest.mark.sharded
 def test_convert_bfloat16_cli_and_sharded_restore(diffusers_model, tmp_path, capsys):
     src, state, config = diffusers_model
     dst = tmp_path / "out"
@@ -127,8 +132,8 @@ def test_convert_bfloat16_cli_and_sharded_restore(diffusers_model, tmp_path, cap
     assert_trees_equal(checkpoint_io.restore_params(dst), want, ml_dtypes.bfloat16)
 
     # Restore straight into shardings and another dtype, as a model would: kernels split on their output axis
-    # (over 2 devices when the session has several, e.g. emulated CPU devices), the rest replicated.
-    mesh = jax.make_mesh((min(2, jax.device_count()),), ("model",), devices=jax.devices()[:2])
+    # over 2 devices, the rest replicated.
+    mesh = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2])
     P = jax.sharding.PartitionSpec
 
     def abstract(path, x):
@@ -235,10 +240,18 @@ def _no_config(src_dir, path):
     return "config.json"
 
 
-ON_STATE = {"missing_key": _drop_key, "unexpected_key": _extra_key, "shape_mismatch": _wrong_shape,
-            "other_model_config": _other_model}
-ON_FILES = {"truncated_shard": _truncated, "corrupt_header_json": _bad_json_header,
-            "corrupt_header_length": _header_too_long, "no_config": _no_config}
+ON_STATE = {
+    "missing_key": _drop_key,
+    "unexpected_key": _extra_key,
+    "shape_mismatch": _wrong_shape,
+    "other_model_config": _other_model,
+}
+ON_FILES = {
+    "truncated_shard": _truncated,
+    "corrupt_header_json": _bad_json_header,
+    "corrupt_header_length": _header_too_long,
+    "no_config": _no_config,
+}
 
 
 @pytest.mark.parametrize("case", [*ON_STATE, *ON_FILES])
@@ -280,7 +293,11 @@ def test_missing_src_subprocess(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, "-m", "qwen_flash_jax.convert", "--src", str(tmp_path / "nope"), "--dst", str(dst)],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "does not exist" in proc.stderr
@@ -327,8 +344,14 @@ def test_reader_roundtrip_dtypes(tmp_path):
 @pytest.mark.parametrize(
     "header, data, detail",
     [
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "offset"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            bytes(12),
+            "offset",
+        ),
         ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "offset"),
         ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), ""),
         ({"a": {"dtype": "F32", "shape": [2]}}, bytes(8), "data_offsets"),
@@ -414,16 +437,27 @@ def test_read_nested_sharded_reads_blocks_and_equals_the_whole_read(tmp_path):
     from safetensors.torch import save_file as torch_save_file
 
     rng = np.random.default_rng(0)
-    source = {"w": rng.standard_normal((6, 4), np.float32), "b": rng.standard_normal(4, np.float32),
-              "c": rng.standard_normal((4, 2, 3), np.float32), "e": np.zeros((0, 4), np.float32)}
+    source = {
+        "w": rng.standard_normal((6, 4), np.float32),
+        "b": rng.standard_normal(4, np.float32),
+        "c": rng.standard_normal((4, 2, 3), np.float32),
+        "e": np.zeros((0, 4), np.float32),
+    }
     tensors = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in source.items()}
     torch_save_file(tensors, tmp_path / "m.safetensors")
-    plan = {"w": (("lin", "kernel"), "transpose"), "b": (("lin", "bias"), "copy"),
-            "c": (("conv",), lambda t: t.reshape(t.shape[0], -1).T), "e": (("empty",), "copy")}
+    plan = {
+        "w": (("lin", "kernel"), "transpose"),
+        "b": (("lin", "bias"), "copy"),
+        "c": (("conv",), lambda t: t.reshape(t.shape[0], -1).T),
+        "e": (("empty",), "copy"),
+    }
     mesh = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2])
     P, Named = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
-    shardings = {"lin": {"kernel": Named(mesh, P(None, "model")), "bias": Named(mesh, P())},
-                 "conv": Named(mesh, P(None, "model")), "empty": Named(mesh, P(None, "model"))}
+    shardings = {
+        "lin": {"kernel": Named(mesh, P(None, "model")), "bias": Named(mesh, P())},
+        "conv": Named(mesh, P(None, "model")),
+        "empty": Named(mesh, P(None, "model")),
+    }
     with SafetensorsCheckpoint(tmp_path / "m.safetensors") as ckpt:
         whole = ckpt.read_nested(plan, np.float32)
         read_whole: list = []
@@ -431,10 +465,17 @@ def test_read_nested_sharded_reads_blocks_and_equals_the_whole_read(tmp_path):
         sharded = ckpt.read_nested(plan, np.float32, shardings)
     assert sorted(read_whole) == ["c", "e"]
     assert jax.tree.map(lambda x: x.sharding, sharded) == shardings
-    want = {"lin": {"kernel": source["w"].T, "bias": source["b"]}, "conv": source["c"].reshape(4, -1).T,
-            "empty": source["e"]}
-    for name, want_leaf in [("lin/kernel", want["lin"]["kernel"]), ("lin/bias", want["lin"]["bias"]),
-                            ("conv", want["conv"]), ("empty", want["empty"])]:
+    want = {
+        "lin": {"kernel": source["w"].T, "bias": source["b"]},
+        "conv": source["c"].reshape(4, -1).T,
+        "empty": source["e"],
+    }
+    for name, want_leaf in [
+        ("lin/kernel", want["lin"]["kernel"]),
+        ("lin/bias", want["lin"]["bias"]),
+        ("conv", want["conv"]),
+        ("empty", want["empty"]),
+    ]:
         path = name.split("/")
         got, got_whole = sharded, whole
         for part in path:

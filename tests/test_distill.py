@@ -8,20 +8,9 @@ import numpy as np
 import pytest
 
 from qwen_flash_jax.train import distill_job
-from tests.test_teacher import tiny_config
+from tests.helpers import tiny_distill_config
 
-
-def tiny_distill_config(cache_dir):
-    config = tiny_config(cache_dir)
-    config.job = "distill"
-    config.teachers.text.train.update(steps=4, batch_size=8, warmup_steps=1)
-    config.data.update(batch_size=8, task_ratio="1:1")
-    config.train.update(steps=6, log_every=1, checkpoint_every=2)
-    config.fake_score.updates_per_student = 1
-    config.eval.update(prompts_per_category=2, edits_per_category=2, probe_prompts_per_category=2,
-                       probe_edits_per_category=1)
-    config.train.sample_every = 0  # the probe is exercised by the evaluation test only
-    return config
+pytestmark = pytest.mark.job  # whole distillation runs
 
 
 @pytest.fixture
@@ -40,6 +29,7 @@ def straight_run(toy_cache, tmp_path_factory):
     return history
 
 
+@pytest.mark.sharded  # the toy mesh is data parallel: the batch splits over the 8 devices
 def test_resumed_distillation_reproduces_the_uninterrupted_losses_exactly(cache, straight_run, tmp_path):
     config = tiny_distill_config(cache)
     assert len(straight_run) == 6 and all(m["skipped"] == 0 for _, m in straight_run)
@@ -52,8 +42,12 @@ def test_resumed_distillation_reproduces_the_uninterrupted_losses_exactly(cache,
 
 def test_a_job_killed_during_a_save_resumes_from_the_last_complete_checkpoint(cache, straight_run, tmp_path):
     workdir = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-m", "tests.distill_kill_worker", str(cache), str(workdir), "4"],
-                            capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.distill_kill_worker", str(cache), str(workdir), "4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     left = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert "2" in left and "4" not in left  # step 4 was being written: only a temporary directory holds it
@@ -96,15 +90,23 @@ def test_the_job_evaluates_the_student_and_writes_results_grids_and_probes(cache
     lines = []
     results = distill_job.distill(config, workdir, log=lines.append)
 
-    assert list(results) == ["teacher base (2 steps)", "teacher base (4 steps)",
-                             "teacher base (4 steps, student's times)", "student (4 steps)"]
+    assert list(results) == [
+        "teacher base (2 steps)",
+        "teacher base (4 steps)",
+        "teacher base (4 steps, student's times)",
+        "student (4 steps)",
+    ]
     for name, r in results.items():
         for task in ("t2i", "edit"):
             assert 1.0 <= r[f"{task}_average"] <= 5.0, (name, task, r)
     assert json.loads((workdir / "results.json").read_text()) == results
     assert "| student (4 steps) | 4 |" in (workdir / "results.md").read_text()
-    for grid in ("grid_t2i.png", "grid_edit.png", "samples/step_000000/grid_t2i.png",
-                 "samples/step_000002/grid_edit.png"):
+    for grid in (
+        "grid_t2i.png",
+        "grid_edit.png",
+        "samples/step_000000/grid_t2i.png",
+        "samples/step_000002/grid_edit.png",
+    ):
         assert (workdir / grid).stat().st_size > 500, grid
     assert sum(line.startswith("probe at step") for line in lines) == 2
 
@@ -218,7 +220,8 @@ def test_both_renoising_modes_train_and_a_bad_mode_is_a_config_error(cache, stra
 
 
 def test_the_decoupled_schedule_adds_the_cfg_term_alone_and_a_bad_schedule_is_a_config_error(
-        cache, straight_run, tmp_path):
+    cache, straight_run, tmp_path
+):
     """Decoupled (the toy default) = distribution matching against the conditional teachers + the CFG term. At CFG
     1 there is no CFG term: the two schedules give the same run bit for bit. With CFG, its first distribution-
     matching loss is the shared run's at CFG 1 (the same state and draws), and the CFG term comes on top."""
@@ -296,8 +299,9 @@ def test_the_teacher_sampled_on_given_timesteps(cache):
     gen = Generator(from_params(config_lib.transformer_config(config), params), assets, mu, batch_size=2)
     captions = ["a red sky over a lake", "a portrait with glasses"]
     default = gen.t2i(params, captions, num_steps=4, cfg_scale=2.0)
-    explicit = gen.t2i(params, captions, num_steps=4, cfg_scale=2.0,
-                       timesteps=tuple(flow.sampling_sigmas(4, mu)[:-1].tolist()))
+    explicit = gen.t2i(
+        params, captions, num_steps=4, cfg_scale=2.0, timesteps=tuple(flow.sampling_sigmas(4, mu)[:-1].tolist())
+    )
     other = gen.t2i(params, captions, num_steps=4, cfg_scale=2.0, timesteps=(1.0, 0.8, 0.5, 0.2))
     np.testing.assert_array_equal(explicit, default)
     assert np.abs(other.astype(int) - default.astype(int)).mean() > 1.0
@@ -310,8 +314,9 @@ def test_a_replicate_seed_changes_the_distillation_but_not_the_teachers(cache, s
 
     config = tiny_distill_config(cache)
     config.train.update(steps=2, seed=1)
-    assert all(teacher.cache_dir(config, n) == teacher.cache_dir(tiny_distill_config(cache), n)
-               for n in config.teachers)
+    assert all(
+        teacher.cache_dir(config, n) == teacher.cache_dir(tiny_distill_config(cache), n) for n in config.teachers
+    )
     history = []
     distill_job.distill(config, tmp_path / "r", history=history, **QUIET)
     assert all(m["skipped"] == 0 for _, m in history)

@@ -9,10 +9,10 @@ import pytest
 from qwen_flash_jax import flow
 from qwen_flash_jax.diffusion import sampling
 from qwen_flash_jax.distill import dmd, pairs
-from qwen_flash_jax.loading import build_transformer, from_params
-from qwen_flash_jax.models import TransformerConfig, make_layout
+from qwen_flash_jax.loading import build_transformer
+from qwen_flash_jax.models import TransformerConfig
 from qwen_flash_jax.models.config import ConfigError
-from tests.torch_reference import TINY, make_inputs
+from tests.torch_reference import TINY
 
 
 def test_dmd_loss_gradient_is_the_normalised_score_difference():
@@ -76,31 +76,8 @@ def test_guidance_table_picks_the_most_specific_rule_and_checks_sums():
         dmd.guidance_table({"edit": [{"base": 1.0}] * 2}, ("base",), ("t2i/text",), 2)
 
 
-def _random_model(seed):
-    """A tiny transformer with every weight random: the init zeroes the output projection, and with it every
-    velocity, which would make each x0 equal its input and the comparisons below hold trivially."""
-    config = TransformerConfig(**TINY)
-    params = build_transformer(config, seed=seed).params
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return from_params(config, jax.tree.unflatten(treedef, noisy))
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model, other = _random_model(0), _random_model(1)
-    inputs = make_inputs(np.random.default_rng(0), batch=2, conditions=[], target=(1, 4, 4), text_runs=[6])
-    layout = make_layout(inputs["img_shapes"], inputs["img_mask"])
-    cond = sampling.Conditioning(jnp.asarray(inputs["encoder_hidden_states"]),
-                                 jnp.asarray(inputs["encoder_hidden_states_mask"]), jnp.zeros((2, 0, 8)), layout)
-    neg = cond.replace(encoder_hidden_states=jnp.zeros_like(cond.encoder_hidden_states))
-    x_t = jax.random.normal(jax.random.key(3), (2, 16, 8))
-    return model, {"base": model.params, "text": other.params}, cond, neg, x_t
-
-
-def test_real_x0_blends_teachers_and_skips_unused_ones(setup):
-    model, teachers, cond, neg, x_t = setup
+def test_real_x0_blends_teachers_and_skips_unused_ones(tiny_teachers):
+    model, teachers, cond, neg, x_t = tiny_teachers
     t = jnp.array([0.6, 0.3])
 
     def x0_of(params):
@@ -120,23 +97,26 @@ def test_real_x0_blends_teachers_and_skips_unused_ones(setup):
 
 
 @pytest.mark.parametrize("rescale", [0.0, 0.7])
-def test_real_x0_parts_are_the_conditional_and_the_guided_blend(setup, rescale):
+def test_real_x0_parts_are_the_conditional_and_the_guided_blend(tiny_teachers, rescale):
     """The decoupled schedule's two real x0s: the guided one is `real_x0`'s (also rescaled), the conditional one is
     `real_x0` at CFG 1, both blended with the same weights."""
-    model, teachers, cond, neg, x_t = setup
+    model, teachers, cond, neg, x_t = tiny_teachers
     t = jnp.array([0.6, 0.3])
     weights = jnp.array([[1.0, 0.0], [0.25, 0.75]])
     conditional, guided = dmd.real_x0_parts(model, teachers, weights, cond, neg, x_t, t, 3.0, rescale)
-    np.testing.assert_allclose(guided, dmd.real_x0(model, teachers, weights, cond, neg, x_t, t, 3.0, rescale),
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(conditional, dmd.real_x0(model, teachers, weights, cond, neg, x_t, t, 1.0),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        guided, dmd.real_x0(model, teachers, weights, cond, neg, x_t, t, 3.0, rescale), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        conditional, dmd.real_x0(model, teachers, weights, cond, neg, x_t, t, 1.0), rtol=1e-4, atol=1e-4
+    )
     assert float(jnp.max(jnp.abs(guided - conditional))) > 1e-2  # CFG 3 moves the random teachers' x0
 
 
 def test_rescaled_cfg_takes_the_conditional_velocitys_norm():
-    v_cond, v_guided = (jax.random.normal(k, (3, 5, 4)) * s for k, s in zip(jax.random.split(jax.random.key(0)),
-                                                                            (1.0, 4.0)))
+    v_cond, v_guided = (
+        jax.random.normal(k, (3, 5, 4)) * s for k, s in zip(jax.random.split(jax.random.key(0)), (1.0, 4.0))
+    )
     rms = lambda v: jnp.sqrt(jnp.mean(jnp.square(v), axis=(1, 2)))  # noqa: E731
     np.testing.assert_allclose(rms(dmd._mix_rescaled(v_cond, v_guided, 1.0)), rms(v_cond), rtol=1e-5)
     half = dmd._mix_rescaled(v_cond, v_guided, 0.5)
@@ -150,15 +130,15 @@ def test_decoupled_times_never_exceed_the_student_steps_time():
     assert bool(jnp.all(t >= 0.02)) and bool(jnp.all(t <= high + 1e-7))
     # Uniform below the bound: each step's draws fill its interval (max near the bound, mean at its middle).
     for i, bound in enumerate([0.98, 0.8, 0.5, 0.2]):
-        drawn = np.asarray(t[i * 2000:(i + 1) * 2000])
+        drawn = np.asarray(t[i * 2000 : (i + 1) * 2000])
         assert drawn.max() > bound - 0.01 and abs(drawn.mean() - (0.02 + bound) / 2) < 0.02
     np.testing.assert_allclose(t[-2000:], 0.02)  # a step below t_min: the CFG term sits at t_min
     with pytest.raises(ConfigError, match="guidance.schedule"):
         dmd.check_schedule("split")
 
 
-def test_backward_simulation_runs_the_earlier_steps(setup):
-    model, teachers, cond, _, noise = setup
+def test_backward_simulation_runs_the_earlier_steps(tiny_teachers):
+    model, teachers, cond, _, noise = tiny_teachers
     times = dmd.student_timesteps(4, 0.5)
     key = jax.random.key(5)
     sim = jax.jit(lambda k: dmd.backward_simulation(model, model.params, cond, noise, k, times, key))
@@ -175,16 +155,17 @@ def test_backward_simulation_runs_the_earlier_steps(setup):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_the_critic_sample_on_the_prefix_cache_matches_full_forwards(setup, causal):
+def test_the_critic_sample_on_the_prefix_cache_matches_full_forwards(tiny_teachers, causal):
     """`student_sample` (and the backward simulation) reuse step 0's text/condition keys and values when the model
     has causal_condition: every k reaches the input and x0 of the plain loop of full forwards, with a traced k."""
-    _, _, cond, _, noise = setup
+    _, _, cond, _, noise = tiny_teachers
     model = build_transformer(TransformerConfig(**TINY, causal_condition=causal), seed=2)
     times = dmd.student_timesteps(4, 0.5)
     key = jax.random.key(11)
     for mode in ("fresh", "predicted"):
-        sample = jax.jit(lambda k: dmd.student_sample(model, model.params, cond, noise, k, times, key, mode))
-        simulate = jax.jit(lambda k: dmd.backward_simulation(model, model.params, cond, noise, k, times, key, mode))
+        # Both are called within this iteration only, so they see this iteration's mode.
+        sample = jax.jit(lambda k: dmd.student_sample(model, model.params, cond, noise, k, times, key, mode))  # noqa: B023
+        simulate = jax.jit(lambda k: dmd.backward_simulation(model, model.params, cond, noise, k, times, key, mode))  # noqa: B023
         z = noise
         for k in range(4):
             x0, v = dmd.student_x0(model, model.params, cond, z, jnp.full((2,), times[k]))
@@ -195,15 +176,16 @@ def test_the_critic_sample_on_the_prefix_cache_matches_full_forwards(setup, caus
             if k < 3:
                 z = dmd.renoise(x0, z, v, jnp.full((2,), times[k]), times[k + 1], jax.random.fold_in(key, k), mode)
     one_step = dmd.student_sample(model, model.params, cond, noise, 0, times[:1], key)
-    np.testing.assert_allclose(one_step[1], dmd.student_x0(model, model.params, cond, noise,
-                                                           jnp.full((2,), times[0]))[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        one_step[1], dmd.student_x0(model, model.params, cond, noise, jnp.full((2,), times[0]))[0], rtol=1e-5, atol=1e-5
+    )
 
 
-def test_predicted_renoising_makes_the_student_the_euler_sampler(setup):
+def test_predicted_renoising_makes_the_student_the_euler_sampler(tiny_teachers):
     """With the noise its velocity implies, each student step is an Euler step: the student at initialisation
     samples exactly as the teacher's Euler sampler (without CFG) over the same times, and its backward simulation
     reaches the Euler iterate. With fresh noise the samples differ."""
-    model, _, cond, _, noise = setup
+    model, _, cond, _, noise = tiny_teachers
     times = dmd.student_timesteps(4, 0.5)
     key = jax.random.key(3)
     out = dmd.generate(model, model.params, cond, noise, times, key, "predicted")

@@ -19,6 +19,8 @@ from qwen_flash_jax.text import tokenizer as tokenizer_lib  # noqa: E402
 from qwen_flash_jax.train import assets as assets_lib  # noqa: E402
 from qwen_flash_jax.train import distill_job, jobs  # noqa: E402
 
+pytestmark = pytest.mark.job
+
 TEXT_WIDTH = 32
 LATENT_CHANNELS = 8
 IMAGE_SIZE = 64  # pixels: 4x4 latents at the VAE's 16x compression
@@ -44,31 +46,67 @@ def _text_encoder_dir(path):
     tok = tokenizer_lib.train_tokenizer(CAPTIONS + INSTRUCTIONS, vocab_size=300)
     ids = {t: tokenizer_lib.special_token_id(tok, t) for t in tokenizer_lib.SPECIAL_TOKENS}
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=320, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 1, 1],
-                                              mrope_interleaved=True)),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_WIDTH,
-                           patch_size=16, spatial_merge_size=2, num_position_embeddings=16,
-                           deepstack_visual_indexes=[0]),
-        image_token_id=ids[tokenizer_lib.IMAGE_PAD], vision_start_token_id=ids[tokenizer_lib.VISION_START],
-        vision_end_token_id=ids[tokenizer_lib.VISION_END], video_token_id=319)
+        text_config=dict(
+            vocab_size=320,
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=512,
+            rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 1, 1], mrope_interleaved=True),
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=TEXT_WIDTH,
+            patch_size=16,
+            spatial_merge_size=2,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids[tokenizer_lib.IMAGE_PAD],
+        vision_start_token_id=ids[tokenizer_lib.VISION_START],
+        vision_end_token_id=ids[tokenizer_lib.VISION_END],
+        video_token_id=319,
+    )
     _randomise(Qwen3VLForConditionalGeneration(config).eval(), 0).save_pretrained(path)
     tok.save_pretrained(path)
     # The processor's pixel limits admit the tiny 64px condition images (the published ones start at 256x256).
-    (path / "preprocessor_config.json").write_text(json.dumps(dict(
-        image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=16, merge_size=2, temporal_patch_size=2,
-        size=dict(shortest_edge=32 * 32, longest_edge=1024 * 1024))))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            dict(
+                image_mean=[0.5] * 3,
+                image_std=[0.5] * 3,
+                patch_size=16,
+                merge_size=2,
+                temporal_patch_size=2,
+                size=dict(shortest_edge=32 * 32, longest_edge=1024 * 1024),
+            )
+        )
+    )
     return path
 
 
 def _vae_dir(path):
     from diffusers import AutoencoderKLQwenImage21
 
-    vae = AutoencoderKLQwenImage21(base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                   temperal_downsample=[False, True, True], patch_size=2, in_channels=16,
-                                   out_channels=16, latents_mean=[0.1] * LATENT_CHANNELS,
-                                   latents_std=[1.5] * LATENT_CHANNELS, scale_factor_spatial=16)
+    vae = AutoencoderKLQwenImage21(
+        base_dim=8,
+        z_dim=LATENT_CHANNELS,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        latents_mean=[0.1] * LATENT_CHANNELS,
+        latents_std=[1.5] * LATENT_CHANNELS,
+        scale_factor_spatial=16,
+    )
     _randomise(vae.eval(), 1).save_pretrained(path)
     return path
 
@@ -78,9 +116,15 @@ def _teacher_dir(tmp_path):
 
     from qwen_flash_jax.convert import convert
 
-    model = QwenImage21Transformer2DModel(num_layers=2, attention_head_dim=16, num_attention_heads=2,
-                                          in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-                                          context_in_dim=TEXT_WIDTH, axes_dims_rope=(4, 6, 6))
+    model = QwenImage21Transformer2DModel(
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        context_in_dim=TEXT_WIDTH,
+        axes_dims_rope=(4, 6, 6),
+    )
     _randomise(model.eval(), 2).save_pretrained(tmp_path / "transformer")
     convert(tmp_path / "transformer", tmp_path / "teacher", dtype="float32", progress=False)
     return tmp_path / "teacher"
@@ -91,12 +135,16 @@ def _data(tmp_path):
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)).save(tmp_path / f"{i}.png")
     cats = ["landscape", "portrait", "text", "landscape"]
-    (tmp_path / "t2i.jsonl").write_text("".join(
-        json.dumps({"prompt": c, "category": cat}) + "\n" for c, cat in zip(CAPTIONS, cats)))
+    (tmp_path / "t2i.jsonl").write_text(
+        "".join(json.dumps({"prompt": c, "category": cat}) + "\n" for c, cat in zip(CAPTIONS, cats))
+    )
     edit_cats = ["scene", "object", "identity", "style"]
-    (tmp_path / "edit.jsonl").write_text("".join(
-        json.dumps({"instruction": t, "category": cat, "source": f"{i}.png", "target": f"{(i + 1) % 4}.png"}) + "\n"
-        for i, (t, cat) in enumerate(zip(INSTRUCTIONS, edit_cats))))
+    (tmp_path / "edit.jsonl").write_text(
+        "".join(
+            json.dumps({"instruction": t, "category": cat, "source": f"{i}.png", "target": f"{(i + 1) % 4}.png"}) + "\n"
+            for i, (t, cat) in enumerate(zip(INSTRUCTIONS, edit_cats))
+        )
+    )
     return tmp_path / "t2i.jsonl", tmp_path / "edit.jsonl"
 
 
@@ -104,8 +152,12 @@ def _data(tmp_path):
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("full_scale")
     (root / "text_encoder").mkdir()
-    return dict(text_encoder=_text_encoder_dir(root / "text_encoder"), vae=_vae_dir(root / "vae"),
-                teacher=_teacher_dir(root), data=_data(root))
+    return dict(
+        text_encoder=_text_encoder_dir(root / "text_encoder"),
+        vae=_vae_dir(root / "vae"),
+        teacher=_teacher_dir(root),
+        data=_data(root),
+    )
 
 
 # The job's programs over the 8 emulated devices with replicated parameters. XLA:CPU runs a loop that holds
@@ -119,16 +171,31 @@ def full_config(checkpoints, cache_dir, ratio="1:0"):
     """configs/5to5.py at full scale with every size shrunk to the tiny checkpoints."""
     config = config_lib.load_config("configs/5to5.py")
     config.cache_dir = str(cache_dir)
-    config.model.update(num_layers=2, attention_head_dim=16, num_attention_heads=2, in_channels=LATENT_CHANNELS,
-                        out_channels=LATENT_CHANNELS, context_in_dim=TEXT_WIDTH, axes_dims_rope=(4, 6, 6),
-                        dtype="float32", remat_policy="none")
+    config.model.update(
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        context_in_dim=TEXT_WIDTH,
+        axes_dims_rope=(4, 6, 6),
+        dtype="float32",
+        remat_policy="none",
+    )
     config.text_encoder.path = str(checkpoints["text_encoder"])
     config.codec.path = str(checkpoints["vae"])
     for name in ("base", "text"):
         config.teachers[name].path = str(checkpoints["teacher"])
     t2i, edit = checkpoints["data"]
-    config.data.update(image_size=IMAGE_SIZE, t2i_jsonl=str(t2i), edit_jsonl=str(edit), batch_size=8,
-                       max_prompt_tokens=64, edit_prompt_tokens=80, task_ratio=ratio)
+    config.data.update(
+        image_size=IMAGE_SIZE,
+        t2i_jsonl=str(t2i),
+        edit_jsonl=str(edit),
+        batch_size=8,
+        max_prompt_tokens=64,
+        edit_prompt_tokens=80,
+        task_ratio=ratio,
+    )
     config.data.edit_weights = dict(scene=1.0, enhance=0.0, object=1.0, text_edit=0.0, identity=1.0, style=1.0)
     config.train.update(steps=2, log_every=1, checkpoint_every=1)
     config.fake_score.updates_per_student = 1
@@ -137,6 +204,7 @@ def full_config(checkpoints, cache_dir, ratio="1:0"):
     return config
 
 
+@pytest.mark.sharded
 def test_full_scale_distillation_runs_from_local_checkpoints(checkpoints, tmp_path):
     """T2I and edit batches (1:1): edits read their condition images through the vision tower and the VAE."""
     config = full_config(checkpoints, tmp_path / "cache", ratio="1:1")
@@ -185,6 +253,7 @@ def test_edit_conditioning_depends_on_the_condition_image(checkpoints, tmp_path)
         conditioning.encode(assets.text_encoder, spec, ids, mask, latents)
 
 
+@pytest.mark.sharded
 def test_the_tokenizer_and_text_encoder_are_the_qwen3_vl_ones(checkpoints, tmp_path):
     config = full_config(checkpoints, tmp_path / "cache")
     assets = assets_lib.build_assets(config, log=lambda *_: None)
@@ -202,18 +271,23 @@ def test_the_tokenizer_and_text_encoder_are_the_qwen3_vl_ones(checkpoints, tmp_p
     assert ids and max(ids) < 300
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("text_encoder.path", "", "text_encoder.path is not set"),
-    ("text_encoder.path", "/nonexistent/te", "text_encoder.path='/nonexistent/te' is not a directory"),
-    ("codec.path", "/nonexistent/vae", "codec.path='/nonexistent/vae' is not a directory"),
-    ("codec.kind", "jpeg", "codec.kind must be one of"),
-    ("teachers.base.path", "/nonexistent/teacher", "holds no teacher checkpoint"),
-    ("data.batch_size", 6, "data.batch_size=6 does not split over the 8 devices"),
-    ("data.image_size", 48, "data.image_size=48: image size 48x48 gives 3x3 latents"),
-    ("model.num_layers", 3, "holds a different transformer: num_layers=2 (config: 3)"),
-    ("model.context_in_dim", 48, "hidden size 32 != model.context_in_dim 48"),
-    ("model.in_channels", 16, "codec gives 8 latent channels but model.in_channels=16"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("text_encoder.path", "", "text_encoder.path is not set"),
+        ("text_encoder.path", "/nonexistent/te", "text_encoder.path='/nonexistent/te' is not a directory"),
+        ("codec.path", "/nonexistent/vae", "codec.path='/nonexistent/vae' is not a directory"),
+        ("codec.kind", "jpeg", "codec.kind must be one of"),
+        ("teachers.base.path", "/nonexistent/teacher", "holds no teacher checkpoint"),
+        pytest.param(
+            "data.batch_size", 6, "data.batch_size=6 does not split over the 8 devices", marks=pytest.mark.sharded
+        ),
+        ("data.image_size", 48, "data.image_size=48: image size 48x48 gives 3x3 latents"),
+        ("model.num_layers", 3, "holds a different transformer: num_layers=2 (config: 3)"),
+        ("model.context_in_dim", 48, "hidden size 32 != model.context_in_dim 48"),
+        ("model.in_channels", 16, "codec gives 8 latent channels but model.in_channels=16"),
+    ],
+)
 def test_a_bad_full_scale_config_is_one_line_before_any_work(checkpoints, tmp_path, field, value, message):
     config = full_config(checkpoints, tmp_path / "cache")
     section, name = field.rsplit(".", 1)

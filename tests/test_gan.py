@@ -8,25 +8,32 @@ import pytest
 
 from qwen_flash_jax.diffusion import sampling
 from qwen_flash_jax.distill import gan
-from tests.test_dmd import setup  # noqa: F401  (module fixture: tiny model, conditioning, noisy sample)
 
 
-def test_features_come_from_the_same_forward_as_the_velocity(setup):  # noqa: F811
-    model, _, cond, _, x_t = setup
+def test_features_come_from_the_same_forward_as_the_velocity(tiny_teachers):
+    model, _, cond, _, x_t = tiny_teachers
     t = jnp.array([0.6, 0.3])
     v, features = sampling.velocity_and_features(model, model.params, cond, x_t, t)
     plain, _ = sampling.velocity(model, model.params, cond, x_t, t)
     np.testing.assert_array_equal(v, plain)
     assert features.shape == (*x_t.shape[:2], model.config.inner_dim)
     with pytest.raises(ValueError, match="return_features"):
-        model.forward(model.params, cond.layout, x_t, cond.encoder_hidden_states, t,
-                      cond.encoder_hidden_states_mask, kv_cache_mode="extract", return_features=True)
+        model.forward(
+            model.params,
+            cond.layout,
+            x_t,
+            cond.encoder_hidden_states,
+            t,
+            cond.encoder_hidden_states_mask,
+            kv_cache_mode="extract",
+            return_features=True,
+        )
 
 
-def test_the_critic_learns_to_tell_real_from_student_samples(setup):  # noqa: F811
+def test_the_critic_learns_to_tell_real_from_student_samples(tiny_teachers):
     """Trunk + head, trained on the classification loss, separate two sample distributions the DMD noise levels
     blur: real samples are smooth, student samples are white noise of the same scale."""
-    model, _, cond, _, x_t = setup
+    model, _, cond, _, x_t = tiny_teachers
     real = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, x_t.shape[1])[None, :, None], x_t.shape)
     student = jax.random.normal(jax.random.key(7), x_t.shape)
     params = {"fake": model.params, "head": gan.init_head(jax.random.key(0), model.config.inner_dim)}
@@ -51,8 +58,8 @@ def test_the_critic_learns_to_tell_real_from_student_samples(setup):  # noqa: F8
     assert cls < 0.5 * first[1] and accuracy > 0.9, (float(cls), float(accuracy))
 
 
-def test_generator_gradient_is_the_input_gradient_of_the_non_saturating_loss(setup):  # noqa: F811
-    model, _, cond, _, x_t = setup
+def test_generator_gradient_is_the_input_gradient_of_the_non_saturating_loss(tiny_teachers):
+    model, _, cond, _, x_t = tiny_teachers
     t = jnp.array([0.6, 0.3])
     head = gan.init_head(jax.random.key(1), model.config.inner_dim)
     head["logit"] = jax.random.normal(jax.random.key(2), head["logit"].shape)  # a non-trivial discriminator
@@ -65,7 +72,6 @@ def test_generator_gradient_is_the_input_gradient_of_the_non_saturating_loss(set
     np.testing.assert_allclose(loss, direct(x_t), rtol=1e-5)
     np.testing.assert_allclose(grad, jax.grad(direct)(x_t), rtol=1e-4, atol=1e-7)
     # The same velocity as a plain forward (one jitted program against op by op: float32 rounding apart).
-    np.testing.assert_allclose(v_fake, sampling.velocity(model, model.params, cond, x_t, t)[0], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(v_fake, sampling.velocity(model, model.params, cond, x_t, t)[0], rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(v_fake).max()) > 0.1
     assert float(jnp.abs(grad).max()) > 0

@@ -8,8 +8,10 @@ from PIL import Image
 from qwen_flash_jax.eval import report
 from qwen_flash_jax.eval.generate import GRID_BACKGROUND, GridSection, fit_text, grid_font, grid_image
 
-LONG_PROMPT = ("A simple picture of a nature scene with a lake, under a dark starry night sky, in snowy winter, "
-               "with three trees, with a bright sun and with a mountain range.")
+LONG_PROMPT = (
+    "A simple picture of a nature scene with a lake, under a dark starry night sky, in snowy winter, "
+    "with three trees, with a bright sun and with a mountain range."
+)
 
 
 def _images(n, size=16, seed=0):
@@ -18,7 +20,7 @@ def _images(n, size=16, seed=0):
 
 def _box(image, box):
     top, left, height, width = box
-    return image[top:top + height, left:left + width]
+    return image[top : top + height, left : left + width]
 
 
 def test_the_grid_grows_by_one_cell_per_row_and_per_column():
@@ -37,10 +39,18 @@ def test_the_grid_grows_by_one_cell_per_row_and_per_column():
 
 
 def test_every_row_and_column_carries_its_label():
-    sections = [GridSection("portrait", ["Remove the glasses", "Make the hair long"],
-                            [("source", _images(2)), ("student (4 steps), 4 NFE", _images(2, seed=1))]),
-                GridSection("scene", ["Make it night", "Make it summer", "Add a lake"],
-                            [("source", _images(3, seed=2)), ("teacher base (40 steps), 80 NFE", _images(3, seed=3))])]
+    sections = [
+        GridSection(
+            "portrait",
+            ["Remove the glasses", "Make the hair long"],
+            [("source", _images(2)), ("student (4 steps), 4 NFE", _images(2, seed=1))],
+        ),
+        GridSection(
+            "scene",
+            ["Make it night", "Make it summer", "Add a lake"],
+            [("source", _images(3, seed=2)), ("teacher base (40 steps), 80 NFE", _images(3, seed=3))],
+        ),
+    ]
     image, layout = grid_image(sections)
     assert set(layout.row_labels) == {(0, 0), (0, 1), (1, 0), (1, 1)}
     assert set(layout.column_labels) == {(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)}
@@ -97,8 +107,15 @@ def test_without_freetype_the_bitmap_font_still_labels_the_grid(monkeypatch):
 
     monkeypatch.setattr(ImageFont, "load_default", no_freetype)
     assert grid_font(12) is bitmap
-    image, layout = grid_image([GridSection("edit", [LONG_PROMPT, "Remove the glasses"],
-                                            [("source", _images(2)), ("student (4 steps), 4 NFE", _images(2))])])
+    image, layout = grid_image(
+        [
+            GridSection(
+                "edit",
+                [LONG_PROMPT, "Remove the glasses"],
+                [("source", _images(2)), ("student (4 steps), 4 NFE", _images(2))],
+            )
+        ]
+    )
     for box in [*layout.row_labels.values(), *layout.column_labels.values()]:
         assert (_box(image, box) != GRID_BACKGROUND).any(), box
 
@@ -110,18 +127,20 @@ def test_unscored_grids_name_each_model_and_leave_its_images_unchanged(tmp_path)
     outputs.flags.writeable = False  # the grid only reads the images it is given
 
     def contender(name, nfe):
-        return report.Contender(name, nfe, lambda c: outputs[:len(c)], lambda s, i: outputs[:len(i)])
+        return report.Contender(name, nfe, lambda c: outputs[: len(c)], lambda s, i: outputs[: len(i)])
 
     contenders = [contender("teacher base (3 steps)", 6), contender("student (4 steps)", 4)]
-    report.sample_unjudged(tmp_path, contenders, captions, list(zip(sources, ["make it night"] * 3)),
-                           title="t", log=lambda *_: None)
+    report.sample_unjudged(
+        tmp_path, contenders, captions, list(zip(sources, ["make it night"] * 3)), title="t", log=lambda *_: None
+    )
     t2i = np.asarray(Image.open(tmp_path / "grid_t2i.png").convert("RGB"))
     edit = np.asarray(Image.open(tmp_path / "grid_edit.png").convert("RGB"))
     # One row per model, named with its NFE; the edit grid's first row holds the sources.
     names = ["teacher base (3 steps)\n6 NFE", "student (4 steps)\n4 NFE"]
     np.testing.assert_array_equal(t2i, grid_image([GridSection("T2I", captions, [(n, outputs) for n in names])])[0])
-    expected, layout = grid_image([GridSection("edit", ["make it night"] * 3,
-                                               [("source", sources)] + [(n, outputs) for n in names])])
+    expected, layout = grid_image(
+        [GridSection("edit", ["make it night"] * 3, [("source", sources)] + [(n, outputs) for n in names])]
+    )
     np.testing.assert_array_equal(edit, expected)
     assert t2i.shape[1] == edit.shape[1]
     np.testing.assert_array_equal(_box(edit, layout.tiles[0, 0, 2]), np.repeat(np.repeat(sources[2], 6, 0), 6, 1))

@@ -50,7 +50,8 @@ def edit_results(judge, edit_sets):
 # ----------------------------------------------------------------------------------------------- classifier
 def test_heldout_accuracy(judge):
     expected = {f"{c}/category" for c in T2I_CATEGORIES} | {
-        f"{c}/{a}" for c in T2I_CATEGORIES for a in judge_mod.T2I_ATTRIBUTES[c]}
+        f"{c}/{a}" for c in T2I_CATEGORIES for a in judge_mod.T2I_ATTRIBUTES[c]
+    }
     assert set(judge.accuracy) == expected
     low = {k: v for k, v in judge.accuracy.items() if v < 0.93}
     assert not low, f"weak attribute heads: {low}"
@@ -139,8 +140,9 @@ def test_text_word_dominates_text_compliance(judge):
     specs = [s.spec for s in samples]
     vocab = judge_mod.T2I_ATTRIBUTES["text"]["word"]
     wrong_word = [dict(s, word=vocab[(vocab.index(s["word"]) + 5) % len(vocab)]) for s in specs]
-    wrong_place = [dict(s, placement={"top": "bottom", "middle": "top", "bottom": "middle"}[s["placement"]])
-                   for s in specs]
+    wrong_place = [
+        dict(s, placement={"top": "bottom", "middle": "top", "bottom": "middle"}[s["placement"]]) for s in specs
+    ]
     right, word, place = (judge.score_t2i(images, sp)["mean"] for sp in (specs, wrong_word, wrong_place))
     assert right >= 4.5 and word < place < right and word <= right - 1.5, (right, word, place)
 
@@ -180,8 +182,10 @@ def test_save_load_roundtrip(judge, t2i_sets, edit_sets, tmp_path):
     np.testing.assert_array_equal(a["per_sample"], b["per_sample"])
     assert a["fidelity_fd"] == b["fidelity_fd"]
     sources, especs, outputs = edit_sets
-    np.testing.assert_array_equal(judge.score_edit(sources, outputs["mild"], especs)["per_sample"],
-                                  loaded.score_edit(sources, outputs["mild"], especs)["per_sample"])
+    np.testing.assert_array_equal(
+        judge.score_edit(sources, outputs["mild"], especs)["per_sample"],
+        loaded.score_edit(sources, outputs["mild"], especs)["per_sample"],
+    )
     # overwrite replaces atomically; overwrite=False keeps the existing judge
     save_judge(loaded, path)
     assert sorted(os.listdir(tmp_path)) == ["j"]
@@ -240,7 +244,7 @@ def test_bad_inputs_raise(judge, t2i_sets, edit_sets):
         "empty": images[:0],
         "4 channels": np.zeros((2, 32, 32, 4), np.uint8),
     }
-    for name, x in bad_images.items():
+    for x in bad_images.values():
         with pytest.raises(ValueError, match=r"uint8 array of shape \(N, 32, 32, 3\)"):
             judge.score_t2i(x, specs[: len(x)] if len(x) else [])
     with pytest.raises(ValueError, match="one spec dict per image"):
@@ -248,8 +252,9 @@ def test_bad_inputs_raise(judge, t2i_sets, edit_sets):
     with pytest.raises(ValueError, match="T2I spec"):
         judge.score_t2i(images[:1], [dict(specs[0], category="cityscape")])
     with pytest.raises(ValueError, match="not in"):
-        judge.score_t2i(images[:1], [dict(specs[0], **{next(iter(judge_mod.T2I_ATTRIBUTES[specs[0]["category"]])):
-                                                       "purple"})])
+        judge.score_t2i(
+            images[:1], [dict(specs[0], **{next(iter(judge_mod.T2I_ATTRIBUTES[specs[0]["category"]])): "purple"})]
+        )
     with pytest.raises(ValueError, match="same shape"):
         judge.score_edit(sources, outputs["target"][:-1], especs)
     with pytest.raises(ValueError, match="sources must be"):
@@ -287,8 +292,12 @@ def test_paired_differences_measure_the_shift_and_its_uncertainty():
     ref = {c: rng.uniform(1, 5, 40).tolist() for c in ("a", "b")}
     shifted = {c: (np.asarray(v) + 0.5).tolist() for c, v in ref.items()}
     noisy = {c: (np.asarray(v) + 0.2 + rng.normal(0, 1.0, 40)).tolist() for c, v in ref.items()}
-    results = {"ref": {"t2i_scores": ref}, "shifted": {"t2i_scores": shifted}, "noisy": {"t2i_scores": noisy},
-               "old": {}}
+    results = {
+        "ref": {"t2i_scores": ref},
+        "shifted": {"t2i_scores": shifted},
+        "noisy": {"t2i_scores": noisy},
+        "old": {},
+    }
     mean, low, high = report.paired_difference(results, "shifted", "ref", "t2i")
     assert mean == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
     mean, low, high = report.paired_difference(results, "noisy", "ref", "t2i")

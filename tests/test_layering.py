@@ -89,6 +89,7 @@ def import_graph(root: pathlib.Path, package: str = PACKAGE):
 
 def package_edges(edges: dict[str, set[str]], package: str = PACKAGE) -> dict[str, set[str]]:
     """The module edges between first-level packages (`pkg.data.world.core` belongs to `pkg.data`)."""
+
     def group(module):
         return ".".join(module.split(".")[:2])
 
@@ -165,16 +166,19 @@ def _write(root: pathlib.Path, files: dict[str, str]) -> None:
 
 
 def test_the_walk_finds_cycles_and_function_level_imports_in_a_small_package(tmp_path):
-    _write(tmp_path, {
-        "pkg/__init__.py": "from pkg.low import base\n",  # parent -> child: not an edge
-        "pkg/low/__init__.py": "",
-        "pkg/low/base.py": "import os\n",
-        "pkg/mid/__init__.py": "",
-        "pkg/mid/a.py": "from ..low import base\nfrom . import b\n",
-        "pkg/mid/b.py": "from pkg.top.c import run\n",  # mid -> top, and top -> mid below: a package cycle
-        "pkg/top/__init__.py": "",
-        "pkg/top/c.py": "from pkg.mid import a\n\ndef run():\n    from pkg.low import base\n    import json\n",
-    })
+    _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "from pkg.low import base\n",  # parent -> child: not an edge
+            "pkg/low/__init__.py": "",
+            "pkg/low/base.py": "import os\n",
+            "pkg/mid/__init__.py": "",
+            "pkg/mid/a.py": "from ..low import base\nfrom . import b\n",
+            "pkg/mid/b.py": "from pkg.top.c import run\n",  # mid -> top, and top -> mid below: a package cycle
+            "pkg/top/__init__.py": "",
+            "pkg/top/c.py": "from pkg.mid import a\n\ndef run():\n    from pkg.low import base\n    import json\n",
+        },
+    )
     edges, function_level = import_graph(tmp_path, "pkg")
     assert edges["pkg"] == set()
     assert edges["pkg.mid.a"] == {"pkg.low.base", "pkg.mid.b"}
@@ -184,8 +188,13 @@ def test_the_walk_finds_cycles_and_function_level_imports_in_a_small_package(tmp
     assert function_level == ["pkg.top.c:4 -> pkg.low.base"]  # json is not the package's own
 
     # The same package with the upward import removed is clean at both levels.
-    _write(tmp_path, {"pkg/top/c.py": "from pkg.mid import a\nfrom pkg.low import base\n\ndef run():\n    pass\n",
-                      "pkg/mid/b.py": "from pkg.low.base import os\n"})
+    _write(
+        tmp_path,
+        {
+            "pkg/top/c.py": "from pkg.mid import a\nfrom pkg.low import base\n\ndef run():\n    pass\n",
+            "pkg/mid/b.py": "from pkg.low.base import os\n",
+        },
+    )
     edges, function_level = import_graph(tmp_path, "pkg")
     assert edges["pkg.mid.b"] == {"pkg.low.base"}
     assert cycles(edges) == [] and cycles(package_edges(edges, "pkg")) == [] and function_level == []

@@ -5,19 +5,29 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.job  # the main job's command line, in subprocesses
+
 
 def _run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ([], "teacher 'base' needs a checkpoint"),  # full scale without converted teachers
-    (["--config.data.task_ratio=3-7"], "task ratio must look like"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ([], "teacher 'base' needs a checkpoint"),  # full scale without converted teachers
+        (["--config.data.task_ratio=3-7"], "task ratio must look like"),
+    ],
+)
 def test_main_rejects_bad_configs_with_one_line(tmp_path, overrides, message):
     workdir = tmp_path / "run"
-    result = _run("qwen_flash_jax.main", "--config=configs/5to5.py", f"--workdir={workdir}",
-                  f"--config.cache_dir={tmp_path / 'cache'}", *overrides)
+    result = _run(
+        "qwen_flash_jax.main",
+        "--config=configs/5to5.py",
+        f"--workdir={workdir}",
+        f"--config.cache_dir={tmp_path / 'cache'}",
+        *overrides,
+    )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
@@ -27,9 +37,15 @@ def test_main_rejects_bad_configs_with_one_line(tmp_path, overrides, message):
 
 def test_inspect_prints_counts_and_writes_a_contact_sheet(tmp_path):
     out = tmp_path / "sheet.png"
-    result = _run("qwen_flash_jax.inspect_data", "--config=configs/7to3.py:toy", "--batches=10", f"--out={out}",
-                  f"--config.cache_dir={tmp_path / 'cache'}", "--config.data.examples_per_category=16",
-                  "--config.text_encoder.pretrain_steps=5")
+    result = _run(
+        "qwen_flash_jax.inspect_data",
+        "--config=configs/7to3.py:toy",
+        "--batches=10",
+        f"--out={out}",
+        f"--config.cache_dir={tmp_path / 'cache'}",
+        "--config.data.examples_per_category=16",
+        "--config.text_encoder.pretrain_steps=5",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "batches: t2i=7 edit=3" in result.stdout
     assert out.exists() and out.stat().st_size > 1000

@@ -2,27 +2,34 @@
 sharded forward agree with a single-process run."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import portpicker
+import pytest
 
 from qwen_flash_jax.data import pipeline
 from qwen_flash_jax.models.codec import SpaceToDepthCodec
 from qwen_flash_jax.text.tokenizer import train_tokenizer
-from tests.test_pipeline import _config, _records
+from tests.helpers import pipeline_config, world_records
+
+pytestmark = pytest.mark.job
 
 
-def test_two_processes_share_one_global_batch():
+def test_two_processes_share_one_global_batch(cpu_devices_env):
     port = portpicker.pick_unused_port()
-    # conftest's flags (its collective timeouts too), with 2 devices per process.
-    flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", f"localhost:{port}", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(2)]
+    env = cpu_devices_env(2)  # 2 devices per process
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.multiprocess_worker", f"localhost:{port}", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     outputs = []
     for p in procs:
         out, err = p.communicate(timeout=300)
@@ -35,10 +42,20 @@ def test_two_processes_share_one_global_batch():
     # Both processes see the same global values ...
     assert a["latent_sum"] == b["latent_sum"] and a["output_sum"] == b["output_sum"]
     # ... which are exactly the single-process stream of 8 examples, split [0::2] / [1::2] between the processes.
-    sources = {"t2i": {c: _records("t2i", c, 12, 0) for c in pipeline.CATEGORIES["t2i"]}}
+    sources = {"t2i": {c: world_records("t2i", c, 12, 0) for c in pipeline.CATEGORIES["t2i"]}}
     tokenizer = train_tokenizer([r["caption"] for recs in sources["t2i"].values() for r in recs], vocab_size=1024)
-    single = next(iter(pipeline.build_pipeline(_config(task_ratio="1:0", batch_size=8), sources, tokenizer,
-                                               SpaceToDepthCodec(patch=4), process_index=0, process_count=1)))
+    single = next(
+        iter(
+            pipeline.build_pipeline(
+                pipeline_config(task_ratio="1:0", batch_size=8),
+                sources,
+                tokenizer,
+                SpaceToDepthCodec(patch=4),
+                process_index=0,
+                process_count=1,
+            )
+        )
+    )
     whole = single["target_latents"]
     np.testing.assert_allclose(a["latent_sum"], whole.sum(), rtol=1e-5)
     np.testing.assert_allclose(a["local_first"], whole[0::2, 0, 0].sum(), rtol=1e-6)

@@ -30,8 +30,7 @@ def _random_params(config, seed):
     params = build_transformer(config, seed=seed).params
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys)])
+    return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +38,21 @@ def world():
     config = TransformerConfig(**TINY)
     model = from_params(config, _random_params(config, 0))
     teachers = {"base": model.params, "text": _random_params(config, 1)}
-    inputs = make_inputs(np.random.default_rng(0), batch=BATCH, conditions=[], target=(1, 4, 4),
-                         text_runs=[TEXT_LEN])
+    inputs = make_inputs(np.random.default_rng(0), batch=BATCH, conditions=[], target=(1, 4, 4), text_runs=[TEXT_LEN])
     layout = make_layout(inputs["img_shapes"], inputs["img_mask"])
-    cond = sampling.Conditioning(jnp.asarray(inputs["encoder_hidden_states"]),
-                                 jnp.asarray(inputs["encoder_hidden_states_mask"]), jnp.zeros((BATCH, 0, 8)), layout)
+    cond = sampling.Conditioning(
+        jnp.asarray(inputs["encoder_hidden_states"]),
+        jnp.asarray(inputs["encoder_hidden_states_mask"]),
+        jnp.zeros((BATCH, 0, 8)),
+        layout,
+    )
     spec = conditioning.TaskSpec("t2i", layout, (4, 4), 0, (0,) * TEXT_LEN, (1,) * TEXT_LEN)
-    batch = {"input_ids": jnp.ones((BATCH, TEXT_LEN), jnp.int32),
-             "attention_mask": jnp.ones((BATCH, TEXT_LEN), jnp.int32),
-             "target_latents": jax.random.normal(jax.random.key(9), (BATCH, 16, 8)),
-             "category": jnp.zeros((BATCH,), jnp.int32)}
+    batch = {
+        "input_ids": jnp.ones((BATCH, TEXT_LEN), jnp.int32),
+        "attention_mask": jnp.ones((BATCH, TEXT_LEN), jnp.int32),
+        "target_latents": jax.random.normal(jax.random.key(9), (BATCH, 16, 8)),
+        "category": jnp.zeros((BATCH,), jnp.int32),
+    }
     return model, teachers, cond, spec, batch
 
 
@@ -66,22 +70,38 @@ def _recording_sgd(learning_rate):
     """Plain SGD whose optimiser state is the last gradient, so a test reads the update's exact gradient."""
     return optax.GradientTransformation(
         lambda params: jax.tree.map(jnp.zeros_like, params),
-        lambda grads, state, params=None: (jax.tree.map(lambda g: -learning_rate * g, grads), grads))
+        lambda grads, state, params=None: (jax.tree.map(lambda g: -learning_rate * g, grads), grads),
+    )
 
 
 def _setup(model, num_steps, **terms):
-    fields = dict(model=model, student_opt=_recording_sgd(0.05), fake_opt=optax.sgd(1e-3),
-                  timesteps=(1.0, 0.7, 0.4, 0.1)[:num_steps],
-                  guidance=np.tile(np.array([[[1.0, 0.0]]], np.float32), (num_steps, 1, 1)),
-                  teacher_names=("base", "text"), cfg_scale=2.0, cfg_rescale=0.0, t_min=0.02, t_max=0.98,
-                  ema_decay=0.0, first_step_fm_weight=0.0, disc_opt=optax.sgd(1e-3))
+    fields = dict(
+        model=model,
+        student_opt=_recording_sgd(0.05),
+        fake_opt=optax.sgd(1e-3),
+        timesteps=(1.0, 0.7, 0.4, 0.1)[:num_steps],
+        guidance=np.tile(np.array([[[1.0, 0.0]]], np.float32), (num_steps, 1, 1)),
+        teacher_names=("base", "text"),
+        cfg_scale=2.0,
+        cfg_rescale=0.0,
+        t_min=0.02,
+        t_max=0.98,
+        ema_decay=0.0,
+        first_step_fm_weight=0.0,
+        disc_opt=optax.sgd(1e-3),
+    )
     return steps.DistillSetup(**(fields | terms))
 
 
 def _initial_state(setup, teachers, seed=0):
     disc = gan.init_head(jax.random.key(2), setup.model.config.inner_dim)
-    return steps.initial_state(setup, teachers["base"], jax.tree.map(jnp.copy, teachers["base"]), disc,
-                               jax.random.key_data(jax.random.key(seed)))
+    return steps.initial_state(
+        setup,
+        teachers["base"],
+        jax.tree.map(jnp.copy, teachers["base"]),
+        disc,
+        jax.random.key_data(jax.random.key(seed)),
+    )
 
 
 def _generator(setup):
@@ -109,8 +129,7 @@ def test_the_ema_follows_the_decay_recurrence_of_the_student_and_is_what_is_eval
     _assert_trees_close(state.ema, expected, 1e-6, 1e-7)
     # The EMA lags the student, and it is the network the job samples and evaluates.
     lag = optax.global_norm(jax.tree.map(jnp.subtract, state.ema, state.student))
-    assert float(lag) > 1e-3 * float(optax.global_norm(jax.tree.map(jnp.subtract, state.student,
-                                                                    teachers["base"])))
+    assert float(lag) > 1e-3 * float(optax.global_norm(jax.tree.map(jnp.subtract, state.student, teachers["base"])))
     assert state.evaluated_student() is state.ema
 
 
@@ -118,7 +137,8 @@ def test_the_first_step_fm_loss_is_the_velocity_error_at_step_0_only():
     keys = jax.random.split(jax.random.key(0), 2)
     v_student, v_teacher = (jax.random.normal(k, (2, 5, 3)) for k in keys)
     loss, (grad_student, grad_teacher) = jax.value_and_grad(dmd.first_step_fm_loss, argnums=(0, 1))(
-        v_student, v_teacher, 0)
+        v_student, v_teacher, 0
+    )
     np.testing.assert_allclose(loss, np.mean(np.square(np.asarray(v_student) - np.asarray(v_teacher))), rtol=1e-6)
     np.testing.assert_allclose(grad_student, 2 * (v_student - v_teacher) / v_student.size, rtol=1e-6)
     assert float(jnp.abs(grad_teacher).max()) == 0.0  # the teacher is a fixed target
@@ -136,8 +156,9 @@ def test_the_first_step_regulariser_adds_its_weighted_gradient_to_the_update(wor
     states, metrics = {}, {}
     for w in (0.0, weight):
         setup = _setup(model, 1, first_step_fm_weight=w)
-        states[w], metrics[w] = _generator(setup)(_initial_state(setup, teachers), None, teachers, batch, spec=spec,
-                                                  condition_offset=0)
+        states[w], metrics[w] = _generator(setup)(
+            _initial_state(setup, teachers), None, teachers, batch, spec=spec, condition_offset=0
+        )
         assert not bool(metrics[w]["skipped"]) and int(metrics[w]["k"]) == 0
         assert states[w].ema is None and states[w].evaluated_student() is states[w].student
     assert float(metrics[0.0]["fm_loss"]) == 0.0
@@ -176,9 +197,20 @@ def test_the_critic_step_distribution_is_checked_normalised_and_drawn():
     for bad in ((1, 1, 1), (1, -1, 1, 1), (0, 0, 0, 0)):
         with pytest.raises(ConfigError, match="fake_score.step_probs must be 4 non-negative"):
             dmd.critic_step_probs(4, bad)
-    setup = steps.DistillSetup(model=None, student_opt=None, fake_opt=None, timesteps=(1.0, 0.7, 0.4, 0.1),
-                               guidance=None, teacher_names=(), cfg_scale=1.0, cfg_rescale=0.0, t_min=0.02,
-                               t_max=0.98, ema_decay=0.0, first_step_fm_weight=0.0)
+    setup = steps.DistillSetup(
+        model=None,
+        student_opt=None,
+        fake_opt=None,
+        timesteps=(1.0, 0.7, 0.4, 0.1),
+        guidance=None,
+        teacher_names=(),
+        cfg_scale=1.0,
+        cfg_rescale=0.0,
+        t_min=0.02,
+        t_max=0.98,
+        ema_decay=0.0,
+        first_step_fm_weight=0.0,
+    )
     uniform, last, noise_key = [], [], jax.random.key(1)
     for i in range(40):
         key = jax.random.key(100 + i)
@@ -186,16 +218,20 @@ def test_the_critic_step_distribution_is_checked_normalised_and_drawn():
         assert int(k) == int(jax.random.randint(key, (), 0, 4))
         np.testing.assert_array_equal(t, np.full(2, setup.timesteps[int(k)], np.float32))
         uniform.append(int(k))
-        last.append(int(steps._student_step(setup, 2, (2, 3, 4), noise_key, key, dmd.critic_step_probs(
-            4, (0, 0, 0, 1)))[0]))
+        last.append(
+            int(steps._student_step(setup, 2, (2, 3, 4), noise_key, key, dmd.critic_step_probs(4, (0, 0, 0, 1)))[0])
+        )
     assert set(uniform) == {0, 1, 2, 3} and set(last) == {3}
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("ema_decay", 1.0, r"student.ema_decay must lie in \[0, 1\)"),
-    ("ema_decay", -0.1, r"student.ema_decay must lie in \[0, 1\)"),
-    ("first_step_fm_weight", -1.0, "student.first_step_fm_weight must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("ema_decay", 1.0, r"student.ema_decay must lie in \[0, 1\)"),
+        ("ema_decay", -0.1, r"student.ema_decay must lie in \[0, 1\)"),
+        ("first_step_fm_weight", -1.0, "student.first_step_fm_weight must be >= 0"),
+    ],
+)
 def test_a_bad_term_setting_is_a_config_error(field, value, match):
     config = config_lib.load_config("configs/5to5.py:toy")
     distill_job.check_config(config)

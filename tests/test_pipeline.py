@@ -4,37 +4,20 @@ import json
 import threading
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from qwen_flash_jax.data import pipeline, world
+from qwen_flash_jax.data import pipeline
 from qwen_flash_jax.data.mixing import parse_ratio, task_pattern
 from qwen_flash_jax.models.codec import SpaceToDepthCodec
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.text.tokenizer import train_tokenizer
-
-SIZE = 16
-
-
-def _records(task, category, n, seed):
-    rng = np.random.default_rng([seed, pipeline.CATEGORIES[task].index(category)])
-    out = []
-    for i in range(n):
-        if task == "t2i":
-            s = world.sample_t2i(rng, category, SIZE)
-            out.append({"id": f"{category}-{i}", "category": category, "caption": s.caption, "image": s.image,
-                        "spec": json.dumps(s.spec)})
-        else:
-            s = world.sample_edit(rng, category, SIZE)
-            out.append({"id": f"{category}-{i}", "category": category, "instruction": s.instruction,
-                        "source": s.source, "target": s.target, "spec": json.dumps(s.spec)})
-    return out
+from tests.helpers import SIZE, pipeline_config, world_records
 
 
 @pytest.fixture(scope="module")
 def sources():
-    return {task: {c: _records(task, c, 12, 0) for c in cats} for task, cats in pipeline.CATEGORIES.items()}
+    return {task: {c: world_records(task, c, 12, 0) for c in cats} for task, cats in pipeline.CATEGORIES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +27,16 @@ def tokenizer(sources):
     return train_tokenizer(texts, vocab_size=1024)
 
 
-def _config(**overrides):
-    fields = dict(task_ratio="7:3", batch_size=4, max_prompt_tokens=160, image_size=SIZE, seed=0,
-                  t2i_weights=dict(landscape=1.0, portrait=1.0, text=1.0),
-                  edit_weights={c: 1.0 for c in world.EDIT_CATEGORIES})
-    return ml_collections.ConfigDict(fields | overrides)
-
-
 def _build(sources, tokenizer, **kwargs):
-    config = _config(**{k: v for k, v in kwargs.items() if k not in ("process_index", "process_count")})
-    return pipeline.build_pipeline(config, sources, tokenizer, SpaceToDepthCodec(patch=4),
-                                   process_index=kwargs.get("process_index", 0),
-                                   process_count=kwargs.get("process_count", 1))
+    config = pipeline_config(**{k: v for k, v in kwargs.items() if k not in ("process_index", "process_count")})
+    return pipeline.build_pipeline(
+        config,
+        sources,
+        tokenizer,
+        SpaceToDepthCodec(patch=4),
+        process_index=kwargs.get("process_index", 0),
+        process_count=kwargs.get("process_count", 1),
+    )
 
 
 @pytest.mark.parametrize("ratio", ["9:1", "7:3", "5:5", "1:0", "0:1", "3:7"])
@@ -64,7 +45,7 @@ def test_every_window_of_batches_matches_the_ratio_exactly(sources, tokenizer, r
     it = iter(_build(sources, tokenizer, task_ratio=ratio))
     tasks = [next(it)["task"] for _ in range(3 * (a + b))]
     for start in range(0, len(tasks), a + b):
-        window = tasks[start:start + a + b]
+        window = tasks[start : start + a + b]
         assert window.count("t2i") == a and window.count("edit") == b
 
 
@@ -72,9 +53,19 @@ def test_slot_batches_give_every_position_of_a_step_the_exact_ratio(sources, tok
     """A consumer taking 4 batches per step (3 critic updates, then the generator) at 1:1: with one batch per slot
     its 4th batch would always be an edit; with 4 per slot each step is one task and the steps follow the pattern,
     also after a restore mid-slot."""
-    config = _config(task_ratio="1:1")
-    build = lambda: pipeline.build_pipeline(config, sources, tokenizer, SpaceToDepthCodec(patch=4),  # noqa: E731
-                                            process_index=0, process_count=1, slot_batches=4)
+    config = pipeline_config(task_ratio="1:1")
+
+    def build():
+        return pipeline.build_pipeline(
+            config,
+            sources,
+            tokenizer,
+            SpaceToDepthCodec(patch=4),
+            process_index=0,
+            process_count=1,
+            slot_batches=4,
+        )
+
     it = iter(build())
     tasks = [next(it)["task"] for _ in range(16)]
     assert "".join(t[0] for t in tasks) == "tttteeeetttteeee"
@@ -109,9 +100,18 @@ def test_batches_have_fixed_shapes(sources, tokenizer):
 
 
 def test_edit_prompts_get_their_own_length_and_can_carry_the_condition_pixels(sources, tokenizer):
-    config = _config(task_ratio="1:1", edit_prompt_tokens=192)
-    it = iter(pipeline.build_pipeline(config, sources, tokenizer, SpaceToDepthCodec(patch=4), process_index=0,
-                                      process_count=1, condition_pixels=True))
+    config = pipeline_config(task_ratio="1:1", edit_prompt_tokens=192)
+    it = iter(
+        pipeline.build_pipeline(
+            config,
+            sources,
+            tokenizer,
+            SpaceToDepthCodec(patch=4),
+            process_index=0,
+            process_count=1,
+            condition_pixels=True,
+        )
+    )
     t2i, edit = next(it), next(it)
     assert t2i["input_ids"].shape == (4, 160) and edit["input_ids"].shape == edit["attention_mask"].shape == (4, 192)
     assert "condition_pixels" not in t2i and edit["condition_pixels"].dtype == np.uint8
@@ -139,14 +139,20 @@ def test_images_are_encoded_a_batch_at_a_time_in_the_consumers_thread(sources, t
     """grain's prefetch threads only prepare pixels; the codec (a jitted VAE at full scale) runs once per batch in
     the thread that draws it. Prompt-only T2I records get a black image's latents from one cached encode."""
     codec = _CountingCodec()
-    it = iter(pipeline.build_pipeline(_config(task_ratio="1:1"), sources, tokenizer, codec, process_index=0,
-                                      process_count=1))
+    it = iter(
+        pipeline.build_pipeline(
+            pipeline_config(task_ratio="1:1"), sources, tokenizer, codec, process_index=0, process_count=1
+        )
+    )
     next(it), next(it)
     assert codec.calls == [(threading.get_ident(), 4)] * 3  # T2I targets; edit sources and targets
     prompt_only = {"t2i": {c: [dict(r, image=None) for r in recs] for c, recs in sources["t2i"].items()}}
     codec = _CountingCodec()
-    batches = iter(pipeline.build_pipeline(_config(task_ratio="1:0"), prompt_only, tokenizer, codec,
-                                           process_index=0, process_count=1))
+    batches = iter(
+        pipeline.build_pipeline(
+            pipeline_config(task_ratio="1:0"), prompt_only, tokenizer, codec, process_index=0, process_count=1
+        )
+    )
     first, second = next(batches), next(batches)
     black = codec.pack(SpaceToDepthCodec(patch=4).encode(np.zeros((1, SIZE, SIZE, 3), np.uint8)))[0]
     for batch in (first, second):
@@ -182,22 +188,27 @@ def test_restored_iterator_yields_the_identical_stream(sources, tokenizer):
 
 def test_processes_read_disjoint_shards_of_one_stream(sources, tokenizer):
     single = iter(_build(sources, tokenizer, task_ratio="1:0", batch_size=4))
-    shards = [iter(_build(sources, tokenizer, task_ratio="1:0", batch_size=4, process_index=i, process_count=2))
-              for i in range(2)]
+    shards = [
+        iter(_build(sources, tokenizer, task_ratio="1:0", batch_size=4, process_index=i, process_count=2))
+        for i in range(2)
+    ]
     whole = np.concatenate([next(single)["target_latents"] for _ in range(2)])
     for i, shard in enumerate(shards):
         local = np.concatenate([next(shard)["target_latents"] for _ in range(2)])  # per-process batch = 4 / 2
         np.testing.assert_array_equal(local, whole[i::2])
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(task_ratio="7-3"), "T2I:Edit"),
-    (dict(task_ratio="0:0"), "not both zero"),
-    (dict(t2i_weights=dict(landscape=-1.0)), "finite number >= 0"),
-    (dict(t2i_weights=dict(beach=1.0)), "unknown t2i category"),
-    (dict(t2i_weights=dict(landscape=0.0)), "all zero"),
-    (dict(batch_size=3), None),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(task_ratio="7-3"), "T2I:Edit"),
+        (dict(task_ratio="0:0"), "not both zero"),
+        (dict(t2i_weights=dict(landscape=-1.0)), "finite number >= 0"),
+        (dict(t2i_weights=dict(beach=1.0)), "unknown t2i category"),
+        (dict(t2i_weights=dict(landscape=0.0)), "all zero"),
+        (dict(batch_size=3), None),
+    ],
+)
 def test_invalid_config_is_a_clear_error(sources, tokenizer, overrides, match):
     if match is None:  # batch not divisible over processes
         with pytest.raises(ConfigError, match="divide"):
@@ -213,8 +224,10 @@ def test_prompt_too_long_names_the_prompt(sources, tokenizer):
         next(it)
 
 
+@pytest.mark.sharded
 def test_global_arrays_are_sharded_over_the_batch(sources, tokenizer):
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from qwen_flash_jax.sharding import make_mesh
 

@@ -21,11 +21,14 @@ def _toy(cache, **overrides):
 
 def test_the_shipped_entries_are_the_ones_the_main_job_looks_up(tmp_path):
     """A change to the toy default that moves a key fails here: re-export (the module's docstring) or drop them."""
-    shipped = {str(p.relative_to(tmp_path)) for p in prebuilt.entries_for(_toy(tmp_path), tmp_path)
-               if p.parent.name != "eval_images"}
-    assert shipped == {"teachers/" + teacher.cache_dir(_toy(tmp_path, prebuilt_cache=False), name).name
-                       for name in ("base", "text")} | {
-        "text_encoder/" + assets_lib.toy_text_encoder_key(_toy(tmp_path)), "judge/toy_judge_v1_size32_seed0"}
+    shipped = {
+        str(p.relative_to(tmp_path))
+        for p in prebuilt.entries_for(_toy(tmp_path), tmp_path)
+        if p.parent.name != "eval_images"
+    }
+    assert shipped == {
+        "teachers/" + teacher.cache_dir(_toy(tmp_path, prebuilt_cache=False), name).name for name in ("base", "text")
+    } | {"text_encoder/" + assets_lib.toy_text_encoder_key(_toy(tmp_path)), "judge/toy_judge_v1_size32_seed0"}
     for entry in shipped:
         assert (cache.SHIPPED_ROOT / entry).is_dir(), entry
     assert len(list((cache.SHIPPED_ROOT / "eval_images").glob("*.npz"))) == 4  # base teacher: 40, 4, 4 at the student's
@@ -65,6 +68,7 @@ def test_seeding_copies_missing_entries_whole_and_keeps_present_ones(tmp_path, m
     assert sorted(p.name for p in target.iterdir()) == ["b.npz"]
 
 
+@pytest.mark.job
 def test_a_toy_run_reads_the_shipped_networks_instead_of_training(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("trained although the package ships it")
@@ -79,7 +83,8 @@ def test_a_toy_run_reads_the_shipped_networks_instead_of_training(tmp_path, monk
     shipped = teacher._restore_standalone(config, shipped_dir)
     assert all(np.array_equal(a, b) for a, b in zip(jax_leaves(params), jax_leaves(shipped)))
     assert sorted(p.name for p in (tmp_path / "cache" / "teachers").iterdir()) == sorted(
-        p.name for p in (cache.SHIPPED_ROOT / "teachers").iterdir())
+        p.name for p in (cache.SHIPPED_ROOT / "teachers").iterdir()
+    )
 
     # Switched off, the same lookups train.
     config = _toy(tmp_path / "other", prebuilt_cache=False)

@@ -18,15 +18,33 @@ from qwen_flash_jax.models.config import ConfigError  # noqa: E402
 from qwen_flash_jax.text import encoder as enc  # noqa: E402
 from qwen_flash_jax.text import qwen3_vl  # noqa: E402
 
+pytestmark = pytest.mark.parity
+
 F32_TOLERANCE = 1e-4  # max abs error relative to the reference's max magnitude, at the unpadded positions
 HEAD_DIM = 16
-TEXT = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=HEAD_DIM, max_position_embeddings=256, rms_norm_eps=1e-6,
-            # mrope_section sums to head_dim / 2, as (24, 20, 20) does for the real head_dim of 128.
-            rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[4, 2, 2],
-                                 mrope_interleaved=True))
-VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
-              num_position_embeddings=16, deepstack_visual_indexes=[0])  # built, saved, never used
+TEXT = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=HEAD_DIM,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    # mrope_section sums to head_dim / 2, as (24, 20, 20) does for the real head_dim of 128.
+    rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[4, 2, 2], mrope_interleaved=True),
+)
+VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=4,
+    num_position_embeddings=16,
+    deepstack_visual_indexes=[0],
+)  # built, saved, never used
 LENGTHS = (11, 7, 3)  # three prompts, left-padded to the longest
 
 
@@ -34,8 +52,14 @@ def _tiny_qwen3_vl(seed=0):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = Qwen3VLConfig(text_config=TEXT, vision_config=VISION, image_token_id=290, video_token_id=291,
-                           vision_start_token_id=292, vision_end_token_id=293)
+    config = Qwen3VLConfig(
+        text_config=TEXT,
+        vision_config=VISION,
+        image_token_id=290,
+        video_token_id=291,
+        vision_start_token_id=292,
+        vision_end_token_id=293,
+    )
     model = Qwen3VLForConditionalGeneration(config).eval()
     with torch.no_grad():  # random everything, norm scales around 1, so that every weight matters
         for name, param in model.named_parameters():
@@ -65,8 +89,8 @@ def _batch():
     ids = rng.integers(0, 290, size=(len(LENGTHS), s))
     mask = np.zeros((len(LENGTHS), s), np.int64)
     for b, n in enumerate(LENGTHS):
-        mask[b, s - n:] = 1
-        ids[b, :s - n] = 0  # pad id: masked out either way
+        mask[b, s - n :] = 1
+        ids[b, : s - n] = 0  # pad id: masked out either way
     return ids, mask
 
 
@@ -76,8 +100,12 @@ def _pipeline_hidden(model, ids, mask, **kwargs):
     handle = norm.register_forward_hook(lambda module, args, output: args[0])
     try:
         with torch.no_grad():
-            out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                        output_hidden_states=True, **kwargs)
+            out = model(
+                input_ids=torch.as_tensor(ids),
+                attention_mask=torch.as_tensor(mask),
+                output_hidden_states=True,
+                **kwargs,
+            )
     finally:
         handle.remove()
     return out.hidden_states[-1].numpy()
@@ -92,7 +120,14 @@ def _rel_err(ours, ref, mask):
 def test_config_mapping(params):
     c = params.config
     assert (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim) == (
-        300, 64, 2, 4, 2, 16, 128)
+        300,
+        64,
+        2,
+        4,
+        2,
+        16,
+        128,
+    )
     assert c.rope_theta == 5e6 and c.eps == 1e-6 and c.feature_layers == (-1,) and c.output_size == 64
     assert c.condition_channels == 0  # no toy condition projection: images go through the vision tower
     assert c.image_pad_id == 290 and c.mrope_section == (4, 2, 2)  # image_token_id, rope mrope_section
@@ -145,8 +180,11 @@ def test_which_state_transformers_returns_as_the_last_hidden_state(checkpoint, p
     model, _ = checkpoint
     ids, mask = _batch()
     with torch.no_grad():
-        unhooked = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                         output_hidden_states=True).hidden_states[-1].numpy()
+        unhooked = (
+            model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_hidden_states=True)
+            .hidden_states[-1]
+            .numpy()
+        )
     hidden = enc.encode(params, ids, mask)
     expected = enc._model(params).final_norm(hidden) if normed_last else hidden
     assert _rel_err(expected, unhooked, mask) <= F32_TOLERANCE
@@ -193,7 +231,6 @@ def test_missing_key_is_a_config_error(checkpoint, tmp_path):
         qwen3_vl.load_text_encoder(tmp_path / "ckpt")
 
 
-
 def test_truncated_or_corrupt_file_is_a_one_line_config_error(checkpoint, tmp_path):
     _copy_without(checkpoint[1], tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / "model.safetensors"
@@ -206,12 +243,15 @@ def test_truncated_or_corrupt_file_is_a_one_line_config_error(checkpoint, tmp_pa
         qwen3_vl.load_text_encoder(tmp_path / "ckpt")
     assert "\n" not in str(info.value)
 
+
 def test_vision_tower_and_lm_head_are_not_needed(checkpoint, params, tmp_path):
     src = checkpoint[1]
     _copy_without(src, tmp_path / "ckpt", drop=[k for k in _keys(src) if not k.startswith("model.language_model.")])
     ids, mask = _batch()
-    np.testing.assert_array_equal(np.asarray(enc.encode(qwen3_vl.load_text_encoder(tmp_path / "ckpt"), ids, mask)),
-                                  np.asarray(enc.encode(params, ids, mask)))
+    np.testing.assert_array_equal(
+        np.asarray(enc.encode(qwen3_vl.load_text_encoder(tmp_path / "ckpt"), ids, mask)),
+        np.asarray(enc.encode(params, ids, mask)),
+    )
 
 
 def test_wrong_shape_and_unsupported_config_are_config_errors(checkpoint, tmp_path):
@@ -219,8 +259,11 @@ def test_wrong_shape_and_unsupported_config_are_config_errors(checkpoint, tmp_pa
         config["text_config"]["intermediate_size"] = 96
 
     _copy_without(checkpoint[1], tmp_path / "mlp", config_edit=wider_mlp)
-    with pytest.raises(ConfigError, match=r"6 tensors have the wrong shape: .*gate_proj\.weight has shape "
-                                          r"\(128, 64\), expected \(96, 64\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"6 tensors have the wrong shape: .*gate_proj\.weight has shape "
+        r"\(128, 64\), expected \(96, 64\)",
+    ):
         qwen3_vl.load_text_encoder(tmp_path / "mlp")
 
     def yarn(config):

@@ -37,20 +37,27 @@ def test_sampling_sigmas_are_shifted_and_end_at_zero():
 @pytest.fixture(scope="module")
 def setup():
     model = build_transformer(TransformerConfig(**TINY), seed=0)
-    inputs = make_inputs(np.random.default_rng(0), batch=2, conditions=[(1, 4, 4)], target=(1, 4, 4),
-                         text_runs=[5, 3], padding=[0, 2])
+    inputs = make_inputs(
+        np.random.default_rng(0), batch=2, conditions=[(1, 4, 4)], target=(1, 4, 4), text_runs=[5, 3], padding=[0, 2]
+    )
     layout = make_layout(inputs["img_shapes"], inputs["img_mask"])
-    cond = sampling.Conditioning(jnp.asarray(inputs["encoder_hidden_states"]),
-                                 jnp.asarray(inputs["encoder_hidden_states_mask"]),
-                                 jnp.asarray(inputs["hidden_states"][:, :16]), layout)
+    cond = sampling.Conditioning(
+        jnp.asarray(inputs["encoder_hidden_states"]),
+        jnp.asarray(inputs["encoder_hidden_states_mask"]),
+        jnp.asarray(inputs["hidden_states"][:, :16]),
+        layout,
+    )
     neg = cond.replace(encoder_hidden_states=jnp.zeros_like(cond.encoder_hidden_states))
     noise = jax.random.normal(jax.random.key(0), (2, 16, 8))
     return model, cond, neg, noise
 
 
 def _sample(model, cond, neg, noise, steps, cfg, cache):
-    fn = jax.jit(lambda p, n: sampling.euler_sample(model, p, n, cond, flow.sampling_sigmas(steps, 0.5),
-                                                    neg_cond=neg, cfg_scale=cfg, use_kv_cache=cache))
+    fn = jax.jit(
+        lambda p, n: sampling.euler_sample(
+            model, p, n, cond, flow.sampling_sigmas(steps, 0.5), neg_cond=neg, cfg_scale=cfg, use_kv_cache=cache
+        )
+    )
     return np.asarray(fn(model.params, noise))
 
 

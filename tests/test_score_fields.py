@@ -1,9 +1,12 @@
 """The score-field inspection behind notebooks/score_fields.ipynb."""
 
 import numpy as np
+import pytest
 
 from qwen_flash_jax.train.score_fields import score_fields
-from tests.test_distill import tiny_distill_config
+from tests.helpers import tiny_distill_config
+
+pytestmark = pytest.mark.job  # on the toy assets, and the notebook
 
 
 def test_score_fields_decode_every_teacher_and_every_step(toy_cache):

@@ -11,16 +11,31 @@ from qwen_flash_jax.loading import build_transformer, from_params
 from qwen_flash_jax.models import TransformerConfig, make_layout
 from tests.torch_reference import make_inputs
 
-CONFIG = TransformerConfig(num_layers=2, attention_head_dim=16, num_attention_heads=4, in_channels=8,
-                           out_channels=8, context_in_dim=24, axes_dims_rope=(4, 6, 6))
-RULES = (("batch", "fsdp"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-         ("act_mlp", "tensor"), ("act_heads", "tensor"))
+CONFIG = TransformerConfig(
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    in_channels=8,
+    out_channels=8,
+    context_in_dim=24,
+    axes_dims_rope=(4, 6, 6),
+)
+pytestmark = pytest.mark.sharded
+
+RULES = (
+    ("batch", "fsdp"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+)
 
 
 @pytest.fixture(scope="module")
 def mesh():
     if jax.device_count() < 8:
-        pytest.fail("tests/conftest.py should provide 8 emulated CPU devices")
+        pytest.fail("sharded tests run on 8 emulated CPU devices (tests/conftest.py)")
     return sharding.make_mesh([("fsdp", 4), ("tensor", 2)])
 
 
@@ -47,8 +62,7 @@ def test_parameters_are_partitioned_as_the_rules_say(mesh):
 def test_sharded_init_equals_unsharded_init(mesh):
     sharded = build_transformer(CONFIG, seed=3, mesh=mesh, rules=RULES)
     plain = build_transformer(CONFIG, seed=3)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 sharded.params, plain.params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), sharded.params, plain.params)
 
 
 @pytest.mark.parametrize("conditions,text_runs", [([], [6]), ([(1, 4, 4)], [5, 3])])
@@ -56,12 +70,20 @@ def test_sharded_forward_matches_unsharded(mesh, conditions, text_runs):
     plain = build_transformer(CONFIG, seed=1)
     params = jax.tree.map(np.asarray, plain.params)
     sharded = from_params(CONFIG, params, mesh=mesh, rules=RULES)
-    inputs = make_inputs(np.random.default_rng(0), batch=4, conditions=conditions, target=(1, 4, 6),
-                         text_runs=text_runs, padding=[0, 1, 2, 0])
+    inputs = make_inputs(
+        np.random.default_rng(0),
+        batch=4,
+        conditions=conditions,
+        target=(1, 4, 6),
+        text_runs=text_runs,
+        padding=[0, 1, 2, 0],
+    )
     expected = np.asarray(plain.apply(plain.params, **inputs))
     batch_sharding = jax.sharding.NamedSharding(mesh, P("fsdp"))
-    placed = {k: jax.device_put(v, batch_sharding) if k in ("hidden_states", "encoder_hidden_states") else v
-              for k, v in inputs.items()}
+    placed = {
+        k: jax.device_put(v, batch_sharding) if k in ("hidden_states", "encoder_hidden_states") else v
+        for k, v in inputs.items()
+    }
     out = sharded.apply(sharded.params, **placed)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
@@ -72,13 +94,22 @@ def test_cfg_on_an_edit_layout_needs_no_collective_permutes(mesh):
     collective-permutes per DMD step, and XLA:CPU could hang on them), and it still equals the unsharded one."""
     plain = build_transformer(CONFIG, seed=2)
     sharded = from_params(CONFIG, jax.tree.map(np.asarray, plain.params), mesh=mesh, rules=RULES)
-    inputs = make_inputs(np.random.default_rng(1), batch=4, conditions=[(1, 4, 4)], target=(1, 4, 4),
-                         text_runs=[5, 3], padding=[0, 2, 1, 0])
+    inputs = make_inputs(
+        np.random.default_rng(1),
+        batch=4,
+        conditions=[(1, 4, 4)],
+        target=(1, 4, 4),
+        text_runs=[5, 3],
+        padding=[0, 2, 1, 0],
+    )
     layout = make_layout(inputs["img_shapes"], inputs["img_mask"])
     rows = jax.sharding.NamedSharding(mesh, P("fsdp"))
-    cond = sampling.Conditioning(jax.device_put(inputs["encoder_hidden_states"], rows),
-                                 jax.device_put(inputs["encoder_hidden_states_mask"], rows),
-                                 jax.device_put(inputs["hidden_states"][:, :16], rows), layout)
+    cond = sampling.Conditioning(
+        jax.device_put(inputs["encoder_hidden_states"], rows),
+        jax.device_put(inputs["encoder_hidden_states_mask"], rows),
+        jax.device_put(inputs["hidden_states"][:, :16], rows),
+        layout,
+    )
     neg = cond.replace(encoder_hidden_states=cond.encoder_hidden_states * 0)
     z = jax.device_put(inputs["hidden_states"][:, 16:], rows)
     t = jax.device_put(np.asarray([0.9, 0.6, 0.3, 0.1], np.float32), rows)
@@ -90,5 +121,6 @@ def test_cfg_on_an_edit_layout_needs_no_collective_permutes(mesh):
     assert "collective-permute" not in compiled.as_text()
     expected = guided(plain)(plain.params, *jax.device_get((cond, neg, z, t)))
     out = compiled(sharded.params, cond, neg, z, t)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5,
-                               atol=1e-5 * np.abs(np.asarray(expected)).max())
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5 * np.abs(np.asarray(expected)).max()
+    )

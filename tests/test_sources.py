@@ -23,9 +23,9 @@ from qwen_flash_jax.data.sources import (
     jsonl_edit_sources,
     jsonl_t2i_sources,
     merge_sources,
+    toy,
     toy_world_sources,
 )
-from qwen_flash_jax.data.sources import toy
 from qwen_flash_jax.models.config import ConfigError
 
 N = 12  # toy examples per category: small keeps every preparation well under a second
@@ -203,8 +203,9 @@ def test_toy_grain_and_pickle(toy_sources):
         assert grain.MapDataset.source(copy)[len(src) + 3]["id"] == src[3]["id"]  # grain wraps indices
 
 
-@pytest.mark.parametrize("kwargs", [dict(size=8), dict(examples_per_category=0), dict(seed=-1), dict(tasks=("video",)),
-                                    dict(size=True)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(size=8), dict(examples_per_category=0), dict(seed=-1), dict(tasks=("video",)), dict(size=True)]
+)
 def test_toy_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ConfigError):
         toy_world_sources(tmp_path, **kwargs)
@@ -225,13 +226,16 @@ def _jsonl(path, lines):
 
 def test_jsonl_t2i_round_trip(tmp_path):
     _png(tmp_path / "img" / "a.png", 64, 48)
-    path = _jsonl(tmp_path / "prompts.jsonl", [
-        {"prompt": "a red square", "category": "portrait", "image": "img/a.png"},
-        "",  # blank lines are ignored
-        {"prompt": "a lake at dawn", "category": "landscape"},
-        {"prompt": "a sign reading OPEN", "category": "text", "id": "sign-1", "extra": 1},
-        {"prompt": "a second face", "category": "portrait", "image": str(tmp_path / "img" / "a.png")},
-    ])
+    path = _jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"prompt": "a red square", "category": "portrait", "image": "img/a.png"},
+            "",  # blank lines are ignored
+            {"prompt": "a lake at dawn", "category": "landscape"},
+            {"prompt": "a sign reading OPEN", "category": "text", "id": "sign-1", "extra": 1},
+            {"prompt": "a second face", "category": "portrait", "image": str(tmp_path / "img" / "a.png")},
+        ],
+    )
     out = jsonl_t2i_sources(path, size=16)
     assert set(out) == {"t2i"} and list(out["t2i"]) == ["landscape", "portrait", "text"]
     r = out["t2i"]["portrait"][0]
@@ -239,8 +243,13 @@ def test_jsonl_t2i_round_trip(tmp_path):
     assert r["category"] == "portrait" and r["image"].shape == (16, 16, 3) and r["image"].dtype == np.uint8
     assert tuple(r["image"][8, 8]) == (200, 30, 60)
     assert out["t2i"]["portrait"][1]["image"].shape == (16, 16, 3)  # absolute path
-    assert out["t2i"]["landscape"][0] == {"id": "prompts.jsonl:3", "category": "landscape",
-                                          "caption": "a lake at dawn", "image": None, "spec": ""}
+    assert out["t2i"]["landscape"][0] == {
+        "id": "prompts.jsonl:3",
+        "category": "landscape",
+        "caption": "a lake at dawn",
+        "image": None,
+        "spec": "",
+    }
     assert out["t2i"]["text"][0]["id"] == "sign-1"
 
 
@@ -248,8 +257,10 @@ def test_jsonl_edit_round_trip_and_image_root(tmp_path):
     root = tmp_path / "images"
     _png(root / "src.png", 32, 32, (10, 20, 30))
     _png(root / "tgt.jpg", 50, 50, (250, 250, 250))
-    lines = [{"instruction": "make it white", "category": "style", "source": "src.png", "target": "tgt.jpg"},
-             {"instruction": "fix the noise", "category": "enhance", "source": "src.png"}]
+    lines = [
+        {"instruction": "make it white", "category": "style", "source": "src.png", "target": "tgt.jpg"},
+        {"instruction": "fix the noise", "category": "enhance", "source": "src.png"},
+    ]
     path = _jsonl(tmp_path / "meta" / "pairs.jsonl", lines)
     with pytest.raises(DataError, match=r"pairs.jsonl:1: .*source image file not found"):
         jsonl_edit_sources(path)  # relative to the JSONL's folder by default
@@ -269,17 +280,26 @@ T2I_BAD = [
     ({"category": "portrait"}, "missing_field", "missing field 'prompt'"),
     ({"prompt": 3, "category": "portrait"}, "invalid_field", "field 'prompt' must be a string"),
     ({"prompt": "   ", "category": "portrait"}, "empty_prompt", "empty prompt"),
-    ({"prompt": "x", "category": "cats"}, "unknown_category", "unknown category 'cats'; valid t2i categories: "
-                                                               "landscape, portrait, text"),
+    (
+        {"prompt": "x", "category": "cats"},
+        "unknown_category",
+        "unknown category 'cats'; valid t2i categories: landscape, portrait, text",
+    ),
     ({"prompt": "x", "category": "text", "image": "gone.png"}, "missing_file", "image image file not found"),
 ]
 EDIT_BAD = [
     ({"instruction": "x", "category": "style"}, "missing_field", "missing field 'source'"),
     ({"instruction": "", "category": "style", "source": "ok.png"}, "empty_instruction", "empty instruction"),
-    ({"instruction": "x", "category": "portrait", "source": "ok.png"}, "unknown_category",
-     "valid edit categories: scene, enhance, object, text_edit, identity, style"),
-    ({"instruction": "x", "category": "style", "source": "ok.png", "target": "gone.png"}, "missing_file",
-     "target image file not found"),
+    (
+        {"instruction": "x", "category": "portrait", "source": "ok.png"},
+        "unknown_category",
+        "valid edit categories: scene, enhance, object, text_edit, identity, style",
+    ),
+    (
+        {"instruction": "x", "category": "style", "source": "ok.png", "target": "gone.png"},
+        "missing_file",
+        "target image file not found",
+    ),
 ]
 
 
@@ -307,8 +327,10 @@ def test_jsonl_corrupt_image_found_on_access(tmp_path):
     _png(tmp_path / "a.png", colour=(1, 2, 3))
     _png(tmp_path / "c.png", colour=(7, 8, 9))
     (tmp_path / "bad.png").write_bytes(b"this is not a png at all")
-    lines = [{"prompt": p, "category": "portrait", "image": img} for p, img in
-             (("first", "a.png"), ("broken", "bad.png"), ("third", "c.png"))]
+    lines = [
+        {"prompt": p, "category": "portrait", "image": img}
+        for p, img in (("first", "a.png"), ("broken", "bad.png"), ("third", "c.png"))
+    ]
     path = _jsonl(tmp_path / "p.jsonl", lines)
     src = jsonl_t2i_sources(path, size=16)["t2i"]["portrait"]  # opens fine: the file exists
     assert src[0]["caption"] == "first"
@@ -325,10 +347,13 @@ def test_jsonl_corrupt_image_found_on_access(tmp_path):
 def test_jsonl_skip_wraps_around(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
     _png(tmp_path / "a.png")
-    path = _jsonl(tmp_path / "e.jsonl", [
-        {"instruction": "one", "category": "scene", "source": "a.png"},
-        {"instruction": "two", "category": "scene", "source": "a.png", "target": "bad.png"},
-    ])
+    path = _jsonl(
+        tmp_path / "e.jsonl",
+        [
+            {"instruction": "one", "category": "scene", "source": "a.png"},
+            {"instruction": "two", "category": "scene", "source": "a.png", "target": "bad.png"},
+        ],
+    )
     src = jsonl_edit_sources(path, on_bad_record="skip")["edit"]["scene"]
     assert src[1]["instruction"] == "one" and src.skipped == {"unreadable_image": 1}
 
@@ -369,8 +394,12 @@ def test_jsonl_large_file_is_compact_and_pickles(tmp_path):
 # ----------------------------------------------------------------------------------------------------- merge
 def test_merge_sources(toy_sources, tmp_path):
     _png(tmp_path / "a.png")
-    t2i = jsonl_t2i_sources(_jsonl(tmp_path / "p.jsonl", [{"prompt": "real face", "category": "portrait"},
-                                                             {"prompt": "real words", "category": "text"}]))
+    t2i = jsonl_t2i_sources(
+        _jsonl(
+            tmp_path / "p.jsonl",
+            [{"prompt": "real face", "category": "portrait"}, {"prompt": "real words", "category": "text"}],
+        )
+    )
     edit_line = {"instruction": "x", "category": "scene", "source": "a.png"}
     edit = jsonl_edit_sources(_jsonl(tmp_path / "e.jsonl", [edit_line]))
     merged = merge_sources(toy_sources, t2i, edit, {})

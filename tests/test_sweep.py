@@ -13,7 +13,11 @@ from qwen_flash_jax.models.config import ConfigError
 def test_rows_are_the_papers_configs():
     ratio = dict(sweep.row_configs("ratio", "toy"))
     assert {label: c.data.task_ratio for label, c in ratio.items()} == {
-        "T2I only": "1:0", "9:1": "9:1", "7:3": "7:3", "5:5": "5:5"}
+        "T2I only": "1:0",
+        "9:1": "9:1",
+        "7:3": "7:3",
+        "5:5": "5:5",
+    }
     composition = dict(sweep.row_configs("composition", "toy"))
     assert dict(composition["E3"].data.t2i_weights) == {"text": 1.0}
     assert set(composition["E5"].data.t2i_weights) == {"landscape", "portrait", "text"}
@@ -25,18 +29,25 @@ def test_rows_are_the_papers_configs():
 def test_overrides_set_nested_fields_and_reject_mistakes():
     (_, config), *_ = sweep.row_configs("ratio", "toy", ("train.steps=7", "data.task_ratio=3:1"))
     assert config.train.steps == 7 and config.data.task_ratio == "3:1"
-    for bad, message in (("train.nosuch=1", "no field"), ("train.steps=abc", "steps"), ("steps", "look like"),
-                         ("data.task_ratio=3-7", "task ratio")):
+    for bad, message in (
+        ("train.nosuch=1", "no field"),
+        ("train.steps=abc", "steps"),
+        ("steps", "look like"),
+        ("data.task_ratio=3-7", "task ratio"),
+    ):
         with pytest.raises(ConfigError, match=message):
             sweep.row_configs("ratio", "toy", (bad,))
 
 
 def _results(student_t2i):
     def entry(nfe, t2i):
-        return {"nfe": nfe, "t2i": {"landscape": t2i}, "t2i_average": t2i, "edit": {"scene": 1.0},
-                "edit_average": 1.0}
-    return {"teacher base (40 steps)": entry(80, 2.0), "teacher base (4 steps)": entry(8, 1.5),
-            "student (4 steps)": entry(4, student_t2i)}
+        return {"nfe": nfe, "t2i": {"landscape": t2i}, "t2i_average": t2i, "edit": {"scene": 1.0}, "edit_average": 1.0}
+
+    return {
+        "teacher base (40 steps)": entry(80, 2.0),
+        "teacher base (4 steps)": entry(8, 1.5),
+        "student (4 steps)": entry(4, student_t2i),
+    }
 
 
 def test_run_suite_reruns_only_unfinished_rows_and_writes_the_table(tmp_path, monkeypatch):
@@ -55,8 +66,14 @@ def test_run_suite_reruns_only_unfinished_rows_and_writes_the_table(tmp_path, mo
     (done / "results.json").write_text(json.dumps(_results(1.9), sort_keys=True))  # any key order
     table = sweep.run_suite("ratio", tmp_path, log=lambda *_: None)
     assert ran == ["T2I_only", "9_1", "7_3"]  # 5:5 had finished before
-    assert list(table) == ["teacher base (40 steps)", "teacher base (4 steps)", "student, T2I only",
-                           "student, 9:1", "student, 7:3", "student, 5:5"]
+    assert list(table) == [
+        "teacher base (40 steps)",
+        "teacher base (4 steps)",
+        "student, T2I only",
+        "student, 9:1",
+        "student, 7:3",
+        "student, 5:5",
+    ]
     assert table["student, 5:5"]["t2i_average"] == 1.9
     text = (tmp_path / "table.md").read_text()
     assert "| student, 5:5 | 4 | 1.90 | 1.90 | 2 |" in text
@@ -64,10 +81,15 @@ def test_run_suite_reruns_only_unfinished_rows_and_writes_the_table(tmp_path, mo
     assert json.loads((tmp_path / "table.json").read_text()) == table
 
 
+@pytest.mark.job  # the sweep command, in a subprocess
 def test_cli_rejects_a_bad_override_with_one_line_and_writes_nothing(tmp_path):
     workdir = tmp_path / "sweep"
-    result = subprocess.run([sys.executable, "-m", "qwen_flash_jax.sweep", "--suite=ratio", f"--workdir={workdir}",
-                             "--set=train.nosuch=1"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen_flash_jax.sweep", "--suite=ratio", f"--workdir={workdir}", "--set=train.nosuch=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no field 'train.nosuch'" in errors[0], result.stderr[-2000:]

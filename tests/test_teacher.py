@@ -4,24 +4,12 @@ import json
 
 import jax
 import numpy as np
-
 import pytest
 
-from qwen_flash_jax import config_lib
 from qwen_flash_jax.train import teacher
+from tests.helpers import tiny_config
 
-
-def tiny_config(cache_dir):
-    config = config_lib.load_config("configs/teacher.py:toy")
-    config.cache_dir = str(cache_dir)
-    config.model.update(num_layers=2, num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12))
-    config.data.update(image_size=16, examples_per_category=24, max_prompt_tokens=80)
-    config.text_encoder.pretrain_steps = 20
-    config.teachers.base.train.update(steps=12, batch_size=8, warmup_steps=2, learning_rate=1e-2)
-    config.train.update(log_every=1, checkpoint_every=4)
-    config.sampling.teacher_steps = 2
-    config.eval.seed = 3
-    return config
+pytestmark = pytest.mark.job  # whole teacher trainings
 
 
 @pytest.fixture

@@ -51,6 +51,7 @@ def params(tokenizer):
 
 # --- tokenizer ------------------------------------------------------------------------------------------------------
 
+
 def test_special_tokens_are_single_ids_and_text_round_trips(tokenizer):
     ids = [special_token_id(tokenizer, t) for t in SPECIAL_TOKENS]
     assert len(set(ids)) == len(SPECIAL_TOKENS)
@@ -76,7 +77,8 @@ def test_tokenizer_save_load_and_determinism(tokenizer, captions, tmp_path):
         train_tokenizer(captions, vocab_size=100)
 
 
-# --- prompt conventions ------------------------------------------------------------------------------------------------
+# --- prompt conventions -----------------------------------------------------------------------------------------------
+
 
 class _StubProcessor:
     """Qwen3-VL processor stand-in: our tokenizer, `<|image_pad|>` expanded to one pad per 2x2 latent tokens."""
@@ -149,11 +151,17 @@ def _pipeline(tokenizer, params, codec, num_prompts):
     from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import QwenImage21Pipeline
 
     processor = _StubProcessor(tokenizer, codec)
-    pipe = QwenImage21Pipeline(scheduler=None, vae=None, text_encoder=_stub_text_encoder(params, num_prompts),
-                               processor=processor, transformer=None)
+    pipe = QwenImage21Pipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=_stub_text_encoder(params, num_prompts),
+        processor=processor,
+        transformer=None,
+    )
     return pipe, processor
 
 
+@pytest.mark.parity
 def test_templates_match_diffusers(tokenizer, params):
     pipe, _ = _pipeline(tokenizer, params, SpaceToDepthCodec(), 1)
     assert P.PROMPT_TEMPLATE_T2I == pipe.prompt_template_t2i
@@ -164,6 +172,7 @@ def test_templates_match_diffusers(tokenizer, params):
     assert P.build_prompt("", 0) == pipe.prompt_template_t2i.format(" ")
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("num_images", [0, 1, 3])
 def test_pipeline_parity(tokenizer, params, num_images):
     """The diffusers pipeline's prompt path, run with our tokenizer and encoder, equals encode_prompts."""
@@ -177,14 +186,13 @@ def test_pipeline_parity(tokenizer, params, num_images):
     pipe, processor = _pipeline(tokenizer, params, codec, len(prompts))
 
     with torch.no_grad():
-        ref_embeds, ref_mask, ref_slots = pipe._get_qwen_prompt_embeds(
-            prompts, images or None, torch.device("cpu"))
+        ref_embeds, ref_mask, ref_slots = pipe._get_qwen_prompt_embeds(prompts, images or None, torch.device("cpu"))
     assert processor.texts == [P.build_prompt(p, num_images) for p in prompts]
 
     lat = [codec.encode(im[None]) for im in images]
-    embeds, mask, slots = enc.encode_prompts(params, tokenizer, prompts,
-                                             [codec.pack(x) for x in lat] or None,
-                                             [x.shape[1:3] for x in lat] or None)
+    embeds, mask, slots = enc.encode_prompts(
+        params, tokenizer, prompts, [codec.pack(x) for x in lat] or None, [x.shape[1:3] for x in lat] or None
+    )
     np.testing.assert_allclose(embeds, ref_embeds.numpy(), atol=1e-6)
     np.testing.assert_array_equal(mask, ref_mask.numpy().astype(bool))
     np.testing.assert_array_equal(slots, ref_slots.numpy())
@@ -222,10 +230,10 @@ def test_left_padding_and_extraction(tokenizer):
     assert embeds.shape == (2, lengths.max(), 5)
     for b in range(2):
         valid_rows = hidden[b][mask[b].astype(bool)]
-        np.testing.assert_array_equal(embeds[b, :lengths[b]], valid_rows[drop:])  # system prefix dropped
-        assert (embeds[b, lengths[b]:] == 0).all()  # right padded
-        assert pmask[b, :lengths[b]].all() and not pmask[b, lengths[b]:].any()
-        assert smask[b].sum() == sum(slots) and not smask[b, lengths[b]:].any()
+        np.testing.assert_array_equal(embeds[b, : lengths[b]], valid_rows[drop:])  # system prefix dropped
+        assert (embeds[b, lengths[b] :] == 0).all()  # right padded
+        assert pmask[b, : lengths[b]].all() and not pmask[b, lengths[b] :].any()
+        assert smask[b].sum() == sum(slots) and not smask[b, lengths[b] :].any()
         kept_ids = ids[b][mask[b].astype(bool)][drop:]
         assert tokenizer.convert_ids_to_tokens(int(kept_ids[0])) == "<|im_start|>"  # the user turn starts
     np.testing.assert_array_equal(P.append_target_slots(smask, 8)[:, -2:], True)
@@ -236,6 +244,7 @@ def test_left_padding_and_extraction(tokenizer):
 
 
 # --- encoder ---------------------------------------------------------------------------------------------------------
+
 
 def test_params_have_logical_axes(params):
     flat = list(nnx.to_flat_state(params.state))
@@ -304,8 +313,10 @@ def test_pretraining_lowers_the_loss_and_save_load(tokenizer, captions, tmp_path
     loaded, loaded_tok = enc.load(path)
     assert loaded.config == trained.config
     batch = P.tokenize_prompts(loaded_tok, ["a white ring in the centre"])
-    np.testing.assert_array_equal(np.asarray(enc.encode(loaded, batch["input_ids"], batch["attention_mask"])),
-                                  np.asarray(enc.encode(trained, batch["input_ids"], batch["attention_mask"])))
+    np.testing.assert_array_equal(
+        np.asarray(enc.encode(loaded, batch["input_ids"], batch["attention_mask"])),
+        np.asarray(enc.encode(trained, batch["input_ids"], batch["attention_mask"])),
+    )
 
 
 def test_feature_layers_concatenate_normalised_states(tokenizer, params):

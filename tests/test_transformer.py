@@ -16,13 +16,20 @@ def _loss_and_grads(remat_policy, scan_layers=True):
     leaves, treedef = jax.tree.flatten(model.params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    inputs = make_inputs(np.random.default_rng(0), batch=2, conditions=[(1, 4, 4)], target=(1, 4, 6),
-                         text_runs=[5, 3], padding=[0, 2])
+    inputs = make_inputs(
+        np.random.default_rng(0), batch=2, conditions=[(1, 4, 4)], target=(1, 4, 6), text_runs=[5, 3], padding=[0, 2]
+    )
     layout = make_layout(inputs["img_shapes"], inputs["img_mask"])
 
     def loss(params):
-        out = model.forward(params, layout, inputs["hidden_states"], inputs["encoder_hidden_states"],
-                            jnp.asarray(inputs["timestep"]), inputs["encoder_hidden_states_mask"])
+        out = model.forward(
+            params,
+            layout,
+            inputs["hidden_states"],
+            inputs["encoder_hidden_states"],
+            jnp.asarray(inputs["timestep"]),
+            inputs["encoder_hidden_states_mask"],
+        )
         return jnp.mean(out[:, -24:] ** 2)
 
     return jax.jit(jax.value_and_grad(loss))(params)
@@ -55,9 +62,12 @@ def test_unrolled_layers_match_the_scan(policy):
     out, cache = unrolled.apply(scanned.params, **first, kv_cache_mode="extract")
     np.testing.assert_allclose(out, out_ref, rtol=1e-6, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), cache, cache_ref)
-    np.testing.assert_allclose(unrolled.apply(scanned.params, **later, kv_cache=cache, kv_cache_mode="cached"),
-                               scanned.apply(scanned.params, **later, kv_cache=cache_ref, kv_cache_mode="cached"),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        unrolled.apply(scanned.params, **later, kv_cache=cache, kv_cache_mode="cached"),
+        scanned.apply(scanned.params, **later, kv_cache=cache_ref, kv_cache_mode="cached"),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_forward_compiles_once_per_layout():

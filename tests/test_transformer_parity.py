@@ -13,6 +13,8 @@ from qwen_flash_jax.models import TransformerConfig  # noqa: E402
 from qwen_flash_jax.models.hf_keys import state_dict_to_params  # noqa: E402
 from tests.torch_reference import TINY, make_inputs, random_diffusers_transformer, state_dict_numpy, torch_forward  # noqa: E402
 
+pytestmark = pytest.mark.parity
+
 F32_TOLERANCE = 1e-4  # max abs error relative to the output's max magnitude
 # bf16 params and activations against the float32 reference (random weights of std 0.2, 2 layers). Measured over
 # these cases and 3 input seeds: max error 1.7e-2..6.1e-2 of the output scale, RMS error 1.5e-2..4.1e-2 of the
@@ -26,8 +28,7 @@ CASES = {
     "edit_one_condition": dict(batch=1, conditions=[(1, 4, 4)], target=(1, 4, 6), text_runs=[5, 3]),
     # Two adjacent condition images: separate blocks even with no text between them.
     "edit_two_conditions": dict(batch=1, conditions=[(1, 2, 4), (1, 4, 2)], target=(1, 4, 4), text_runs=[4, 0, 3]),
-    "right_padded_batch": dict(batch=3, conditions=[(1, 4, 4)], target=(1, 4, 6), text_runs=[6, 5],
-                               padding=[0, 2, 4]),
+    "right_padded_batch": dict(batch=3, conditions=[(1, 4, 4)], target=(1, 4, 6), text_runs=[6, 5], padding=[0, 2, 4]),
     "odd_grid": dict(batch=2, conditions=[], target=(1, 2, 6), text_runs=[5], padding=[1, 0]),
 }
 

@@ -13,9 +13,11 @@ pytest.importorskip("diffusers")
 
 import jax.numpy as jnp  # noqa: E402
 
-from qwen_flash_jax.models.config import ConfigError  # noqa: E402
 from qwen_flash_jax.models import vae as vae_lib  # noqa: E402
 from qwen_flash_jax.models import vae_io  # noqa: E402
+from qwen_flash_jax.models.config import ConfigError  # noqa: E402
+
+pytestmark = pytest.mark.parity
 
 F32_TOLERANCE = 1e-4  # max abs error relative to the reference output's max magnitude
 # bf16 params and activations against the float32 reference, measured on the "residual" config with 3 input seeds:
@@ -30,12 +32,31 @@ CONFIGS = {
     # shortcuts on two of them (the zero-frame average / last-frame duplication paths) and not on the third, and a
     # decoder base width unlike the encoder's. The temporal decoder stages narrow the width (repeat factor 4 < 8),
     # so which frame `DupUp3D` keeps matters, as in the published model's third stage.
-    "residual": dict(base_dim=8, decoder_base_dim=12, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                     temperal_downsample=[True, True, False], scale_factor_spatial=8, **STATS),
+    "residual": dict(
+        base_dim=8,
+        decoder_base_dim=12,
+        z_dim=4,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        temperal_downsample=[True, True, False],
+        scale_factor_spatial=8,
+        **STATS,
+    ),
     # Wan-2.1-style plain stages (no shortcuts, width-halving upsamplers) with 2x2 patching of the image.
-    "plain_patch2": dict(base_dim=8, decoder_base_dim=None, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
-                         temperal_downsample=[True, False], is_residual=False, patch_size=2, in_channels=16,
-                         out_channels=16, scale_factor_spatial=8, **STATS),
+    "plain_patch2": dict(
+        base_dim=8,
+        decoder_base_dim=None,
+        z_dim=4,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[True, False],
+        is_residual=False,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        scale_factor_spatial=8,
+        **STATS,
+    ),
 }
 SIZE = 32  # pixels; 8x compression in both configs -> 4x4 latents
 
@@ -157,21 +178,24 @@ def test_pipeline_latent_transforms_match_diffusers(saved, loaded):
     tokens = codec.pack(latents)
     assert tokens.shape == expected_tokens.shape
     assert _rel_err(tokens, expected_tokens) <= F32_TOLERANCE
-    np.testing.assert_allclose(vae_lib.denormalize_latents(latents, ours.config),
-                               ours.encode(rgba / 127.5 - 1)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        vae_lib.denormalize_latents(latents, ours.config), ours.encode(rgba / 127.5 - 1)[0], rtol=1e-5, atol=1e-5
+    )
 
     # Decode: the end of the pipeline's __call__.
     tokens = np.random.default_rng(5).standard_normal((2, 16, z)).astype(np.float32)
     with torch.no_grad():
         x = QwenImage21Pipeline._unpack_latents(torch.tensor(tokens), SIZE, SIZE, s)
-        x = x * torch.tensor(STATS["latents_std"]).view(1, z, 1, 1, 1) + torch.tensor(
-            STATS["latents_mean"]).view(1, z, 1, 1, 1)
+        x = x * torch.tensor(STATS["latents_std"]).view(1, z, 1, 1, 1) + torch.tensor(STATS["latents_mean"]).view(
+            1, z, 1, 1, 1
+        )
         expected = _from_torch(reference.decode(x).sample)
     images = codec.decode(codec.unpack(tokens, 4, 4))
     assert _rel_err(images, expected) <= F32_TOLERANCE
     assert vae_io.VAECodec(ours).decode(codec.unpack(tokens, 4, 4)).shape[-1] == 3  # rgb=True drops alpha
 
 
+@pytest.mark.sharded
 def test_config_and_parameter_tree_match_diffusers(saved):
     """Config fields map one to one; every parameter has logical axes, its diffusers key and shape; the module
     splits in tree mode (no shared state)."""
@@ -228,13 +252,19 @@ def _write_variant(saved, tmp_path, mutate):
 
 MUTATIONS = {
     "missing": (lambda s: s.pop("decoder.conv_out.bias"), r"missing 1 of \d+ tensors: decoder.conv_out.bias"),
-    "missing_skipped_time_conv": (lambda s: s.pop("decoder.up_blocks.1.upsampler.time_conv.weight"),
-                                  "missing 1 of .*decoder.up_blocks.1.upsampler.time_conv.weight"),
-    "unexpected": (lambda s: s.update({"encoder.extra.weight": np.zeros(3, np.float32)}),
-                   "1 unexpected tensors: encoder.extra.weight"),
-    "wrong_shape": (lambda s: s.update({"encoder.conv_in.weight": np.zeros((8, 4, 3, 1), np.float32)}),
-                    r"diffusion_pytorch_model.safetensors: tensor encoder.conv_in.weight has shape \(8, 4, 3, 1\), "
-                    r"expected \(8, 4, 3, 3\)"),
+    "missing_skipped_time_conv": (
+        lambda s: s.pop("decoder.up_blocks.1.upsampler.time_conv.weight"),
+        "missing 1 of .*decoder.up_blocks.1.upsampler.time_conv.weight",
+    ),
+    "unexpected": (
+        lambda s: s.update({"encoder.extra.weight": np.zeros(3, np.float32)}),
+        "1 unexpected tensors: encoder.extra.weight",
+    ),
+    "wrong_shape": (
+        lambda s: s.update({"encoder.conv_in.weight": np.zeros((8, 4, 3, 1), np.float32)}),
+        r"diffusion_pytorch_model.safetensors: tensor encoder.conv_in.weight has shape \(8, 4, 3, 1\), "
+        r"expected \(8, 4, 3, 3\)",
+    ),
 }
 
 
@@ -246,7 +276,6 @@ def test_bad_checkpoint_is_one_clear_config_error(saved, tmp_path, case):
     assert "\n" not in str(info.value)
 
 
-
 def test_truncated_file_is_one_clear_config_error(saved, tmp_path):
     path = _write_variant(saved, tmp_path, lambda s: None)
     weights = path / "diffusion_pytorch_model.safetensors"
@@ -254,6 +283,7 @@ def test_truncated_file_is_one_clear_config_error(saved, tmp_path):
     with pytest.raises(ConfigError, match="diffusion_pytorch_model.safetensors: not a valid safetensors file") as info:
         vae_io.load_vae(path)
     assert "\n" not in str(info.value)
+
 
 def test_bad_directory_is_one_clear_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):

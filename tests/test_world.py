@@ -17,11 +17,14 @@ from qwen_flash_jax.data.world import (
     attribute_labels,
     caption,
     contact_sheet,
+    landscape,
+    portrait,
     render,
     sample_edit,
     sample_t2i,
+    styles,
+    text,
 )
-from qwen_flash_jax.data.world import landscape, portrait, styles, text
 
 SIZES = (16, 32, 64)
 
@@ -122,7 +125,7 @@ def test_every_attribute_value_is_visible(category):
         for attr, values in T2I_ATTRIBUTES[category].items():
             imgs = {v: render(dict(spec, **{attr: v})).astype(int) for v in values}
             for i, v in enumerate(values):
-                for w in values[i + 1:]:
+                for w in values[i + 1 :]:
                     changed = (np.abs(imgs[v] - imgs[w]).max(axis=-1) > 25).sum()
                     assert changed >= 4, (spec, attr, v, w, changed)
 
@@ -177,16 +180,27 @@ _KEYWORDS = {  # hand-written: a caption must contain one of these for the spec'
     ("landscape", "season"): {"summer": ("summer",), "autumn": ("autumn", "fall"), "winter": ("winter",)},
     ("landscape", "celestial"): {"sun": ("sun",), "moon": ("moon",), "none": ("no sun", "neither sun")},
     ("landscape", "water"): {"none": ("no lake", "no water", "without any water"), "lake": ("lake",)},
-    ("landscape", "trees"): {"none": ("no trees", "without any trees", "not a single tree"),
-                             "few": ("few", "some", "three"), "many": ("many", "lots", "crowd", "plenty")},
-    ("landscape", "mountains"): {"none": ("no mountains", "without any mountains"), "one": ("single", "one", "lone"),
-                                 "range": ("range", "row of", "several")},
-    ("portrait", "skin"): {"light": ("light", "fair", "pale"), "medium": ("medium", "tan", "olive"),
-                           "dark": ("dark skin", "dark complexion", "deep dark")},
+    ("landscape", "trees"): {
+        "none": ("no trees", "without any trees", "not a single tree"),
+        "few": ("few", "some", "three"),
+        "many": ("many", "lots", "crowd", "plenty"),
+    },
+    ("landscape", "mountains"): {
+        "none": ("no mountains", "without any mountains"),
+        "one": ("single", "one", "lone"),
+        "range": ("range", "row of", "several"),
+    },
+    ("portrait", "skin"): {
+        "light": ("light", "fair", "pale"),
+        "medium": ("medium", "tan", "olive"),
+        "dark": ("dark skin", "dark complexion", "deep dark"),
+    },
     ("portrait", "hair_length"): {"short": ("short",), "long": ("long",)},
     ("text", "placement"): {"top": ("top", "high"), "middle": ("middle", "centre"), "bottom": ("bottom", "low")},
-    ("portrait", "glasses"): {"yes": ("wears glasses", "with a pair", "dark-rimmed"), "no": ("without", "no glasses",
-                                                                                                "not wearing")},
+    ("portrait", "glasses"): {
+        "yes": ("wears glasses", "with a pair", "dark-rimmed"),
+        "no": ("without", "no glasses", "not wearing"),
+    },
 }
 
 
@@ -285,8 +299,12 @@ def test_text_edit_changes_word_only():
     for _ in range(30):
         e = sample_edit(rng, "text_edit")
         src, tgt = e.spec["source"], e.spec["target"]
-        assert src["word"] != tgt["word"] and e.spec["op"] == {"attribute": "word", "from": src["word"],
-                                                              "to": tgt["word"], "action": "change"}
+        assert src["word"] != tgt["word"] and e.spec["op"] == {
+            "attribute": "word",
+            "from": src["word"],
+            "to": tgt["word"],
+            "action": "change",
+        }
         assert {k: v for k, v in src.items() if k != "word"} == {k: v for k, v in tgt.items() if k != "word"}
         assert tgt["word"] in e.instruction
 
@@ -325,8 +343,10 @@ def test_local_edits_leave_outside_pixels_unchanged(category, size):
         x0, y0, x1, y1 = region
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
         outside = np.ones((size, size), bool)
-        outside[max(0, int(np.floor(y0 * size)) - 1): int(np.ceil(y1 * size)) + 1,
-                max(0, int(np.floor(x0 * size)) - 1): int(np.ceil(x1 * size)) + 1] = False
+        outside[
+            max(0, int(np.floor(y0 * size)) - 1) : int(np.ceil(y1 * size)) + 1,
+            max(0, int(np.floor(x0 * size)) - 1) : int(np.ceil(x1 * size)) + 1,
+        ] = False
         diff = (e.source != e.target).any(axis=-1)
         assert not (diff & outside).any(), (e.spec["op"], region, np.argwhere(diff & outside)[:5])
         assert diff.any()
@@ -343,8 +363,16 @@ def test_object_ops_cover_actions():
     rng = np.random.default_rng(0)
     ops = [sample_edit(rng, "object").spec["op"] for _ in range(300)]
     actions = {(op["attribute"], op["action"]) for op in ops}
-    for need in [("celestial", "add"), ("celestial", "remove"), ("celestial", "replace"), ("water", "add"),
-                 ("water", "remove"), ("trees", "add"), ("trees", "remove"), ("sign_colour", "recolour")]:
+    for need in [
+        ("celestial", "add"),
+        ("celestial", "remove"),
+        ("celestial", "replace"),
+        ("water", "add"),
+        ("water", "remove"),
+        ("trees", "add"),
+        ("trees", "remove"),
+        ("sign_colour", "recolour"),
+    ]:
         assert need in actions
     for _ in range(100):
         e = sample_edit(rng, "object")
@@ -361,6 +389,6 @@ def test_contact_sheet():
     assert sheet.dtype == np.uint8
     assert sheet.shape == (3 * (2 + 2 * (32 + 2)), 3 * (2 + 2 * (65 + 2)), 3)
     assert (sheet[6:9, 6:9] == 0).all()  # first image, top-left, upscaled
-    assert (sheet[3 * 2: 3 * 34, 3 * (2 + 67): 3 * (2 + 67 + 65)] == 7).all()
+    assert (sheet[3 * 2 : 3 * 34, 3 * (2 + 67) : 3 * (2 + 67 + 65)] == 7).all()
     demo = world.demo_sheet(seed=0, t2i_per_category=2, edits_per_category=1, scale=1)
     assert demo.ndim == 3 and demo.shape[2] == 3

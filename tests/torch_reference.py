@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-TINY = dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, in_channels=8, out_channels=8,
-            context_in_dim=24, axes_dims_rope=(4, 6, 6))
+TINY = dict(
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    in_channels=8,
+    out_channels=8,
+    context_in_dim=24,
+    axes_dims_rope=(4, 6, 6),
+)
 
 
 def random_diffusers_transformer(seed: int = 0, std: float = 0.2, **overrides):
@@ -25,8 +32,17 @@ def state_dict_numpy(model) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
 
-def make_inputs(rng: np.random.Generator, *, batch: int, conditions, target, text_runs, padding=None,
-                in_channels: int = 8, context_in_dim: int = 24):
+def make_inputs(
+    rng: np.random.Generator,
+    *,
+    batch: int,
+    conditions,
+    target,
+    text_runs,
+    padding=None,
+    in_channels: int = 8,
+    context_in_dim: int = 24,
+):
     """diffusers-style inputs for one shared layout.
 
     `text_runs` gives the text lengths around the condition images: len(text_runs) == len(conditions) + 1, the
@@ -46,7 +62,7 @@ def make_inputs(rng: np.random.Generator, *, batch: int, conditions, target, tex
     enc_mask = np.ones((batch, text_len), bool)
     for b, pad in enumerate(padding or []):
         if pad:
-            enc_mask[b, text_len - pad:] = False
+            enc_mask[b, text_len - pad :] = False
     return dict(
         hidden_states=rng.standard_normal((batch, n_img, in_channels)).astype(np.float32),
         encoder_hidden_states=rng.standard_normal((batch, text_len, context_in_dim)).astype(np.float32),
