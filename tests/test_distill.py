@@ -1,5 +1,6 @@
 """The distillation job end to end on a tiny toy world: it trains, resumes exactly, and stops on NaNs."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,19 @@ def cache(toy_cache):
 
 
 QUIET = dict(log=lambda *_: None, evaluate=False)
+
+
+def _interrupted_copy(finished, workdir, last_step):
+    """`workdir` as a run of `finished`'s config interrupted after its checkpoint at `last_step` leaves it: a copy of
+    the finished run without the later checkpoints. The state at a checkpoint does not depend on the steps after
+    it, so this replaces running the first steps a second time (a real interruption: the `sharded` resume test, a
+    real kill: the kill-during-a-save test)."""
+    shutil.copytree(finished, workdir)
+    checkpoints = workdir / "checkpoints"
+    later = [p for p in checkpoints.iterdir() if p.name.isdigit() and int(p.name) > last_step]
+    assert later and (checkpoints / str(last_step)).is_dir(), sorted(p.name for p in checkpoints.iterdir())
+    for p in later:
+        shutil.rmtree(p)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +140,7 @@ def test_with_the_gan_term_a_resumed_run_reproduces_the_uninterrupted_one(cache,
     config.data.task_ratio = "1:0"  # one task is enough here: half the compilations
     straight, resumed = [], []
     distill_job.distill(config, tmp_path / "a", history=straight, **QUIET)
-    distill_job.distill(config, tmp_path / "b", stop_at=3, **QUIET)
+    _interrupted_copy(tmp_path / "a", tmp_path / "b", last_step=2)
     distill_job.distill(config, tmp_path / "b", history=resumed, **QUIET)
     assert resumed[0][0] == 3 and all(m["skipped"] == 0 for _, m in straight)
     # The head's logit layer starts at zero and its first update is warm-up (lr 0): the GAN gradient reaches the
@@ -186,7 +200,7 @@ def test_fake_score_warmup_runs_before_the_first_student_update_and_resumes_exac
     config.train.steps = 4
     straight, resumed = [], []
     distill_job.distill(config, tmp_path / "a", history=straight, **QUIET)
-    distill_job.distill(config, tmp_path / "b", stop_at=3, **QUIET)
+    _interrupted_copy(tmp_path / "a", tmp_path / "b", last_step=2)
     distill_job.distill(config, tmp_path / "b", history=resumed, **QUIET)
     assert straight[0][1]["dmd_loss"] != straight_run[0][1]["dmd_loss"]
     assert resumed[0][0] == 3 and [m for s, m in straight if s > 2] == [m for _, m in resumed]
@@ -255,12 +269,13 @@ def test_regression_onto_teacher_pairs_resumes_exactly_and_needs_predicted_renoi
     the regression term repeats the uninterrupted one's losses exactly; with fresh re-noising the term is a config
     error before any work."""
     config = _regression_config(cache)
-    straight, interrupted, resumed = [], [], []
+    config.train.keep_checkpoints = 3  # step 2's checkpoint stays for the resumed run (results do not depend on it)
+    straight, resumed = [], []
     distill_job.distill(config, tmp_path / "a", history=straight, **QUIET)
     assert all(m["skipped"] == 0 and m["regression_loss"] > 0 for _, m in straight)
-    distill_job.distill(config, tmp_path / "b", history=interrupted, stop_at=3, **QUIET)
+    _interrupted_copy(tmp_path / "a", tmp_path / "b", last_step=2)
     distill_job.distill(config, tmp_path / "b", history=resumed, **QUIET)
-    assert [m for s, m in straight if s > 2] == [m for _, m in resumed]
+    assert resumed[0][0] == 3 and [m for s, m in straight if s > 2] == [m for _, m in resumed]
     config.student.renoise = "fresh"
     with pytest.raises(distill_job.ConfigError, match="renoise='predicted'"):
         distill_job.distill(config, tmp_path / "w", **QUIET)

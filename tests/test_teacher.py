@@ -17,24 +17,30 @@ def cache(toy_cache):
     return toy_cache
 
 
-def test_teacher_loss_decreases_and_writes_artifacts(cache, tmp_path):
-    config = tiny_config(cache)
-    history = []
-    teacher.train_teacher(config, "base", tmp_path / "run", history=history, log=lambda *_: None)
+@pytest.fixture(scope="module")
+def straight_run(toy_cache, tmp_path_factory):
+    """(workdir, per-step metrics) of one uninterrupted tiny teacher training: the artifacts the loss test checks
+    and the reference the resumed run must repeat (the sample grids are written after the last step)."""
+    workdir, history = tmp_path_factory.mktemp("straight") / "run", []
+    teacher.train_teacher(tiny_config(toy_cache), "base", workdir, history=history, log=lambda *_: None)
+    return workdir, history
+
+
+def test_teacher_loss_decreases_and_writes_artifacts(straight_run):
+    run, history = straight_run
     losses = [m.get("loss_t2i", m.get("loss_edit")) for _, m in history]
     assert len(history) == 12
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
-    assert teacher.is_trained(tmp_path / "run")
-    assert json.loads((tmp_path / "run" / teacher.MARKER).read_text())["steps"] == 12
-    assert (tmp_path / "run" / "samples_base_2steps.png").exists()
-    assert (tmp_path / "run" / "samples_base_4steps.png").exists()
+    assert teacher.is_trained(run)
+    assert json.loads((run / teacher.MARKER).read_text())["steps"] == 12
+    assert (run / "samples_base_2steps.png").exists()
+    assert (run / "samples_base_4steps.png").exists()
 
 
-def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(cache, tmp_path):
+def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(cache, straight_run, tmp_path):
     config = tiny_config(cache)
-    straight = []
+    _, straight = straight_run
     quiet = dict(log=lambda *_: None, write_samples=False)
-    teacher.train_teacher(config, "base", tmp_path / "a", history=straight, **quiet)
     interrupted = []
     teacher.train_teacher(config, "base", tmp_path / "b", history=interrupted, stop_at=6, **quiet)
     resumed = []
