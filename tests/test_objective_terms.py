@@ -35,7 +35,12 @@ def _random_params(config, seed):
 
 @pytest.fixture(scope="module")
 def world():
-    config = TransformerConfig(**TINY)
+    # One unrolled layer: the terms do not depend on depth, and this model compiles ~3x faster than TINY's two
+    # scanned layers.
+    return _world(TransformerConfig(**(TINY | dict(num_layers=1, scan_layers=False))))
+
+
+def _world(config):
     model = from_params(config, _random_params(config, 0))
     teachers = {"base": model.params, "text": _random_params(config, 1)}
     inputs = make_inputs(np.random.default_rng(0), batch=BATCH, conditions=[], target=(1, 4, 4), text_runs=[TEXT_LEN])
