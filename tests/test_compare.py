@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 
 from qwen_flash_jax.eval import compare
 
@@ -37,7 +39,9 @@ def test_the_paired_difference_finds_a_shift_the_spread_would_hide(tmp_path):
     assert low < mean < high and low > 0.1
 
 
-def test_the_command_prints_a_table_row_and_refuses_runs_on_different_benchmarks(tmp_path):
+def test_the_command_prints_a_table_row_and_refuses_runs_on_different_benchmarks(tmp_path, capsys):
+    """`main` in this process for the table row and each refusal; one real command for what only the process shows:
+    exit status 2 and a one-line `error:`, no traceback."""
     rng = np.random.default_rng(0)
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "results.json").write_text(json.dumps(_results(rng, {"t2i": 0.0, "edit": 0.0})))
@@ -45,22 +49,48 @@ def test_the_command_prints_a_table_row_and_refuses_runs_on_different_benchmarks
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "small.json").write_text(json.dumps(_results(rng, {"t2i": 0.0, "edit": 0.0}, per_category=20)))
 
-    def run(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "qwen_flash_jax.eval.compare", *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+    def run(*args, **flag_values):
+        """`main` as absl's app.run calls it: the positional arguments in argv, the flags set (and restored after)."""
+        parsed = flags.FLAGS.is_parsed()
+        flags.FLAGS.mark_as_parsed()  # not FLAGS(argv): that would validate every flag of every imported module
+        try:
+            with flagsaver.flagsaver(**flag_values):
+                compare.main(["compare", *args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            if not parsed:
+                flags.FLAGS.unparse_flags()
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
-    ok = run(str(tmp_path / "a"), str(tmp_path / "b.json"))
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.splitlines()[-1].startswith(f"| {tmp_path / 'a'} | ") and ok.stdout.count("[") == 2
-    for args, message in (
-        ((str(tmp_path / "a"), str(tmp_path / "small.json")), "different t2i benchmarks"),
-        ((str(tmp_path / "a"), str(tmp_path / "none")), "no results.json"),
-        ((str(tmp_path / "a"), str(tmp_path / "list.json")), "not a results.json"),
-        ((str(tmp_path / "a"), str(tmp_path / "b.json"), "--model=teacher"), "no model 'teacher'"),
+    code, stdout, stderr = run(str(tmp_path / "a"), str(tmp_path / "b.json"))
+    assert code == 0, stderr
+    assert stdout.splitlines()[-1].startswith(f"| {tmp_path / 'a'} | ") and stdout.count("[") == 2
+    for args, flag_values, message in (
+        ((str(tmp_path / "a"), str(tmp_path / "small.json")), {}, "different t2i benchmarks"),
+        ((str(tmp_path / "a"), str(tmp_path / "none")), {}, "no results.json"),
+        ((str(tmp_path / "a"), str(tmp_path / "list.json")), {}, "not a results.json"),
+        ((str(tmp_path / "a"), str(tmp_path / "b.json")), {"model": "teacher"}, "no model 'teacher'"),
     ):
-        bad = run(*args)
-        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+        code, _, stderr = run(*args, **flag_values)
+        assert code == 2 and stderr.startswith("error: ") and message in stderr, (args, stderr)
+
+    # The real command, its flag parsed from the command line.
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_flash_jax.eval.compare",
+            str(tmp_path / "a"),
+            str(tmp_path / "b.json"),
+            "--model=teacher",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no model 'teacher'" in errors[0], bad.stderr

@@ -430,6 +430,7 @@ class _CountingShard:
         return self.shard.__exit__(*exc)
 
 
+@pytest.mark.sharded  # a mesh over several devices
 def test_read_nested_sharded_reads_blocks_and_equals_the_whole_read(tmp_path):
     """With shardings, "copy" and "transpose" tensors are read block by block (never whole) and give exactly the
     arrays an unsharded read gives; a callable layout and a 0-size tensor are read whole."""

@@ -219,6 +219,7 @@ def test_bfloat16_vision_weights(checkpoint, params):
     assert max(errors) <= 5e-2  # weight rounding only
 
 
+@pytest.mark.sharded  # a mesh over several devices
 def test_loading_onto_a_mesh_gives_the_same_weights_in_their_shardings(checkpoint):
     """With a mesh, each device's block is read from the file on its own (`get_slice`); the weights are bit for bit
     the unsharded load's, language model and vision tower alike, and laid out by the logical-axis rules."""
