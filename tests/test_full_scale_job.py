@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 
 from qwen_flash_jax import config_lib  # noqa: E402
 from qwen_flash_jax.models.config import ConfigError  # noqa: E402
+from qwen_flash_jax.text import prompts  # noqa: E402
 from qwen_flash_jax.text import tokenizer as tokenizer_lib  # noqa: E402
 from qwen_flash_jax.train import assets as assets_lib  # noqa: E402
 from qwen_flash_jax.train import distill_job, jobs  # noqa: E402
@@ -44,7 +45,7 @@ def _text_encoder_dir(path):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tok = tokenizer_lib.train_tokenizer(CAPTIONS + INSTRUCTIONS, vocab_size=300)
-    ids = {t: tokenizer_lib.special_token_id(tok, t) for t in tokenizer_lib.SPECIAL_TOKENS}
+    ids = {t: prompts.special_token_id(tok, t) for t in tokenizer_lib.SPECIAL_TOKENS}
     config = Qwen3VLConfig(
         text_config=dict(
             vocab_size=320,
@@ -68,9 +69,9 @@ def _text_encoder_dir(path):
             num_position_embeddings=16,
             deepstack_visual_indexes=[0],
         ),
-        image_token_id=ids[tokenizer_lib.IMAGE_PAD],
-        vision_start_token_id=ids[tokenizer_lib.VISION_START],
-        vision_end_token_id=ids[tokenizer_lib.VISION_END],
+        image_token_id=ids[prompts.IMAGE_PAD],
+        vision_start_token_id=ids[prompts.VISION_START],
+        vision_end_token_id=ids[prompts.VISION_END],
         video_token_id=319,
     )
     _randomise(Qwen3VLForConditionalGeneration(config).eval(), 0).save_pretrained(path)
