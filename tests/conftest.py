@@ -100,7 +100,7 @@ def _in_place():
 
 
 class ShardedRun(pytest.Item):
-    """A `sharded` test of this session, run by the child process; reports the child's outcome as its own."""
+    """A `sharded` test of this pytest run, run by the child process; reports the child's outcome as its own."""
 
     def __init__(self, *, original, batch, **kwargs):
         super().__init__(**kwargs)
