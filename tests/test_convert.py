@@ -22,20 +22,12 @@ from qwen_flash_jax.errors import CheckpointError
 from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import TransformerConfig
 from qwen_flash_jax.safetensors_checkpoint import INDEX_FILES, SafetensorsCheckpoint
+from tests.torch_reference import TINY
 
 pytestmark = pytest.mark.parity  # converts a random diffusers checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 INDEX_FILE = INDEX_FILES[0]  # diffusers' shard index
-TINY = dict(
-    num_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    in_channels=8,
-    out_channels=8,
-    context_in_dim=24,
-    axes_dims_rope=(4, 6, 6),
-)
 
 
 @pytest.fixture(scope="module")
