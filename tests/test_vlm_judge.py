@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -336,40 +337,74 @@ def test_edit_bench_sub_scores_and_several_sources(tmp_path):
     assert row["average"] == 4.0 and row["rank"] == 1
 
 
+def kill_and_resume(server: FakeJudgeServer, manifest, out: pathlib.Path, judge_model: str, hang_after: int):
+    """Runs the command in a child process with 2 requests in flight; requests after the first `hang_after` get no
+    reply, and the child is killed (SIGKILL) once both hang and the replies it got are on file. Then reruns it here.
+    Returns (requests per key in the first run, the (id, model) pairs it recorded, requests per key in the rerun)."""
+    server.hang_after = hang_after
+    argv = [
+        sys.executable, "-m", "qwen_flash_jax.eval.vlm_judge", "--bench=t2i", f"--manifest={manifest}",
+        f"--judge=j={judge_model}@{server.url},key_env=FAKE_JUDGE_KEY", f"--out={out}", "--concurrency=2",
+        "--backoff=0.01", "--max_attempts=3",
+    ]  # fmt: skip
+    child = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    scores = out / "scores.jsonl"
+
+    def settled():  # both in-flight requests hang, and every answered pair is on file
+        answered = {r["key"] for r in server.requests[:hang_after]}
+        return (
+            sum(server.counts.values()) >= hang_after + 2
+            and scores.exists()
+            and (len(scores.read_text().splitlines()) >= len(answered) - 2)
+        )
+
+    deadline = time.monotonic() + 120
+    while not settled() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # a reply being written when the requests hung
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    first_run = collections.Counter(server.counts)
+    finished = {(r["id"], r["model"]) for r in map(json.loads, scores.read_text().splitlines())}
+    server.hang_after = None
+    server.release.set()
+    vlm_judge.main(argv[3:] + ["--timeout=5"])
+    return first_run, finished, collections.Counter(server.counts) - first_run
+
+
 def test_killed_run_resumes_without_asking_twice(tmp_path):
     manifest, lines = t2i_manifest(tmp_path, per_category=3)
     out = tmp_path / "out"
     with FakeJudgeServer() as server:
-        server.hang_after = 7  # requests beyond the 7th hang: the run is killed while waiting for them
-        argv = [
-            sys.executable, "-m", "qwen_flash_jax.eval.vlm_judge", "--bench=t2i", f"--manifest={manifest}",
-            f"--judge=j=judge-one@{server.url},key_env=FAKE_JUDGE_KEY", f"--out={out}", "--concurrency=2",
-            "--backoff=0.01",
-        ]  # fmt: skip
-        child = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while sum(server.counts.values()) < 9 and time.monotonic() < deadline and child.poll() is None:
-            time.sleep(0.05)
-        time.sleep(0.2)  # let the 7 answered replies reach the file
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        first_run = dict(server.counts)
-        finished = {(r["id"], r["model"]) for r in map(json.loads, (out / "scores.jsonl").read_text().splitlines())}
-        assert len(finished) == 7, child.stderr.read().decode()[-2000:]
-        server.hang_after = None
-        server.release.set()
-        vlm_judge.main(argv[3:] + ["--timeout=5"])
-        second_run = collections.Counter(server.counts) - collections.Counter(first_run)
+        first_run, finished, second_run = kill_and_resume(server, manifest, out, "judge-one", hang_after=7)
+    assert len(finished) == 7 and sum(first_run.values()) == 9  # 7 replies, 2 requests hanging when killed
     for line in lines:
-        key = key_of(tmp_path, line, "judge-one")
-        asked_again = second_run.get(key, 0)
-        if (line["id"], line["model"]) in finished:
-            assert asked_again == 0, line
-        else:
-            assert asked_again >= 1, line
+        asked_again = second_run.get(key_of(tmp_path, line, "judge-one"), 0)
+        assert asked_again == (0 if (line["id"], line["model"]) in finished else 1), line
     records = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     assert sorted((r["id"], r["model"]) for r in records) == sorted((x["id"], x["model"]) for x in lines)
     assert all(r["score"] == 3.0 for r in records)
+
+
+def test_rerun_after_a_cut_line_and_with_another_judge_model(tmp_path, capsys):
+    manifest, lines = t2i_manifest(tmp_path, models=("A",), per_category=1)
+    out = tmp_path / "out"
+    with FakeJudgeServer() as server:
+        judge = server.judge("j", "judge-one")
+        vlm_judge.judge_manifest(manifest, "t2i", [judge], out, log=lambda *_: None, **FAST)
+        kept = (out / "scores.jsonl").read_text().splitlines()
+        (out / "scores.jsonl").write_text("\n".join(kept[:2]) + "\n" + kept[2][:40])  # a line cut by a kill
+        before = collections.Counter(server.counts)
+        table = vlm_judge.judge_manifest(manifest, "t2i", [judge], out, log=lambda *_: None, **FAST)
+        asked = collections.Counter(server.counts) - before
+        cut = json.loads(kept[2])
+        assert list(asked) == [key_of(tmp_path, next(x for x in lines if x["id"] == cut["id"]), "judge-one")]
+        assert table["rows"][0]["average"] == 3.0
+        assert len((out / "scores.jsonl").read_text().splitlines()) == 4  # two kept, the cut one, its new line
+        other = f"--judge=j=judge-two@{server.url},key_env=FAKE_JUDGE_KEY"
+        with pytest.raises(SystemExit) as exit_info:
+            vlm_judge.main(["--bench=t2i", f"--manifest={manifest}", other, f"--out={out}"])
+    assert exit_info.value.code == 2 and "holds judge 'j' as model 'judge-one'" in capsys.readouterr().err
 
 
 def _bad_input(tmp_path, capsys, lines=None, judge=None, bench="t2i"):
@@ -444,23 +479,29 @@ def _example(out: pathlib.Path) -> None:
         def __init__(self, name, level):
             self.name, self.level = name, level
 
+        def _shade(self, text):  # one image per prompt and model: the server tells samples apart by their image
+            return (self.level, zlib.crc32(text.encode()) % 256, 128)
+
         def t2i(self, prompts):
-            return np.stack([np.full((32, 32, 3), (self.level + 13 * i) % 256, np.uint8) for i in range(len(prompts))])
+            return np.stack([np.full((32, 32, 3), self._shade(p), np.uint8) for p in prompts])
 
         def edit(self, sources, instructions):
-            return np.clip(sources.astype(int) + self.level, 0, 255).astype(np.uint8)
+            return np.stack(
+                [(s // 2 + np.array(self._shade(i)) // 2).astype(np.uint8) for s, i in zip(sources, instructions)]
+            )
 
-    def script(key):  # scores 1.00-5.00 from the key; some samples need a re-ask, a retry, or never answer
+    def script(key):  # scores 1.00-5.00 from the key; some samples need a re-ask or a retry; one in 7 never answers
         h = int(key, 16)
         score = round(1 + (h % 401) / 100, 2)
+        if h % 7 == 0:
+            return [("malformed",)]
         return [
             [("ok", score)],
             [("prose", score)],
             [("malformed",), ("ok", score)],
             [("status", 500), ("ok", score)],
             [("range", 6.0), ("ok", score)],
-            [("malformed",)],
-        ][h % 6 if h % 7 else 5]
+        ][h % 5]
 
     os.environ["FAKE_JUDGE_KEY"] = "secret"
     contenders = [Shade("student-4nfe", 60), Shade("teacher-40step", 170)]
@@ -469,7 +510,26 @@ def _example(out: pathlib.Path) -> None:
         tables = vlm_bench.run_recipe(out, contenders, judges, image_size=64, **{**FAST, "timeout": 5.0})
         print(f"requests: {sum(server.counts.values())}")
         for bench, table in tables.items():
-            print(f"\n{bench}:\n{vlm_table.markdown(table)}")
+            failures = sum(row["failures"] for row in table["rows"])
+            print(f"\n{bench} ({failures} failures):\n{vlm_table.markdown(table)}")
+        before = collections.Counter(server.counts)
+        server.counts.clear()
+        first, finished, second = kill_and_resume(server, out / "t2i" / "manifest.jsonl", out / "resume", "vlm-c", 6)
+        pairs = len(vlm_judge.read_manifest(out / "t2i" / "manifest.jsonl", "t2i"))
+        again = sum(n for key, n in second.items() if key in first and _pair(out, key) in finished)
+        print(
+            f"resume: {pairs} pairs; killed run: {sum(first.values())} requests, {len(finished)} pairs recorded; "
+            f"rerun: {sum(second.values())} requests, {again} of them for a recorded pair"
+        )
+        server.counts.update(before)
+
+
+def _pair(out: pathlib.Path, key: str) -> tuple[str, str]:
+    manifest = out / "t2i" / "manifest.jsonl"
+    for line in map(json.loads, manifest.read_text().splitlines()):
+        if image_key("vlm-c", vlm_judge.image_url(str(out / "t2i" / line["image"]))) == key:
+            return line["id"], line["model"]
+    raise KeyError(key)
 
 
 if __name__ == "__main__":
