@@ -258,6 +258,20 @@ def test_scores_tables_and_failures(tmp_path):
                 final = script[-1]
                 truth[(i, judge.name)] = final[-1] if final[0] in ("ok", "prose", "slow") else None
         table = vlm_judge.judge_manifest(manifest, "t2i", judges, tmp_path / "out", log=lambda *_: None, **FAST)
+        # A rerun asks again only the request failure (the server never answered), not the judge's invalid replies;
+        # --retry_failed asks those too. Both end as before: the scripts repeat their last action.
+        before = collections.Counter(server.counts)
+        vlm_judge.judge_manifest(manifest, "t2i", judges, tmp_path / "out", log=lambda *_: None, **FAST)
+        rerun = collections.Counter(server.counts) - before
+        assert rerun == {key_of(tmp_path, lines[8], "judge-one"): 3}
+        before = collections.Counter(server.counts)
+        vlm_judge.judge_manifest(
+            manifest, "t2i", judges, tmp_path / "out", log=lambda *_: None, retry_failed=True, **FAST
+        )
+        retried = collections.Counter(server.counts) - before
+        assert set(retried) == {
+            key_of(tmp_path, lines[i], m) for i, m in ((7, "judge-one"), (8, "judge-one"), (9, "judge-two"))
+        }
 
     records = {(r["id"], r["model"], r["judge"]): r for r in map(json.loads, open(tmp_path / "out" / "scores.jsonl"))}
     assert len(records) == len(lines) * 2
@@ -268,6 +282,7 @@ def test_scores_tables_and_failures(tmp_path):
     record = lambda i, judge="j1": records[(lines[i]["id"], lines[i]["model"], judge)]  # noqa: E731
     assert record(7)["error"].startswith("no valid reply after 3 attempts") and record(7)["requests"] == 3
     assert "HTTP 500" in record(8)["error"] and record(8)["requests"] == 3  # the first request and 2 retries
+    assert record(8)["failure"] == "request" and record(7)["failure"] == "reply" and record(0)["failure"] is None
     assert record(6)["requests"] == 2 and record(6)["attempts"] == 1  # the timed-out request, then the reply
     assert record(3)["attempts"] == 3  # two out-of-range replies, each asked again
     assert "outside [1, 5]" in record(9, "j2")["error"]
@@ -446,6 +461,18 @@ def test_wrong_key_stops_the_run(tmp_path, capsys, monkeypatch):
                             f"--judge=j=m@{server.url},key_env=FAKE_JUDGE_KEY", "--concurrency=1"])  # fmt: skip
     assert exit_info.value.code == 2 and "HTTP 401" in capsys.readouterr().err
     assert (tmp_path / "o" / "scores.jsonl").read_text() == ""  # no failure recorded for a wrong key
+
+
+def test_an_unreachable_judge_stops_the_run(tmp_path, capsys):
+    manifest, _ = t2i_manifest(tmp_path, models=("A", "B"), per_category=2)  # 12 samples
+    with FakeJudgeServer() as server:
+        url = server.url
+    args = [f"--manifest={manifest}", f"--out={tmp_path / 'o'}", "--concurrency=1", "--retries=1", "--backoff=0.01"]
+    with pytest.raises(SystemExit) as exit_info:
+        vlm_judge.main(["--bench=t2i", f"--judge=j=m@{url},key_env=FAKE_JUDGE_KEY", *args])  # nobody listens now
+    assert exit_info.value.code == 1 and "no reply from" in capsys.readouterr().err
+    records = [json.loads(x) for x in (tmp_path / "o" / "scores.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(r["failure"] == "request" and r["requests"] == 2 for r in records)
 
 
 def test_recipe_on_the_example_set(tmp_path):

@@ -13,9 +13,11 @@ the source images and instruction, and the image, inline as base64 data URLs. A 
 or holds a score outside [1, 5], is asked again (the judge is told what was wrong) up to --max_attempts times; then
 the sample is recorded as a failure with score null. No score is ever made up.
 
-DIR/scores.jsonl gets one line per (id, model, judge) as each reply arrives; a rerun skips the pairs it holds (with
---retry_failed it asks again those recorded as failures). DIR/table.json and DIR/table.md are the tables
-(eval/vlm_table.py). Bad input (a manifest line, an image, a --judge) ends with one `error:` line and status 2.
+DIR/scores.jsonl gets one line per (id, model, judge) as each reply arrives (`failure`: null, "reply" when the judge
+never replied validly, "request" when its server never replied). A rerun skips the pairs it holds, except request
+failures (an outage says nothing about the image); --retry_failed also asks again the invalid-reply failures.
+DIR/table.json and DIR/table.md are the tables (eval/vlm_table.py). Bad input (a manifest line, an image, a
+--judge) ends with one `error:` line and status 2.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ from qwen_flash_jax.models.config import ConfigError
 
 TEXT_FIELD = {"t2i": "prompt", "edit": "instruction"}
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+class JudgeUnreachable(RuntimeError):
+    """A judge's server answered none of many samples in a row."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +178,7 @@ def judge_sample(client: vlm_client.ChatClient, bench: str, sample: Sample, max_
         "reasoning": None,
         "failure_modes": None,
         "error": None,
+        "failure": None,  # "reply": never a valid reply; "request": the server never replied
         "attempts": 0,
         "requests": 0,
     }
@@ -182,13 +189,13 @@ def judge_sample(client: vlm_client.ChatClient, bench: str, sample: Sample, max_
             text, sent = client.complete(asked)
         except vlm_client.RequestFailed as e:
             record["requests"] += e.requests
-            record["error"] = f"request failed: {e}"
+            record["error"], record["failure"] = f"request failed: {e}", "request"
             return record
         record["requests"] += sent
         try:
-            return {**record, **parse_reply(bench, sample.category, text), "error": None}
+            return {**record, **parse_reply(bench, sample.category, text), "error": None, "failure": None}
         except InvalidReply as e:
-            record["error"] = f"no valid reply after {record['attempts']} attempts: {e}"
+            record["error"], record["failure"] = f"no valid reply after {record['attempts']} attempts: {e}", "reply"
             # Asked again at temperature 0 with the same chat, a judge tends to repeat itself: tell it what was wrong.
             asked = chat + [
                 {"role": "assistant", "content": text},
@@ -234,7 +241,8 @@ def judge_manifest(
     log=print,
 ) -> dict:
     """Scores every manifest sample with every judge not yet in DIR/scores.jsonl, then writes the tables; returns
-    the table. FatalJudgeError (wrong key, model or URL) stops the run after the tables are written."""
+    the table. FatalJudgeError (wrong key, model or URL) or JudgeUnreachable stop the run after the tables are
+    written."""
     if bench not in BENCHES:
         raise ConfigError(f"--bench must be one of {', '.join(BENCHES)}, got {bench!r}")
     samples = read_manifest(manifest, bench)
@@ -251,12 +259,14 @@ def judge_manifest(
                 f"{scores_path} holds judge {judge!r} as model {r.get('judge_model')!r}, not "
                 f"{clients[judge].judge.model!r}: use another --out or another judge name"
             )
-    todo = [
-        (s, j)
-        for s in samples
-        for j in judges
-        if (s.id, s.model, j.name) not in done or (retry_failed and done[(s.id, s.model, j.name)]["score"] is None)
-    ]
+
+    def wanted(key) -> bool:
+        record = done.get(key)
+        if record is None or record["score"] is not None:
+            return record is None
+        return retry_failed or record.get("failure") == "request"
+
+    todo = [(s, j) for s in samples for j in judges if wanted((s.id, s.model, j.name))]
     total = len(samples) * len(judges)
     log(f"{len(samples)} samples x {len(judges)} judges: {len(todo)} to ask, {total - len(todo)} already done")
     stop, fatal = threading.Event(), []
@@ -267,15 +277,32 @@ def judge_manifest(
     else:
         cut_short = False
 
+    # A judge whose server answers none of this many samples in a row (each after its retries) is down or misnamed:
+    # stop rather than spend the backoff on every remaining sample; a rerun asks its pairs again.
+    give_up_after = concurrency + 3
+    no_reply_streak = dict.fromkeys(clients, 0)
+    streak_lock = threading.Lock()
+
     def ask(sample: Sample, judge: vlm_client.JudgeSpec):
         if stop.is_set():
             return None
         try:
-            return judge_sample(clients[judge.name], bench, sample, max_attempts)
+            record = judge_sample(clients[judge.name], bench, sample, max_attempts)
         except vlm_client.FatalJudgeError as e:
             stop.set()
             fatal.append(e)
             return None
+        with streak_lock:
+            no_reply_streak[judge.name] = no_reply_streak[judge.name] + 1 if record["failure"] == "request" else 0
+            if no_reply_streak[judge.name] >= give_up_after and not stop.is_set():
+                stop.set()
+                fatal.append(
+                    JudgeUnreachable(
+                        f"judge {judge.name!r}: no reply from {judge.endpoint} for {give_up_after} samples in a row "
+                        f"({record['error']}); stopped, a rerun resumes"
+                    )
+                )
+        return record
 
     every = max(1, len(todo) // 10)
     with open(scores_path, "a", encoding="utf-8") as scores_file:
@@ -332,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=5, help="retries of a timed-out, 429 or 5xx request")
     p.add_argument("--backoff", type=float, default=1.0, help="first retry wait in seconds, doubled each retry")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
-    p.add_argument("--retry_failed", action="store_true", help="ask again the pairs recorded as failures")
+    p.add_argument("--retry_failed", action="store_true", help="also ask again the pairs the judge answered invalidly")
     return p
 
 
@@ -360,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ConfigError as e:
         _fail(2, e)
-    except OSError as e:
+    except (OSError, JudgeUnreachable) as e:
         _fail(1, e)
     except KeyboardInterrupt:
         _fail(130, f"interrupted; the replies so far are in {args.out}/scores.jsonl and a rerun resumes")
