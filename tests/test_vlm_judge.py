@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_flash_jax.eval import vlm_bench, vlm_client, vlm_judge, vlm_rubrics, vlm_table
+from qwen_flash_jax.eval import vlm_bench, vlm_client, vlm_judge, vlm_manifest, vlm_rubrics, vlm_table
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FAST = dict(backoff=0.01, timeout=0.5, retries=2, max_attempts=3, concurrency=4)
@@ -173,7 +173,7 @@ def t2i_manifest(root: pathlib.Path, models=("A", "B"), per_category=2) -> tuple
 
 
 def key_of(root: pathlib.Path, line: dict, judge_model: str) -> str:
-    return image_key(judge_model, vlm_judge.image_url(str(root / line["image"])))
+    return image_key(judge_model, vlm_manifest.image_url(str(root / line["image"])))
 
 
 @pytest.fixture(autouse=True)
@@ -495,7 +495,7 @@ def test_recipe_on_the_example_set(tmp_path):
     assert len(tables["edit"]["categories"]) == 6
     manifest = [json.loads(x) for x in (tmp_path / "t2i" / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 2 * 5 and {m["id"] for m in manifest} >= {"a2-hard-1", "a2-hard-2"}
-    assert vlm_judge.read_manifest(tmp_path / "edit" / "manifest.jsonl", "edit")[0].sources[0].endswith(".png")
+    assert vlm_manifest.read_manifest(tmp_path / "edit" / "manifest.jsonl", "edit")[0].sources[0].endswith(".png")
 
 
 # ---------------------------------------------------------------------------------- the documented example run
@@ -542,7 +542,7 @@ def _example(out: pathlib.Path) -> None:
         before = collections.Counter(server.counts)
         server.counts.clear()
         first, finished, second = kill_and_resume(server, out / "t2i" / "manifest.jsonl", out / "resume", "vlm-c", 6)
-        pairs = len(vlm_judge.read_manifest(out / "t2i" / "manifest.jsonl", "t2i"))
+        pairs = len(vlm_manifest.read_manifest(out / "t2i" / "manifest.jsonl", "t2i"))
         again = sum(n for key, n in second.items() if key in first and _pair(out, key) in finished)
         print(
             f"resume: {pairs} pairs; killed run: {sum(first.values())} requests, {len(finished)} pairs recorded; "
@@ -554,7 +554,7 @@ def _example(out: pathlib.Path) -> None:
 def _pair(out: pathlib.Path, key: str) -> tuple[str, str]:
     manifest = out / "t2i" / "manifest.jsonl"
     for line in map(json.loads, manifest.read_text().splitlines()):
-        if image_key("vlm-c", vlm_judge.image_url(str(out / "t2i" / line["image"]))) == key:
+        if image_key("vlm-c", vlm_manifest.image_url(str(out / "t2i" / line["image"]))) == key:
             return line["id"], line["model"]
     raise KeyError(key)
 

@@ -29,7 +29,7 @@ from PIL import Image
 from qwen_flash_jax import atomic
 from qwen_flash_jax.data import world
 from qwen_flash_jax.data.sources.jsonl import load_image
-from qwen_flash_jax.eval import vlm_client, vlm_judge
+from qwen_flash_jax.eval import vlm_client, vlm_judge, vlm_manifest
 from qwen_flash_jax.eval.vlm_rubrics import BENCHES, CATEGORIES
 from qwen_flash_jax.models.config import ConfigError
 
@@ -64,7 +64,7 @@ def write_example_bench(out_dir, size: int = 64, seed: int = 0) -> dict[str, pat
 def read_bench(path, bench: str) -> list[dict]:
     """The bench file's lines, checked: {"id", "category", "text", "sources": [absolute paths]}."""
     path = pathlib.Path(path)
-    text_field = vlm_judge.TEXT_FIELD[bench]
+    text_field = vlm_manifest.TEXT_FIELD[bench]
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -141,7 +141,7 @@ def generate_manifest(bench: str, lines: list[dict], contender, out_dir, image_s
             path = images_dir / f"{_slug(line['id'])}.png"
             Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
             entry = {"id": line["id"], "model": contender.name, "category": category}
-            entry[vlm_judge.TEXT_FIELD[bench]] = line["text"]
+            entry[vlm_manifest.TEXT_FIELD[bench]] = line["text"]
             entry["image"] = str(path.relative_to(out_dir))
             if bench == "edit":
                 entry["source"] = line["sources"][0]
