@@ -8,7 +8,8 @@ setup(
     description="Few-step DMD distillation of Qwen-Image 2.x for T2I and editing, in JAX/Flax",
     packages=find_packages(include=["qwen_flash_jax", "qwen_flash_jax.*"]),
     # The trained toy teachers, text encoder, judge and benchmark images (qwen_flash_jax/train/prebuilt.py).
-    package_data={"qwen_flash_jax": ["prebuilt_cache/**/*"]},
+    # The VLM judges' rubrics and the example bench's prompts (qwen_flash_jax/eval/vlm_rubrics.py, vlm_bench.py).
+    package_data={"qwen_flash_jax": ["prebuilt_cache/**/*", "eval/rubrics/*", "eval/vlm_examples/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
