@@ -1,0 +1,169 @@
+"""`python -m qwen_flash_jax.generate`: PNGs and manifest.jsonl from a toy training workdir's student, and bad input
+as one line, exit status 2 and no output folder."""
+
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen_flash_jax import config_lib, generate
+from qwen_flash_jax.loading import build_transformer
+from qwen_flash_jax.models.config import TransformerConfig
+from qwen_flash_jax.train import distill_job
+from tests.helpers import tiny_distill_config
+
+TOY_PROMPTS = ["a bright landscape with a red sun", "a portrait of a woman with short hair"]
+
+
+def _overrides(config, base, prefix="") -> list[str]:
+    """`--config.a.b=value` arguments that turn the config file's `base` into `config`."""
+    out = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out += _overrides(value, base[key], f"{prefix}{key}.")
+        elif value != base[key] and not (isinstance(value, tuple) and tuple(base[key]) == value):
+            out.append(f"--config.{prefix}{key}={value!r}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy_run(toy_cache, tmp_path_factory):
+    """A tiny toy distillation (2 student updates) and the `--config` arguments that rebuild its config."""
+    config = tiny_distill_config(toy_cache)
+    config.train.update(steps=2, checkpoint_every=2)
+    workdir = tmp_path_factory.mktemp("toy_run") / "run"
+    distill_job.distill(config, workdir, log=lambda *_: None, evaluate=False)
+    args = ["--config=configs/teacher.py:toy", *_overrides(config, config_lib.load_config("configs/teacher.py:toy"))]
+    return workdir, args, int(config.data.image_size)
+
+
+def _run(argv, capsys):
+    capsys.readouterr()
+    try:
+        generate.main([*argv, "--quiet"])
+    except SystemExit as e:
+        return e.code, capsys.readouterr().err.strip()
+    return 0, capsys.readouterr().err.strip()
+
+
+@pytest.mark.job
+def test_a_toy_workdirs_student_makes_the_prompts_pngs_and_manifest(toy_run, tmp_path, capsys):
+    workdir, config_args, size = toy_run
+    argv = ["--workdir", str(workdir), *config_args, "--out", str(tmp_path / "out"), "--seed", "3"]
+    code, err = _run([*argv, *(x for p in TOY_PROMPTS for x in ("--prompt", p))], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == TOY_PROMPTS
+    for line in lines:
+        assert set(line) == {"id", "model", "prompt", "image", "steps", "seed"}
+        assert line["steps"] == 4 and line["seed"] == 3 and "student" in line["model"]
+        image = np.asarray(Image.open(tmp_path / "out" / line["image"]))
+        assert image.shape == (size, size, 3) and image.std() > 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [*(x["image"] for x in lines), "manifest.jsonl"]
+    )
+
+
+@pytest.mark.job
+def test_edits_from_a_jsonl_carry_instruction_source_and_category(toy_run, tmp_path, capsys):
+    workdir, config_args, size = toy_run
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8)).save(tmp_path / "src.png")
+    requests = [
+        {"id": "edit-a", "instruction": "make the sky green", "source": "src.png", "category": "scene"},
+        {"id": "t2i-a", "prompt": TOY_PROMPTS[0], "category": "landscape"},
+    ]
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    out = tmp_path / "out"
+    argv = ["--workdir", str(workdir), *config_args, "--jsonl", str(tmp_path / "requests.jsonl"), "--out", str(out)]
+    code, err = _run([*argv, "--batch", "1"], capsys)
+    assert code == 0, err
+    lines = {x["id"]: x for x in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert lines["edit-a"]["instruction"] == "make the sky green" and lines["edit-a"]["source"] == "src.png"
+    assert lines["edit-a"]["category"] == "scene" and "prompt" not in lines["edit-a"]
+    assert lines["t2i-a"]["category"] == "landscape" and "instruction" not in lines["t2i-a"]
+    assert lines["t2i-a"]["seed"] != lines["edit-a"]["seed"]  # one batch each (--batch 1)
+    assert np.asarray(Image.open(out / lines["edit-a"]["image"])).shape == (size, size, 3)
+
+
+@pytest.mark.job
+def test_a_prompt_longer_than_the_encoder_allows_is_one_line(toy_run, tmp_path, capsys):
+    workdir, config_args, _ = toy_run
+    argv = ["--workdir", str(workdir), *config_args, "--out", str(tmp_path / "out")]
+    code, err = _run([*argv, "--prompt", TOY_PROMPTS[0], "--prompt", " ".join(["a red sun"] * 60)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "data.max_prompt_tokens is 80" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory):
+    """A distillation workdir of a tiny transformer and pipeline folders that hold only what is checked before a
+    model is loaded (the index, the component folders, the transformer's and scheduler's configs)."""
+    from tests import qwen_image_folder as folder_lib
+
+    root = tmp_path_factory.mktemp("generate_inputs")
+    config = TransformerConfig(**folder_lib.TRANSFORMER)
+    workdir = folder_lib.training_workdir(root / "run", build_transformer(config).params)
+    folders = {}
+    for name, transformer_class, components in [
+        ("pipeline", config.to_diffusers_config()["_class_name"], ("vae", "text_encoder", "processor")),
+        ("flux", "FluxTransformer2DModel", ("vae", "text_encoder", "processor")),
+        ("no_vae", config.to_diffusers_config()["_class_name"], ("text_encoder", "processor")),
+    ]:
+        folder = root / name
+        for component in (*components, "transformer", "scheduler"):
+            (folder / component).mkdir(parents=True)
+        index = {"_class_name": "QwenImage21Pipeline", "transformer": ["diffusers", "QwenImage21Transformer2DModel"]}
+        index.update({c: ["x", "y"] for c in ("vae", "text_encoder", "processor", "scheduler")})
+        (folder / "model_index.json").write_text(json.dumps(index))
+        transformer = {**config.to_diffusers_config(), "_class_name": transformer_class}
+        (folder / "transformer" / "config.json").write_text(json.dumps(transformer))
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(folder_lib.SCHEDULER))
+        folders[name] = folder
+    (root / "garbage.png").write_bytes(b"not an image")
+    (root / "edits.jsonl").write_text(json.dumps({"instruction": "add a hat", "source": "garbage.png"}) + "\n")
+    return dict(root=root, workdir=workdir, **folders)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing workdir", "does not exist or is not a directory"),
+        ("missing pipeline folder", "does not exist or is not a directory"),
+        ("pipeline folder missing a component", "lacks the component folder(s) vae"),
+        ("wrong model class", "describes a FluxTransformer2DModel, not a QwenImage21Transformer2DModel"),
+        ("unreadable image", "cannot read source image"),
+        ("size the model cannot take", "samples 1024x1024 images only"),
+        ("missing jsonl", "does not exist or is not a file"),
+        ("bad size", "--size must be H or HxW"),
+        ("student steps", "samples in its own 4 steps, not 8"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_output(fake_run, tmp_path, capsys, case, message):
+    out = tmp_path / "out"
+    model = ["--workdir", str(fake_run["workdir"])]
+    inputs = ["--prompt", "a red house"]
+    extra = []
+    if case == "missing workdir":
+        model = ["--workdir", str(tmp_path / "nope")]
+    elif case == "missing pipeline folder":
+        model = ["--pipeline", str(tmp_path / "nope")]
+    elif case == "pipeline folder missing a component":
+        model = ["--pipeline", str(fake_run["no_vae"])]
+    elif case == "wrong model class":
+        model = ["--pipeline", str(fake_run["flux"])]
+    elif case == "unreadable image":
+        inputs = ["--jsonl", str(fake_run["root"] / "edits.jsonl")]
+    elif case == "size the model cannot take":
+        extra = ["--size", "48"]
+    elif case == "missing jsonl":
+        inputs = ["--jsonl", str(tmp_path / "nope.jsonl")]
+    elif case == "bad size":
+        extra = ["--size", "big"]
+    elif case == "student steps":
+        extra = ["--steps", "8"]
+    code, err = _run([*model, *inputs, "--out", str(out), *extra], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert list(tmp_path.iterdir()) == []
