@@ -3,6 +3,7 @@ as one line, exit status 2 and no output folder."""
 
 import json
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from PIL import Image
 from qwen_flash_jax import config_lib, generate
 from qwen_flash_jax.loading import build_transformer
 from qwen_flash_jax.models.config import TransformerConfig
-from qwen_flash_jax.train import distill_job
+from qwen_flash_jax.train import teacher
+from tests import qwen_image_folder as folder_lib
 from tests.helpers import tiny_distill_config
 
 TOY_PROMPTS = ["a bright landscape with a red sun", "a portrait of a woman with short hair"]
@@ -30,11 +32,15 @@ def _overrides(config, base, prefix="") -> list[str]:
 
 @pytest.fixture(scope="module")
 def toy_run(toy_cache, tmp_path_factory):
-    """A tiny toy distillation (2 student updates) and the `--config` arguments that rebuild its config."""
+    """A toy workdir of the tiny world (tests/helpers.py) and the `--config` arguments that rebuild its config.
+
+    Its checkpoint is the state the distillation job saves (`DistillState` through the job's `Checkpointer`),
+    with the tiny base teacher plus a small change as the student and its EMA: compiling two DMD updates would
+    cost minutes, and what generate reads is the checkpoint's layout, not the training."""
     config = tiny_distill_config(toy_cache)
-    config.train.update(steps=2, checkpoint_every=2)
+    base = jax.device_get(teacher.ensure_teacher(config, "base", log=lambda *_: None))
     workdir = tmp_path_factory.mktemp("toy_run") / "run"
-    distill_job.distill(config, workdir, log=lambda *_: None, evaluate=False)
+    folder_lib.training_workdir(workdir, folder_lib.perturbed(base, 1, 0.01), folder_lib.perturbed(base, 2, 0.01))
     args = ["--config=configs/teacher.py:toy", *_overrides(config, config_lib.load_config("configs/teacher.py:toy"))]
     return workdir, args, int(config.data.image_size)
 
@@ -101,8 +107,6 @@ def test_a_prompt_longer_than_the_encoder_allows_is_one_line(toy_run, tmp_path, 
 def fake_run(tmp_path_factory):
     """A distillation workdir of a tiny transformer and pipeline folders that hold only what is checked before a
     model is loaded (the index, the component folders, the transformer's and scheduler's configs)."""
-    from tests import qwen_image_folder as folder_lib
-
     root = tmp_path_factory.mktemp("generate_inputs")
     config = TransformerConfig(**folder_lib.TRANSFORMER)
     workdir = folder_lib.training_workdir(root / "run", build_transformer(config).params)
