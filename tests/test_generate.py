@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import qwen_flash_jax
 from qwen_flash_jax import config_lib, generate
 from qwen_flash_jax.loading import build_transformer
 from qwen_flash_jax.models.config import TransformerConfig
@@ -171,3 +172,36 @@ def test_bad_input_is_one_line_exit_2_and_no_output(fake_run, tmp_path, capsys, 
     code, err = _run([*model, *inputs, "--out", str(out), *extra], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.job
+def test_a_configs_teacher_samples_its_steps_with_cfg(toy_run, tmp_path, capsys):
+    _, config_args, size = toy_run
+    argv = ["--teacher", "base", *config_args, "--out", str(tmp_path / "out"), "--steps", "2", "--cfg", "2"]
+    code, err = _run([*argv, "--prompt", TOY_PROMPTS[0]], capsys)
+    assert code == 0, err
+    (line,) = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert line["model"] == "teacher base" and line["steps"] == 2
+    assert np.asarray(Image.open(tmp_path / "out" / line["image"])).shape == (size, size, 3)
+
+
+@pytest.mark.job
+@pytest.mark.skipif(
+    not hasattr(qwen_flash_jax, "Pipeline"),
+    reason="needs qwen_flash_jax.Pipeline (issue 27 item 1), built on another branch: runs once it is merged",
+)
+def test_an_exported_students_pipeline_folder_makes_pngs_of_the_asked_size(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from qwen_flash_jax import distilled, export
+
+    base = folder_lib.pipeline_folder(tmp_path / "base")
+    workdir = folder_lib.training_workdir(tmp_path / "run", folder_lib.transformer_params(base))
+    config = distilled.load_run_config("configs/5to5.py")
+    export.export(workdir, base, tmp_path / "student", config=config)
+    argv = ["--pipeline", str(tmp_path / "student"), "--dtype", "float32", "--size", "64x96", "--out"]
+    code, err = _run([*argv, str(tmp_path / "out"), "--prompt", "a red house", "--prompt", "a dark forest"], capsys)
+    assert code == 0, err
+    lines = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [x["prompt"] for x in lines] == ["a red house", "a dark forest"] and {x["steps"] for x in lines} == {4}
+    for line in lines:
+        assert np.asarray(Image.open(tmp_path / "out" / line["image"])).shape[:2] == (64, 96)
