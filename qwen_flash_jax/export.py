@@ -138,6 +138,7 @@ class ShardWriter:
 
         name = f"part-{len(self.files):05d}.safetensors"
         save_file(self.pending, str(self.directory / name))
+        _readable(self.directory / name)
         self.files.append((name, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -158,6 +159,14 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.directory / f"{WEIGHTS_NAME}.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return final
+
+
+def _readable(path: Path) -> None:
+    """safetensors creates its files readable by their owner only; a model folder is for everyone the umask
+    allows, as the JSON files beside it are."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def torch_layout(leaf: np.ndarray, spec) -> np.ndarray:
@@ -288,6 +297,7 @@ def _write_lora(tmp, base, model_config, student, rank, dtype, log) -> lora.Erro
     from safetensors.numpy import save_file
 
     save_file(tensors, str(tmp / lora.LORA_FILE), metadata={"format": "pt"})
+    _readable(tmp / lora.LORA_FILE)
     log(
         f"LoRA rank {rank}: relative error {tally.relative_error:.4g} of ||student - base|| "
         f"(norm scales, which a LoRA cannot hold: {tally.uncovered_share:.4g}; worst matrix {tally.worst_key} "
