@@ -71,9 +71,10 @@ def toy_cache(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_teachers():
-    """A tiny random transformer, two teachers' parameters, conditioning and a noisy sample (tests/helpers.py)."""
+    """A tiny random transformer, two teachers' parameters, conditioning and a noisy sample (tests/helpers.py), built
+    once for every module that reads them (immutable arrays: no test can change them for another)."""
     return helpers.tiny_teachers()
 
 

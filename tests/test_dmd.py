@@ -12,7 +12,7 @@ from qwen_flash_jax.distill import dmd, pairs
 from qwen_flash_jax.loading import build_transformer
 from qwen_flash_jax.models import TransformerConfig
 from qwen_flash_jax.models.config import ConfigError
-from tests.torch_reference import TINY
+from tests.helpers import ONE_LAYER
 
 
 def test_dmd_loss_gradient_is_the_normalised_score_difference():
@@ -159,16 +159,21 @@ def test_the_critic_sample_on_the_prefix_cache_matches_full_forwards(tiny_teache
     """`student_sample` (and the backward simulation) reuse step 0's text/condition keys and values when the model
     has causal_condition: every k reaches the input and x0 of the plain loop of full forwards, with a traced k."""
     _, _, cond, _, noise = tiny_teachers
-    model = build_transformer(TransformerConfig(**TINY, causal_condition=causal), seed=2)
+    # One unrolled layer, as the shared tiny teachers: the prefix cache of the scanned stack is checked against
+    # full forwards in test_sampling (the Euler sampler) and test_transformer.
+    model = build_transformer(TransformerConfig(**(ONE_LAYER | dict(causal_condition=causal))), seed=2)
     times = dmd.student_timesteps(4, 0.5)
     key = jax.random.key(11)
+    # The reference full forward, compiled once for every step and mode below (op by op, each call would dispatch
+    # the whole scanned stack again).
+    x0_of = jax.jit(lambda z, t: dmd.student_x0(model, model.params, cond, z, jnp.full((2,), t)))
     for mode in ("fresh", "predicted"):
         # Both are called within this iteration only, so they see this iteration's mode.
         sample = jax.jit(lambda k: dmd.student_sample(model, model.params, cond, noise, k, times, key, mode))  # noqa: B023
         simulate = jax.jit(lambda k: dmd.backward_simulation(model, model.params, cond, noise, k, times, key, mode))  # noqa: B023
         z = noise
         for k in range(4):
-            x0, v = dmd.student_x0(model, model.params, cond, z, jnp.full((2,), times[k]))
+            x0, v = x0_of(z, times[k])
             z_k, x0_k = sample(k)
             np.testing.assert_allclose(z_k, z, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(simulate(k), z, rtol=1e-5, atol=1e-5)
@@ -176,9 +181,7 @@ def test_the_critic_sample_on_the_prefix_cache_matches_full_forwards(tiny_teache
             if k < 3:
                 z = dmd.renoise(x0, z, v, jnp.full((2,), times[k]), times[k + 1], jax.random.fold_in(key, k), mode)
     one_step = dmd.student_sample(model, model.params, cond, noise, 0, times[:1], key)
-    np.testing.assert_allclose(
-        one_step[1], dmd.student_x0(model, model.params, cond, noise, jnp.full((2,), times[0]))[0], rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(one_step[1], x0_of(noise, times[0])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_predicted_renoising_makes_the_student_the_euler_sampler(tiny_teachers):

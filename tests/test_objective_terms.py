@@ -16,41 +16,18 @@ import pytest
 from qwen_flash_jax import config_lib
 from qwen_flash_jax.diffusion import conditioning, sampling
 from qwen_flash_jax.distill import dmd, gan, steps
-from qwen_flash_jax.loading import build_transformer, from_params
-from qwen_flash_jax.models import TransformerConfig, make_layout
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.train import distill_job
-from tests.torch_reference import TINY, make_inputs
 
 BATCH, TEXT_LEN = 2, 6
 
 
-def _random_params(config, seed):
-    """Every weight random (the init zeroes the output projection, and with it every velocity)."""
-    params = build_transformer(config, seed=seed).params
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-
-
 @pytest.fixture(scope="module")
-def world():
-    # One unrolled layer: the terms do not depend on depth, and this model compiles ~3x faster than TINY's two
-    # scanned layers.
-    return _world(TransformerConfig(**(TINY | dict(num_layers=1, scan_layers=False))))
-
-
-def _world(config):
-    model = from_params(config, _random_params(config, 0))
-    teachers = {"base": model.params, "text": _random_params(config, 1)}
-    inputs = make_inputs(np.random.default_rng(0), batch=BATCH, conditions=[], target=(1, 4, 4), text_runs=[TEXT_LEN])
-    layout = make_layout(inputs["img_shapes"], inputs["img_mask"])
-    cond = sampling.Conditioning(
-        jnp.asarray(inputs["encoder_hidden_states"]),
-        jnp.asarray(inputs["encoder_hidden_states_mask"]),
-        jnp.zeros((BATCH, 0, 8)),
-        layout,
-    )
+def world(tiny_teachers):
+    """The shared tiny teachers (tests/helpers.py: one unrolled layer, the terms do not depend on depth), a T2I
+    task spec of their layout and a batch of the stub's prompt ids."""
+    model, teachers, cond, _, _ = tiny_teachers
+    layout = cond.layout
     spec = conditioning.TaskSpec("t2i", layout, (4, 4), 0, (0,) * TEXT_LEN, (1,) * TEXT_LEN)
     batch = {
         "input_ids": jnp.ones((BATCH, TEXT_LEN), jnp.int32),
