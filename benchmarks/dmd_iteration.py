@@ -94,7 +94,7 @@ def main(argv):
     model = components.student_model(parts)
     setup = components.distill_setup(config, model, parts.mu)
     state = components.initial_state(config, parts, setup)
-    critic, gen = components.jitted_steps(setup)
+    critic, gen = components.jitted_steps(setup, state=state, text_encoder=parts.assets.text_encoder)
     names = setup.teacher_names
     teachers = parts.teachers
     params = teachers[names[0]]  # never donated: the passes below are timed on it

@@ -11,6 +11,7 @@ import functools
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qwen_flash_jax import sharding
 from qwen_flash_jax.train import jobs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/5to5.py:toy", lock_config=True)
@@ -25,9 +26,7 @@ def main(argv):
     # Until the job has a workdir to log into (jobs.send_library_logs_to_file), library INFO stays off the console.
     logging.set_verbosity(logging.WARNING)
     if _DISTRIBUTED.value:
-        import jax
-
-        jax.distributed.initialize()
+        sharding.initialize_distributed()
     jobs.exit_on_failure(functools.partial(jobs.run, library_logs_to_file=True), _CONFIG.value, _WORKDIR.value)
 
 

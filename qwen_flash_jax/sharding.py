@@ -17,7 +17,7 @@ from typing import Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -28,18 +28,31 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
     `jax.make_mesh` orders the devices by the chips' topology on TPU and GPU (on CPU it keeps jax.devices()'
     order). The axes are `Auto`: the compiler propagates shardings from the annotated parameters and batches."""
     devices = list(jax.devices() if devices is None else devices)
+    names, sizes = axis_sizes(axes, len(devices))
+    return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def axis_sizes(axes: Sequence[tuple[str, int]], device_count: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(names, sizes) of the mesh axes `(name, size)` over `device_count` devices, the -1 axis resolved."""
     names = tuple(name for name, _ in axes)
     sizes = [int(size) for _, size in axes]
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {dict(axes)}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh axes {dict(axes)}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-    return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+        if device_count % known:
+            raise ValueError(f"{device_count} devices do not divide into mesh axes {dict(axes)}")
+        sizes[sizes.index(-1)] = device_count // known
+    if math.prod(sizes) != device_count:
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {device_count}")
+    return names, tuple(sizes)
+
+
+def abstract_mesh(axes: Sequence[tuple[str, int]], device_count: int) -> AbstractMesh:
+    """The mesh `make_mesh` would build over `device_count` devices, without devices: enough for `logical_to_spec`,
+    `param_shardings` and abstract (`jax.eval_shape`) tracing of a slice this machine does not have."""
+    names, sizes = axis_sizes(axes, device_count)
+    return AbstractMesh(sizes, names, axis_types=(AxisType.Auto,) * len(names))
 
 
 def normalise_rules(rules) -> Rules:
@@ -110,3 +123,35 @@ class ActivationSharding:
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of input batches: the leading axis over the mesh axes of the logical `batch` axis."""
     return NamedSharding(mesh, PartitionSpec(logical_to_spec(("batch",), rules, mesh)[0]))
+
+
+# A peer that stops answering for this long is declared dead: every other process then exits with the coordination
+# service's error instead of waiting forever in its next collective. jax's default (100 s) plus the time to notice
+# it would leave a job with a dead host hanging for minutes; a healthy host answers within milliseconds.
+HEARTBEAT_TIMEOUT_S = 30
+# How long a process waits for all the others to join at start-up (jax's default: 300 s).
+JOIN_TIMEOUT_S = 120
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+    join_timeout_s: int = JOIN_TIMEOUT_S,
+) -> None:
+    """Joins this process to a multi-process JAX cluster (call before any other JAX work).
+
+    On a TPU slice every argument may stay None (jax detects the cluster). On CPU the processes' collectives run over
+    gloo. When a process dies, the others exit within about `heartbeat_timeout_s` (plus the coordination service's
+    polling) with an error that names the failed task, rather than hanging in a collective.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # read by the CPU backend only
+    jax.distributed.initialize(
+        coordinator_address,
+        num_processes,
+        process_id,
+        initialization_timeout=int(join_timeout_s),
+        heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+    )

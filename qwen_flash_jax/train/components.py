@@ -122,10 +122,62 @@ def initial_state(config, parts: Components, setup: DistillSetup) -> DistillStat
     return place_on_mesh(steps_lib.initial_state(setup, student, fake, disc, rng), parts.mesh)
 
 
-def jitted_steps(setup: DistillSetup):
-    """(critic update, generator update), jitted; each donates the state it is given."""
-    critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",), donate_argnums=(0,))
-    generator = jax.jit(
-        functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"), donate_argnums=(0,)
+def jitted_steps(setup: DistillSetup, *, state: DistillState | None = None, text_encoder=None):
+    """(critic update, generator update), jitted; each donates the state it is given.
+
+    Called as `critic(state, text_encoder, batch, spec=...)` and `generator(state, text_encoder, teachers, batch,
+    spec=..., condition_offset=..., pairs=None)`. Given the `state` (and the `text_encoder`) the steps will run on,
+    and a student model built on a mesh, the shardings are explicit: the state enters and leaves in the placement it
+    has (so the donated buffers are reused in place and a step never re-lays out the state), the teachers in the
+    placement the mesh rules give the transformer's parameters, the text encoder in its own placement, every batch
+    and pair leaf split along its leading axis as `sharding.batch_sharding` says, and the metrics replicated.
+    Without them, jit infers the shardings from the arguments (the same program on one device).
+    """
+    mesh = setup.model.mesh
+    if state is None or mesh is None:
+        critic = jax.jit(functools.partial(critic_step, setup), static_argnames=("spec",), donate_argnums=(0,))
+        generator = jax.jit(
+            functools.partial(generator_step, setup), static_argnames=("spec", "condition_offset"), donate_argnums=(0,)
+        )
+        return critic, generator
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def placement(tree):
+        # A leaf laid out on this mesh keeps its layout; anything else (host or single-device arrays) is replicated,
+        # as `checkpoint.place_on_mesh` places the state's scalars.
+        def leaf(x):
+            placed = getattr(x, "sharding", None)
+            return placed if isinstance(placed, jax.sharding.NamedSharding) and placed.mesh == mesh else replicated
+
+        return jax.tree.map(leaf, tree)
+
+    state_shardings = placement(state)
+    text_shardings = placement(text_encoder)
+    params = setup.model.param_shardings()
+    teacher_shardings = {name: params for name in setup.teacher_names}
+    batch = sharding.batch_sharding(mesh, setup.model.rules)  # a prefix: every leaf of a batch (or pair) dict
+    outs = (state_shardings, replicated)  # (new state, metrics)
+    # jit takes no keyword arguments beside explicit in_shardings, so the statics are positional here.
+    critic_jit = jax.jit(
+        lambda s, te, b, spec: critic_step(setup, s, te, b, spec),
+        in_shardings=(state_shardings, text_shardings, batch),
+        out_shardings=outs,
+        static_argnums=(3,),
+        donate_argnums=(0,),
     )
+    generator_jit = jax.jit(
+        lambda s, te, teachers, b, pairs, spec, offset: generator_step(setup, s, te, teachers, b, spec, offset, pairs),
+        in_shardings=(state_shardings, text_shardings, teacher_shardings, batch, batch),
+        out_shardings=outs,
+        static_argnums=(5, 6),
+        donate_argnums=(0,),
+    )
+
+    def critic(state, te_params, batch, *, spec):
+        return critic_jit(state, te_params, batch, spec)
+
+    def generator(state, te_params, teachers, batch, *, spec, condition_offset, pairs=None):
+        return generator_jit(state, te_params, teachers, batch, pairs, spec, condition_offset)
+
     return critic, generator

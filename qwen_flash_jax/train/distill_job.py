@@ -62,7 +62,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     )
     ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator, label="distill", log=log)
 
-    critic, generator = components.jitted_steps(setup)
+    critic, generator = components.jitted_steps(setup, state=state, text_encoder=assets.text_encoder)
     batch_sharding = sharding.batch_sharding(parts.mesh, parts.rules)
 
     def next_batch():
