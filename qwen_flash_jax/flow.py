@@ -57,10 +57,26 @@ def shift_time(t, mu: float):
     return jnp.where(t <= 0, 0.0, shifted)
 
 
+def time_shift_sigmas(sigmas, mu: float, kind: str = "exponential") -> np.ndarray:
+    """diffusers' dynamic time shift of a host schedule in float64: exp(mu) / (exp(mu) + (1/s - 1)) ("exponential")
+    or mu / (mu + (1/s - 1)) ("linear"). The one host implementation every schedule goes through."""
+    s = np.asarray(sigmas, np.float64)
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
+    if kind == "linear":
+        return mu / (mu + (1.0 / s - 1.0))
+    raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {kind!r}")
+
+
+def stretch_to_terminal(sigmas, terminal: float) -> np.ndarray:
+    """Scales 1 - s so the schedule's last value becomes `terminal` (diffusers' `shift_terminal`); float64."""
+    one_minus = 1.0 - np.asarray(sigmas, np.float64)
+    return 1.0 - one_minus / (one_minus[-1] / (1.0 - terminal))
+
+
 def sampling_sigmas(num_steps: int, mu: float) -> np.ndarray:
     """The Euler schedule: linspace(1, 1/N, N) shifted by mu, with a trailing 0 (N + 1 values, host constant)."""
-    base = np.linspace(1.0, 1.0 / num_steps, num_steps)
-    shifted = np.exp(mu) / (np.exp(mu) + (1.0 / base - 1.0))
+    shifted = time_shift_sigmas(np.linspace(1.0, 1.0 / num_steps, num_steps), mu)
     return np.append(shifted, 0.0).astype(np.float32)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from qwen_flash_jax import flow
 from qwen_flash_jax.diffusion import sampling
+from qwen_flash_jax.diffusion.scheduler import FlowMatchScheduler
 from qwen_flash_jax.models.config import ConfigError
 
 
@@ -32,7 +33,7 @@ def student_timesteps(num_steps: int, mu: float, explicit=()) -> np.ndarray:
     """The K input times of the few-step student: `explicit` if given (checked), else the shifted Euler schedule
     without its trailing 0."""
     if not len(explicit):
-        return flow.sampling_sigmas(num_steps, mu)[:-1]
+        return FlowMatchScheduler.dynamic().sigmas(num_steps, mu=mu)[:-1]
     times = np.asarray([float(t) for t in explicit], np.float32)
     if len(times) != num_steps:
         raise ConfigError(
