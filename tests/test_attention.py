@@ -90,8 +90,8 @@ def test_cpu_auto_is_the_dense_path_bit_for_bit():
     np.testing.assert_array_equal(attention(q, k, v, mask), dense_attention(q, k, v, mask.dense()))
 
 
-def _forward(attention_impl, mesh=None, rules=()):
-    model = build_transformer(TransformerConfig(**TINY, attention=attention_impl), seed=0, mesh=mesh, rules=rules)
+def _forward(attention_impl):
+    model = build_transformer(TransformerConfig(**TINY, attention=attention_impl), seed=0)
     leaves, treedef = jax.tree.flatten(model.params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
@@ -111,5 +111,10 @@ def test_transformer_with_splash_matches_dense():
 def test_splash_runs_per_shard_on_a_mesh():
     """On an (fsdp=2, tensor=2) mesh splash runs under shard_map over the batch and head axes."""
     mesh = sharding.make_mesh((("fsdp", 2), ("tensor", 2)), jax.devices()[:4])
-    rules = (("batch", "fsdp"), ("embed", "fsdp"), ("heads", "tensor"), ("act_heads", "tensor"), ("mlp", "tensor"))
-    np.testing.assert_allclose(_forward("splash", mesh, rules), _forward("dense"), atol=1e-4, rtol=0)
+    constrain = sharding.ActivationSharding(mesh, (("batch", "fsdp"), ("act_heads", "tensor")))
+    layout, key_valid = _edit_layout()
+    mask = AttentionMask(layout.attention_mask, key_valid)
+    q, k, v = _qkv(layout.seq_len, layout.seq_len, seed=3)
+    out = jax.jit(lambda q, k, v: attention(q, k, v, mask, constrain, "splash"))(q, k, v)
+    assert out.sharding.spec[0] == "fsdp"
+    np.testing.assert_allclose(out, dense_attention(q, k, v, mask.dense()), atol=1e-4, rtol=0)
