@@ -284,7 +284,7 @@ def _report(name, compiled) -> StepReport:
     )
 
 
-def compile_steps(config, slice_: topologies.Slice, mesh_axes, teacher_dtype: str, tasks, log=print):
+def compile_steps(config, slice_: topologies.Slice, mesh_axes, teacher_dtype: str, tasks, log=print, attention=""):
     """Compiles critic and generator steps for each task; returns their StepReports."""
     devices = topologies.devices(slice_)
     try:
@@ -293,6 +293,7 @@ def compile_steps(config, slice_: topologies.Slice, mesh_axes, teacher_dtype: st
         raise ConfigError(f"mesh: {e}") from None
     rules = config_lib.mesh_rules(config)
     model_config = config_lib.transformer_config(config)
+    model_config = model_config.replace(attention=attention) if attention else model_config
     model, student = abstract_params(model_config, mesh, rules)
     frozen = jnp.dtype(teacher_dtype or model_config.param_dtype)
     teacher_params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, frozen, sharding=p.sharding), student)
@@ -360,21 +361,21 @@ def format_report(report: StepReport, slice_: topologies.Slice) -> str:
 
 def run(config, topology: str, mesh_text: str, teacher_dtype: str, tasks, attention: str = "") -> bool:
     slice_ = topologies.get(topology)
-    if attention:
-        with config.unlocked():
-            config.model.attention = attention
     if teacher_dtype and teacher_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--teacher_dtype must be float32 or bfloat16, got {teacher_dtype!r}")
     axes = tuple(tuple(a) for a in config.mesh.axes)
     if mesh_text:
         axes = parse_mesh(mesh_text, axes)
     model = config_lib.transformer_config(config)
+    model = model.replace(attention=attention) if attention else model
     print(
         f"{slice_.name} ({slice_.topology}, {slice_.chips} x {slice_.chip.kind}, {slice_.chip.hbm_gib:.0f} GiB HBM, "
         f"{slice_.chip.bf16_tflops:.0f} TFLOP/s bf16); mesh {dict(axes)}; remat {model.remat_policy}; attention "
         f"{model.attention}; teachers {teacher_dtype or model.param_dtype}; global batch {config.data.batch_size}"
     )
-    reports = compile_steps(config, slice_, axes, teacher_dtype, tasks, log=lambda m: print(m, file=sys.stderr))
+    reports = compile_steps(
+        config, slice_, axes, teacher_dtype, tasks, log=lambda m: print(m, file=sys.stderr), attention=attention
+    )
     return summarise(reports, slice_, int(config.fake_score.updates_per_student), tasks)
 
 
