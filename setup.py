@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# The libtpu that `jax[tpu]==0.10.2` pins (jax's own metadata: `libtpu==0.0.42.*; extra == "tpu"`).
+LIBTPU = "libtpu==0.0.42.*"
+
 setup(
     name="qwen_flash_jax",
     version="0.1.0",
@@ -34,6 +37,9 @@ setup(
     extras_require={
         # Parity tests against the diffusers/transformers reference; torch 2.13.0 is the local CPU build. ruff is
         # pinned: another version may format the same code differently and fail `ruff format --check`.
-        "test": ["pytest", "portpicker", "torch==2.13.0", "diffusers>=0.42", "ruff==0.17.6"],
+        # libtpu describes TPU slices for `python -m qwen_flash_jax.aot` (tests/test_aot.py compiles for one).
+        "test": ["pytest", "portpicker", "torch==2.13.0", "diffusers>=0.42", "ruff==0.17.6", LIBTPU],
+        # Running on TPU VMs and compiling for TPU slices ahead of time.
+        "tpu": [LIBTPU],
     },
 )

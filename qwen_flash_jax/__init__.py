@@ -6,14 +6,15 @@ Layers, bottom to top; a module imports only from its own layer's lower modules 
 (tests/test_layering.py checks that no modules or packages import each other):
     errors, flow, sharding, cache,                        one-line errors, flow-matching math, meshes, the cache,
     safetensors_checkpoint                                streaming safetensors reads
-    models, config_lib, checkpoint_io, loading, convert   networks, configs, checkpoints
+    models, config_lib, checkpoint_io, loading, convert,  networks, configs, checkpoints, TPU slices
+    topologies
     text                                                  tokenizers, prompt template, text encoders
     data                                                  the toy world, dataset sources, the input pipeline
     diffusion                                             conditioning from a batch, samplers
     distill                                               the DMD2 objective and its jitted steps
     eval                                                  judges, generation, benchmark reports
     train                                                 assets, the teacher and distillation jobs, job dispatch
-    main, sweep, inspect_data                             command lines
+    main, sweep, inspect_data, aot                        command lines
 """
 
 from qwen_flash_jax.loading import TransformerModel, build_transformer, from_params, load_transformer

@@ -34,6 +34,8 @@ ARCH_FIELDS = (
 
 # `jax.checkpoint` policies selectable from config, by name.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# Attention implementations (models/attention.py); "auto" picks splash on TPU, cuDNN on GPU, dense on CPU.
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "splash", "cudnn", "xla")
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,7 @@ class TransformerConfig:
     # layer slices. Same parameters, same function (up to float rounding); on a CPU the scanned backward spends much
     # of its time filling and copying stacked residual buffers, so a shallow model trains faster unrolled.
     scan_layers: bool = True
+    attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS; the same function on every backend
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -73,6 +76,8 @@ class TransformerConfig:
             raise ConfigError(f"every entry of axes_dims_rope must be even, got {self.axes_dims_rope}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
         for name in ("param_dtype", "dtype"):
             value = getattr(self, name)
             if value not in ("float32", "bfloat16", "float16"):

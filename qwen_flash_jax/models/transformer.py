@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen_flash_jax.models.attention import AttentionMask, attention
 from qwen_flash_jax.models.config import TransformerConfig
 from qwen_flash_jax.models.layers import Dense, RMSNorm, layer_norm
 from qwen_flash_jax.models.layout import TokenLayout
@@ -83,6 +84,7 @@ class Attention(nnx.Module):
         self.norm_k = RMSNorm(cfg.attention_head_dim, cfg.eps, "head_dim", param_dtype=cfg.jnp_param_dtype)
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.attention_head_dim
+        self.implementation = cfg.attention
 
     def project_kv(self, x, rope):
         k = self._heads(self.to_k(x))
@@ -100,7 +102,7 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "seq", "act_heads", None))
         k = constrain(k, ("batch", "seq", "act_heads", None))
         v = constrain(v, ("batch", "seq", "act_heads", None))
-        out = masked_attention(q, k, v, mask)
+        out = attention(q, k, v, mask, constrain, self.implementation)
         out = out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
         return self.to_out(out), new_kv
 
@@ -234,12 +236,8 @@ class QwenImageTransformer(nnx.Module):
             key_valid = jnp.take(
                 jnp.concatenate([encoder_hidden_states_mask.astype(bool), ones], axis=1), layout.source_index, axis=1
             )
-        if cached:
-            mask = None if key_valid is None else key_valid[:, None, None, :]
-        else:
-            mask = jnp.asarray(layout.attention_mask)[None, None]
-            if key_valid is not None:
-                mask = mask & key_valid[:, None, None, :]
+        # Cached: the target's queries see every prefix and target key, so only the padding masks.
+        mask = AttentionMask(None if cached else layout.attention_mask, key_valid)
 
         # One shared modulation; with causal_condition a t = 0 row modulates the text/condition prefix. That row is
         # embedded on its own, not appended to the batch: B + 1 rows do not divide over a sharded batch axis, and
@@ -343,16 +341,6 @@ def apply_rope(x, rope):
     real, imag = x32[..., 0], x32[..., 1]
     rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
     return rotated.reshape(x.shape).astype(x.dtype)
-
-
-def masked_attention(q, k, v, mask):
-    """Softmax attention with a boolean mask broadcastable to (B, H, S_q, S_k); logits and softmax in float32."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def _check_call(

@@ -1,0 +1,103 @@
+"""The ahead-of-time compile for a TPU slice (`python -m qwen_flash_jax.aot`), on a tiny full-scale-shaped config
+and a 4-chip v5p slice: both steps compile for an edit batch, the memory and cost tables come out, a slice too small
+for the state says `does not fit`, and bad input is one line with exit status 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("libtpu", reason="libtpu describes TPU slices (pip install 'qwen_flash_jax[tpu]')")
+
+from qwen_flash_jax import aot, config_lib, topologies  # noqa: E402
+from qwen_flash_jax.models.config import ConfigError  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TEXT_WIDTH = 32
+
+
+def _text_encoder_dir(path: Path) -> Path:
+    """Only a Qwen3-VL config.json: the compile reads sizes, never weights."""
+    config = json.loads(json.dumps(aot.QWEN3_VL_8B))
+    config["text_config"].update(
+        vocab_size=512, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    config["text_config"].update(num_key_value_heads=2, head_dim=8)
+    config["text_config"]["rope_parameters"]["mrope_section"] = [2, 1, 1]
+    config["vision_config"].update(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_WIDTH
+    )
+    config["vision_config"].update(num_position_embeddings=16, deepstack_visual_indexes=[0])
+    config["image_token_id"] = 500
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    # Pixel limits that admit the tiny 64px condition images (the published ones start at 256x256).
+    preprocessor = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=16, merge_size=2, temporal_patch_size=2)
+    preprocessor["size"] = dict(shortest_edge=32 * 32, longest_edge=1024 * 1024)
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return path
+
+
+def tiny_config(tmp_path):
+    config = config_lib.load_config(str(REPO / "configs/5to5.py"))
+    config.model.update(
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        in_channels=8,
+        out_channels=8,
+        context_in_dim=TEXT_WIDTH,
+        axes_dims_rope=(4, 6, 6),
+    )
+    config.text_encoder.path = str(_text_encoder_dir(tmp_path / "text_encoder"))
+    config.data.update(image_size=64, batch_size=4, max_prompt_tokens=32, edit_prompt_tokens=48)
+    return config
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("aot"))
+    slice_ = topologies.get("v5p:2x2x1")
+    # The edit task only (its conditioning runs the vision tower too): two compiles, not four.
+    return aot.compile_steps(config, slice_, (("fsdp", 2), ("tensor", 2)), "bfloat16", ("edit",), log=print)
+
+
+def test_tiny_config_compiles_for_a_v5p_slice(reports, capsys):
+    assert [r.name for r in reports] == ["critic/edit", "generator/edit"]
+    for report in reports:
+        assert report.arguments > 0 and report.temporaries > 0 and report.flops > 0
+        assert report.aliased > 0  # the state is donated: its new value is written over the old
+    # The generator also runs the teachers and the fake score.
+    assert reports[1].flops > reports[0].flops
+    assert aot.summarise(reports, topologies.get("v5p:2x2x1"), 5, ("edit",))
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[:3]] == ["critic/edit", "generator/edit", "iteration/edit:"]
+    assert out[-1].startswith("fits: largest per-device peak")
+
+
+def test_a_slice_too_small_does_not_fit(reports, capsys):
+    tiny_chip = topologies.Slice("v5p-tiny", "v5p:2x2x1", topologies.Chip("TPU v5p", 1e-4, 459.0))
+    assert not aot.summarise(reports, tiny_chip, 5, ("edit",))
+    assert capsys.readouterr().out.splitlines()[-1].startswith("does not fit: largest per-device peak")
+
+
+def test_bad_input_is_one_line():
+    with pytest.raises(ConfigError, match="unknown TPU slice 'v9-8'"):
+        topologies.get("v9-8")
+    with pytest.raises(ConfigError, match="--mesh takes name:size pairs"):
+        aot.parse_mesh("fsdp=8", (("data", 1), ("fsdp", -1)))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen_flash_jax.aot", "--config=configs/5to5.py", "--topology=v7-8"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unknown TPU slice 'v7-8'" in errors[0] and "Traceback" not in proc.stderr
