@@ -7,6 +7,7 @@ Layers, bottom to top; a module imports only from its own layer's lower modules 
     errors, flow, sharding, cache,                        one-line errors, flow-matching math, meshes, the cache,
     safetensors_checkpoint                                streaming safetensors reads
     models, config_lib, checkpoint_io, loading, convert   networks, configs, checkpoints
+    training_loop                                         the one training loop: steps, logging, checkpoints, probes
     text                                                  tokenizers, prompt template, text encoders
     data                                                  the toy world, dataset sources, the input pipeline
     diffusion                                             conditioning from a batch, samplers

@@ -11,13 +11,11 @@ good checkpoint.
 from __future__ import annotations
 
 import pathlib
-import time
 
 import jax
 import numpy as np
-from clu import metric_writers, periodic_actions
 
-from qwen_flash_jax import cache, config_lib, sharding
+from qwen_flash_jax import cache, config_lib, sharding, training_loop
 from qwen_flash_jax.data import mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.distill import dmd
@@ -28,10 +26,9 @@ from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.train import components, teacher
 from qwen_flash_jax.train.checkpoint import open_and_resume
 from qwen_flash_jax.train.components import CONDITION_OFFSET, CONDITIONS
+from qwen_flash_jax.training_loop import NonFiniteError
 
-
-class NonFiniteError(RuntimeError):
-    pass
+__all__ = ["NonFiniteError", "check_config", "distill", "run_evaluation"]
 
 
 def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=True):
@@ -70,8 +67,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         task = batch.pop("task")
         return task, pipeline_lib.to_global(batch, batch_sharding)
 
-    writer = metric_writers.create_default_writer(str(workdir / "logs"), just_logging=jax.process_index() > 0)
-    progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=config.train.log_every)
+    writer = training_loop.metric_writer(workdir / "logs")
     log(
         f"distill: {steps} student updates x {ratio} critic updates, {config.student.num_steps}-step student, "
         f"teachers {list(names)}, ratio {config.data.task_ratio}, T2I {dict(config.data.t2i_weights)}"
@@ -83,21 +79,26 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         bank = pairs_lib.build_pair_bank(
             config, gen, base, lambda b: pipeline_lib.to_global(b, batch_sharding), log=log
         )
-    probe = _make_probe(config, workdir, gen, writer, log)
-    if probe and int(state.step) == 0:
-        probe(0, state)
-    pending, started = [], time.perf_counter()
-    for step in range(int(state.step), steps):
-        # Before the first student update the fake score gets `warmup` extra updates: it starts as the teacher's
-        # score, so the first DMD gradients are only the CFG direction. No checkpoint precedes step 1, so a resumed
-        # run repeats the warm-up exactly. Batches skipped first keep the update's batches in one task slot.
-        if step == 0:
-            for _ in range(-warmup % (ratio + 1)):
-                next(iterator)
-        for _ in range(ratio + (warmup if step == 0 else 0)):
-            task, batch = next_batch()
+
+    def updates(start):
+        """Per student update: its step and its batches, drawn lazily (critic batches, then the generator's)."""
+        for step in range(start, steps):
+            # Before the first student update the fake score gets `warmup` extra updates: it starts as the
+            # teacher's score, so the first DMD gradients are only the CFG direction. No checkpoint precedes step 1,
+            # so a resumed run repeats the warm-up exactly. Batches skipped first keep the update's batches in one
+            # task slot.
+            critic_updates = ratio + (warmup if step == 0 else 0)
+            if step == 0:
+                for _ in range(-warmup % (ratio + 1)):
+                    next(iterator)
+            yield step, critic_updates, (next_batch() for _ in range(critic_updates + 1))
+
+    def student_update(state, update):
+        step, critic_updates, batches = update
+        for _ in range(critic_updates):
+            task, batch = next(batches)
             state, m_critic = critic(state, assets.text_encoder, batch, spec=assets.tasks[task])
-        task, batch = next_batch()
+        task, batch = next(batches)
         state, m_gen = generator(
             state,
             assets.text_encoder,
@@ -107,37 +108,29 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
             condition_offset=CONDITION_OFFSET[task],
             pairs=pairs_lib.bank_batch(bank, task, step),
         )
-        pending.append({**m_gen, **{k: v for k, v in m_critic.items() if k != "skipped"}})
-        done = step + 1
-        progress(done)
-        if done % config.train.log_every == 0 or done == steps:
-            summary = _summarise(pending, state)
-            pending = []
-            writer.write_scalars(done, summary)
-            if history is not None:
-                history.append((done, summary))
-            log(
-                f"distill step {done}/{steps}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
-                + f" ({time.perf_counter() - started:.0f}s)"
-            )
-            if summary["nonfinite_run"] >= config.nonfinite_limit:
-                ckpt.close()
-                last = ckpt.latest_step()
-                raise NonFiniteError(
-                    f"{int(summary['nonfinite_run'])} consecutive steps had non-finite losses or gradients; "
-                    f"stopping. Last good checkpoint: step {last} in {ckpt.directory}"
-                    if last is not None
-                    else "no checkpoint was written yet"
-                )
-        if probe and done % config.train.sample_every == 0:
-            probe(done, state)
-        ckpt.maybe_save(done, state, iterator, {"step": done}, force=done == steps)
-        if stop_at is not None and stop_at <= done < steps:
-            ckpt.close()
-            return None
-    ckpt.close()
-    if not evaluate:
+        return state, {**m_gen, **{k: v for k, v in m_critic.items() if k != "skipped"}}
+
+    start = int(state.step)
+    state, finished = training_loop.run(
+        state,
+        student_update,
+        updates(start),
+        start=start,
+        steps=steps,
+        label="distill",
+        log=log,
+        log_every=int(config.train.log_every),
+        writer=writer,
+        history=history,
+        sums=("skipped",),  # steps whose update was skipped for non-finite values, counted
+        nonfinite=training_loop.NonFiniteGuard(lambda state: state.nonfinite_run, int(config.nonfinite_limit)),
+        probe=_make_probe(config, workdir, gen, writer, log),
+        probe_every=int(config.train.sample_every),
+        checkpointer=ckpt,
+        data_iterator=iterator,
+        stop_at=stop_at,
+    )
+    if not finished or not evaluate:
         return None
     # The reference teacher is the one the student starts from, guiding or not (a single-specialist run has
     # only the specialist in `teachers`).
@@ -238,16 +231,6 @@ def check_batch_fits_mesh(config) -> None:
             f"data.batch_size={config.data.batch_size} does not split over the {ways} devices of the "
             f"mesh axes {list(axes)} that shard the batch; use a multiple of {ways}"
         )
-
-
-def _summarise(pending, state) -> dict[str, float]:
-    fetched = jax.device_get(pending)
-    # Means over the steps that report a metric (the GAN metrics come only from the tasks in `gan_tasks`).
-    keys = dict.fromkeys(k for m in fetched for k in m)
-    out = {k: float(np.mean([float(m[k]) for m in fetched if k in m])) for k in keys}
-    out["skipped"] = float(sum(float(m["skipped"]) for m in fetched))
-    out["nonfinite_run"] = float(jax.device_get(state.nonfinite_run))
-    return out
 
 
 def _make_probe(config, workdir, gen, writer, log):

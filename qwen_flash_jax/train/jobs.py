@@ -13,7 +13,7 @@ from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.models.layout import LayoutError
 from qwen_flash_jax.train import distill_job, teacher
 from qwen_flash_jax.train.assets import check_text_encoder
-from qwen_flash_jax.train.distill_job import NonFiniteError
+from qwen_flash_jax.training_loop import NonFiniteError
 
 # Data-source errors are bad records or unreadable files: the user's to fix.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, LayoutError, PromptTooLongError, FileNotFoundError, DataError)

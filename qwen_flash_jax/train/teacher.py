@@ -14,16 +14,14 @@ import fcntl
 import json
 import pathlib
 import shutil
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from clu import metric_writers, periodic_actions
 from flax import struct
 
-from qwen_flash_jax import cache, checkpoint_io, config_lib, flow, sharding
+from qwen_flash_jax import cache, checkpoint_io, config_lib, flow, sharding, training_loop
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.diffusion import conditioning, sampling
 from qwen_flash_jax.errors import CheckpointError
@@ -124,39 +122,38 @@ def train_teacher(
         float(train_cfg.get("uniform_t_fraction", 0.0)),
     )
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    writer = metric_writers.create_default_writer(str(workdir / "logs"), just_logging=jax.process_index() > 0)
-    progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=config.train.log_every)
+    writer = training_loop.metric_writer(workdir / "logs")
     log(
         f"teacher {name}: {steps} steps, batch {run.data.batch_size}, ratio {run.data.task_ratio}, "
         f"T2I {dict(run.data.t2i_weights)}, edit {dict(run.data.edit_weights)}"
     )
 
-    pending, start, first = [], int(state.step), time.perf_counter()
-    for step in range(start, steps):
-        batch = next(iterator)
-        task = batch.pop("task")
-        state, metrics = step_fn(
-            state, assets.text_encoder, pipeline_lib.to_global(batch, batch_sharding), spec=assets.tasks[task]
-        )
-        pending.append((task, metrics))
-        done = step + 1
-        progress(done)
-        if done % config.train.log_every == 0 or done == steps:  # the only host sync of the loop
-            summary = _summarise(pending)
-            writer.write_scalars(done, summary)
-            if history is not None:
-                history.append((done, summary))
-            log(
-                f"teacher {name} step {done}/{steps}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
-                + f" ({time.perf_counter() - first:.0f}s)"
-            )
-            pending = []
-        ckpt.maybe_save(done, state, iterator, {"step": done}, force=done == steps)
-        if stop_at is not None and done >= stop_at and done < steps:
-            ckpt.close()
-            return None
-    ckpt.close()
+    def batches():
+        for batch in iterator:
+            task = batch.pop("task")
+            yield task, pipeline_lib.to_global(batch, batch_sharding)
+
+    def train_step(state, task_batch):
+        task, batch = task_batch
+        return step_fn(state, assets.text_encoder, batch, spec=assets.tasks[task])
+
+    state, finished = training_loop.run(
+        state,
+        train_step,
+        batches(),
+        start=int(state.step),
+        steps=steps,
+        label=f"teacher {name}",
+        log=log,
+        log_every=int(config.train.log_every),
+        writer=writer,
+        history=history,
+        checkpointer=ckpt,
+        data_iterator=iterator,
+        stop_at=stop_at,
+    )
+    if not finished:
+        return None
 
     _write_final(workdir, state.ema, {"name": name, "steps": steps})
     if write_samples:
@@ -199,15 +196,6 @@ def _make_step(model, optimizer, mu: float, caption_dropout: float, ema_decay: f
 
 def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def _summarise(pending) -> dict[str, float]:
-    fetched = jax.device_get([m for _, m in pending])
-    out: dict[str, list] = {}
-    for metrics in fetched:
-        for k, v in metrics.items():
-            out.setdefault(k, []).append(float(v))
-    return {k: float(np.mean(v)) for k, v in out.items()}
 
 
 def _write_final(workdir: pathlib.Path, params, meta: dict):
