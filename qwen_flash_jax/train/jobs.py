@@ -49,12 +49,12 @@ def run(config, workdir, *, library_logs_to_file: bool = False) -> None:
     """Validates `config`, then runs its job in `workdir`. With `library_logs_to_file` (the command lines), library
     INFO logging goes to `workdir/logs` rather than the console."""
     workdir = pathlib.Path(workdir)
-    # Validate first: a bad config must not leave a half-made workdir behind.
+    # Validate first, once: a bad config must not leave a half-made workdir behind.
     if config.job == "teacher":
         check_data_config(config.data)
         teacher.check_source(config, config.teacher_name)
     elif config.job == "distill":
-        distill_job.check_config(config)
+        view = distill_job.check_config(config)
     else:
         raise ConfigError(f"config.job must be 'teacher' or 'distill', got {config.job!r}")
     check_text_encoder(config)  # kinds, checkpoint directories, the toy encoder's width
@@ -66,4 +66,4 @@ def run(config, workdir, *, library_logs_to_file: bool = False) -> None:
         init = teacher.ensure_teacher(config, parent) if parent else None  # cached, trained on first use
         teacher.train_teacher(config, config.teacher_name, workdir, init_params=init)
     else:
-        distill_job.distill(config, workdir)
+        distill_job.distill(config, workdir, view=view)
