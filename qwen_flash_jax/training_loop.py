@@ -25,8 +25,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from qwen_flash_jax.models.config import ConfigError
+
+
+def workdir_path(path) -> epath.Path:
+    """A job's directory as an `epath.Path`: a cloud one (gs://...) stays as it is, a local one is made absolute."""
+    if "://" in str(path):
+        return epath.Path(path)
+    return epath.Path(pathlib.Path(path).absolute())
 
 
 class NonFiniteError(RuntimeError):
@@ -42,7 +50,7 @@ class Checkpointer:
     0 saves only when forced)."""
 
     def __init__(self, directory, *, keep: int = 2, every: int = 100, async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = workdir_path(directory)
         self.every = int(every)
         # Only the fixed interval: orbax's default policy would also save the first step of a fresh run.
         policy = (

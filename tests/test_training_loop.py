@@ -136,3 +136,9 @@ def test_a_run_of_nonfinite_steps_stops_the_job_naming_the_last_good_checkpoint(
         training_loop.run(
             _state(), _step, _poisoned(after=0), start=0, steps=10, label="toy", log=None, log_every=2, nonfinite=guard
         )
+
+
+def test_cloud_workdirs_stay_cloud_paths_and_local_ones_become_absolute(tmp_path, monkeypatch):
+    assert str(training_loop.workdir_path("gs://bucket/run") / "checkpoints") == "gs://bucket/run/checkpoints"
+    monkeypatch.chdir(tmp_path)
+    assert str(training_loop.workdir_path("run")) == str(tmp_path / "run")

@@ -34,7 +34,7 @@ __all__ = ["NonFiniteError", "check_config", "distill", "run_evaluation"]
 def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=True, view=None):
     """Runs (or resumes) the distillation in `workdir`; returns the evaluation results (None if stopped early).
     `view`: `check_config(config)`'s result when the caller has validated `config` already."""
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = training_loop.workdir_path(workdir)  # gs:// stays a cloud path
     view = view or check_config(config)
     names = view.guidance.teachers
     parts = components.build(config, log)

@@ -7,6 +7,7 @@ import sys
 
 from absl import flags, logging
 
+from qwen_flash_jax import training_loop
 from qwen_flash_jax.data.pipeline import PromptTooLongError, check_data_config
 from qwen_flash_jax.data.sources import DataError
 from qwen_flash_jax.models.config import ConfigError
@@ -40,15 +41,18 @@ def send_library_logs_to_file(log_dir) -> None:
         return
     if not flags.FLAGS["stderrthreshold"].present:
         flags.FLAGS.stderrthreshold = "warning"
-    pathlib.Path(log_dir).mkdir(parents=True, exist_ok=True)
-    logging.get_absl_handler().use_absl_log_file(log_dir=str(log_dir))
+    if "://" in str(log_dir):  # absl writes its log files locally only: a cloud workdir's go to absl's default
+        logging.get_absl_handler().use_absl_log_file()
+    else:
+        pathlib.Path(log_dir).mkdir(parents=True, exist_ok=True)
+        logging.get_absl_handler().use_absl_log_file(log_dir=str(log_dir))
     logging.set_verbosity(logging.INFO)
 
 
 def run(config, workdir, *, library_logs_to_file: bool = False) -> None:
     """Validates `config`, then runs its job in `workdir`. With `library_logs_to_file` (the command lines), library
     INFO logging goes to `workdir/logs` rather than the console."""
-    workdir = pathlib.Path(workdir)
+    workdir = training_loop.workdir_path(workdir)  # gs:// stays a cloud path
     # Validate first, once: a bad config must not leave a half-made workdir behind.
     if config.job == "teacher":
         check_data_config(config.data)

@@ -13,12 +13,12 @@ import dataclasses
 import fcntl
 import json
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import struct
 
 from qwen_flash_jax import cache, checkpoint_io, config_lib, flow, sharding, training_loop
@@ -45,13 +45,13 @@ class TeacherState:
 
 
 def is_trained(workdir) -> bool:
-    return (pathlib.Path(workdir) / MARKER).exists()
+    return (training_loop.workdir_path(workdir) / MARKER).exists()
 
 
 def load_params(workdir, model):
     """The final parameters of a finished teacher run, restored into `model`'s shardings."""
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), model.params)
-    return ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / "params", target)
+    return ocp.StandardCheckpointer().restore(training_loop.workdir_path(workdir) / "params", target)
 
 
 def target_mu(config) -> float:
@@ -77,7 +77,7 @@ def train_teacher(
     `history`, if given, receives (step, metrics) at every log step; `stop_at` ends the run early after that step
     without finishing it (a stand-in for preemption in tests).
     """
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = training_loop.workdir_path(workdir)  # gs:// stays a cloud path
     run = config_lib.teacher_run_config(config, name)
     train_cfg = config.teachers[name].train
     steps = int(train_cfg.steps)
@@ -198,10 +198,10 @@ def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def _write_final(workdir: pathlib.Path, params, meta: dict):
+def _write_final(workdir: epath.Path, params, meta: dict):
     path = workdir / "params"
     if path.exists():
-        shutil.rmtree(path)
+        path.rmtree()
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, params)
     checkpointer.wait_until_finished()
@@ -226,7 +226,7 @@ def _write_samples(workdir, name, config, generator: Generator, params, writer):
         t2i_sections, edit_sections = report.benchmark_sections(
             t2i, edits, {f"teacher {name}, {steps} steps + CFG {cfg:g}\n{2 * steps} NFE": samples}
         )
-        path = pathlib.Path(workdir) / f"samples_{name}_{steps}steps.png"
+        path = workdir / f"samples_{name}_{steps}steps.png"
         save_grid(path, t2i_sections + edit_sections)
         images[f"samples_{steps}steps"] = np.asarray(_read_png(path))[None]
     writer.write_images(0, images)
