@@ -164,10 +164,24 @@ class DistillView:
         return self.train.steps * self.fake_score.updates_per_student + self.fake_score.warmup_updates
 
 
+@dataclasses.dataclass(frozen=True)
+class TeacherTrainView:
+    """How a toy teacher is trained (`teachers.<name>.train`; its data fields apply through `teacher_run_config`)."""
+
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+    caption_dropout: float
+    uniform_t_fraction: float
+    ema_decay: float
+
+
 def _read(config, section: str, view_type, **defaults):
-    """`view_type` filled from `config[section]`, each field cast to its annotated type (one ConfigError line when a
-    value does not convert)."""
-    node = config[section]
+    """`view_type` filled from `config.<section>` (a dotted path), each field cast to its annotated type (one
+    ConfigError line when a value does not convert); `defaults` are for fields a config may lack."""
+    node = config
+    for name in section.split("."):
+        node = node[name]
     values = {}
     for field in dataclasses.fields(view_type):
         raw = node.get(field.name, defaults.get(field.name)) if field.name in defaults else node[field.name]
@@ -186,6 +200,13 @@ _CASTS = {
     "tuple[str, ...]": lambda v: tuple(str(x) for x in v),
     "tuple[float, ...]": lambda v: tuple(float(x) for x in v),
 }
+
+
+def teacher_train_view(config, name: str) -> TeacherTrainView:
+    """`teachers.<name>.train` as a typed, frozen view (validated by `train.teacher.check_source`)."""
+    if name not in config.teachers:
+        raise ConfigError(f"unknown teacher {name!r}; the config defines {sorted(config.teachers.keys())}")
+    return _read(config, f"teachers.{name}.train", TeacherTrainView, uniform_t_fraction=0.0)
 
 
 def distill_view(config) -> DistillView:

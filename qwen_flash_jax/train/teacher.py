@@ -79,8 +79,8 @@ def train_teacher(
     """
     workdir = training_loop.workdir_path(workdir)  # gs:// stays a cloud path
     run = config_lib.teacher_run_config(config, name)
-    train_cfg = config.teachers[name].train
-    steps = int(train_cfg.steps)
+    train_cfg = config_lib.teacher_train_view(config, name)
+    steps = train_cfg.steps
     assets = assets or assets_lib.build_assets(run, log)
     mesh = config_lib.make_mesh(config)
     rules = config_lib.mesh_rules(config)
@@ -89,9 +89,9 @@ def train_teacher(
     if init_params is not None:
         model = from_params(model_cfg, init_params, mesh=mesh, rules=rules)
     optimizer = optim.adamw(
-        float(train_cfg.learning_rate),
+        train_cfg.learning_rate,
         steps,
-        warmup_steps=int(train_cfg.warmup_steps),
+        warmup_steps=train_cfg.warmup_steps,
         weight_decay=float(config.optim.weight_decay),
         clip_norm=float(config.optim.clip_norm),
     )
@@ -117,9 +117,9 @@ def train_teacher(
         model,
         optimizer,
         mu,
-        float(train_cfg.caption_dropout),
-        float(train_cfg.ema_decay),
-        float(train_cfg.get("uniform_t_fraction", 0.0)),
+        train_cfg.caption_dropout,
+        train_cfg.ema_decay,
+        train_cfg.uniform_t_fraction,
     )
     batch_sharding = sharding.batch_sharding(mesh, rules)
     writer = training_loop.metric_writer(workdir / "logs")
@@ -273,9 +273,6 @@ def ensure_teacher(config, name: str, *, log=print, assets=None):
     """Parameters of teacher `name`: from `teachers.<name>.path`, the cache, or trained now (parents first)."""
     check_source(config, name)
     spec = config.teachers[name]
-    fraction = float(spec.train.get("uniform_t_fraction", 0.0))
-    if not 0.0 <= fraction <= 1.0:
-        raise config_lib.ConfigError(f"teachers.{name}.train.uniform_t_fraction must lie in [0, 1], got {fraction}")
     if spec.path:
         return _restore_standalone(config, spec.path)
     cache.cache_category(config, "teachers", log)  # says so when the package's trained toy teachers are used
@@ -308,13 +305,14 @@ def _exclusive(directory: pathlib.Path):
 
 
 def check_source(config, name: str) -> None:
-    """Fails fast, with one line, when teacher `name` has neither a usable checkpoint nor toy training steps."""
-    if name not in config.teachers:
-        raise config_lib.ConfigError(f"unknown teacher {name!r}; the config defines {sorted(config.teachers.keys())}")
+    """Fails fast, with one line, when teacher `name` has neither a usable checkpoint nor toy training steps, or
+    when its training settings are out of range."""
+    train = config_lib.teacher_train_view(config, name)  # also: the name must be one of the config's teachers
     spec = config.teachers[name]
-    fraction = float(spec.train.get("uniform_t_fraction", 0.0))
-    if not 0.0 <= fraction <= 1.0:
-        raise config_lib.ConfigError(f"teachers.{name}.train.uniform_t_fraction must lie in [0, 1], got {fraction}")
+    if not 0.0 <= train.uniform_t_fraction <= 1.0:
+        raise config_lib.ConfigError(
+            f"teachers.{name}.train.uniform_t_fraction must lie in [0, 1], got {train.uniform_t_fraction}"
+        )
     if spec.path:
         if not (pathlib.Path(spec.path) / "params").exists():
             raise config_lib.ConfigError(
@@ -324,7 +322,7 @@ def check_source(config, name: str) -> None:
             )
         if (pathlib.Path(spec.path) / "config.json").exists():
             _check_converted(config, spec.path, f"teachers.{name}.path")
-    elif int(spec.train.steps) <= 0:
+    elif train.steps <= 0:
         raise config_lib.ConfigError(f"teacher {name!r} needs a checkpoint: set --config.teachers.{name}.path")
     if spec.init_from:
         check_source(config, spec.init_from)
