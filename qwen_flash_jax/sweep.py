@@ -30,7 +30,7 @@ from qwen_flash_jax import config_lib
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from qwen_flash_jax.eval import report
 from qwen_flash_jax.models.config import ConfigError
-from qwen_flash_jax.train import distill_job, jobs
+from qwen_flash_jax.train import jobs
 
 SUITES = {
     "composition": tuple((e, f"configs/composition.py:{{variant}},{e}") for e in ("E1", "E2", "E3", "E4", "E5")),
@@ -60,7 +60,7 @@ def row_configs(suite: str, variant: str, overrides=()) -> list[tuple[str, objec
         config = config_lib.load_config(spec.format(variant=variant))
         for override in overrides:
             apply_override(config, override)
-        distill_job.check_config(config)
+        jobs.validate(config)
         rows.append((label, config))
     return rows
 

@@ -7,7 +7,7 @@ import sys
 
 from absl import flags, logging
 
-from qwen_flash_jax import training_loop
+from qwen_flash_jax import config_lib, training_loop
 from qwen_flash_jax.data.pipeline import PromptTooLongError, check_data_config
 from qwen_flash_jax.data.sources import DataError
 from qwen_flash_jax.models.config import ConfigError
@@ -49,11 +49,10 @@ def send_library_logs_to_file(log_dir) -> None:
     logging.set_verbosity(logging.INFO)
 
 
-def run(config, workdir, *, library_logs_to_file: bool = False) -> None:
-    """Validates `config`, then runs its job in `workdir`. With `library_logs_to_file` (the command lines), library
-    INFO logging goes to `workdir/logs` rather than the console."""
-    workdir = training_loop.workdir_path(workdir)  # gs:// stays a cloud path
-    # Validate first, once: a bad config must not leave a half-made workdir behind.
+def validate(config) -> config_lib.DistillView | None:
+    """Everything about `config` that can be checked before any work, for the job it names (one ConfigError line);
+    the distillation's typed view for a distillation job, None for a teacher job."""
+    view = None
     if config.job == "teacher":
         check_data_config(config.data)
         teacher.check_source(config, config.teacher_name)
@@ -62,6 +61,14 @@ def run(config, workdir, *, library_logs_to_file: bool = False) -> None:
     else:
         raise ConfigError(f"config.job must be 'teacher' or 'distill', got {config.job!r}")
     check_text_encoder(config)  # kinds, checkpoint directories, the toy encoder's width
+    return view
+
+
+def run(config, workdir, *, library_logs_to_file: bool = False) -> None:
+    """Validates `config` (once), then runs its job in `workdir`. With `library_logs_to_file` (the command lines),
+    library INFO logging goes to `workdir/logs` rather than the console."""
+    workdir = training_loop.workdir_path(workdir)  # gs:// stays a cloud path
+    view = validate(config)  # first: a bad config must not leave a half-made workdir behind
     workdir.mkdir(parents=True, exist_ok=True)
     if library_logs_to_file:
         send_library_logs_to_file(workdir / "logs")
