@@ -8,13 +8,15 @@ Layers, bottom to top; a module imports only from its own layer's lower modules 
     safetensors_checkpoint                                streaming safetensors reads
     models, config_lib, checkpoint_io, loading, convert,  networks, configs, checkpoints, TPU slices
     topologies
+    training_loop                                         the one training loop: steps, logging, checkpoints, probes
     text                                                  tokenizers, prompt template, text encoders
     data                                                  the toy world, dataset sources, the input pipeline
     diffusion                                             conditioning from a batch, samplers
     distill                                               the DMD2 objective and its jitted steps
     eval                                                  judges, generation, benchmark reports
     train                                                 assets, the teacher and distillation jobs, job dispatch
-    main, sweep, inspect_data, aot                        command lines
+    distilled, lora                                       a trained student read back from its workdir; LoRA by SVD
+    main, sweep, inspect_data, aot, generate, export      command lines
 """
 
 from qwen_flash_jax.loading import TransformerModel, build_transformer, from_params, load_transformer

@@ -5,8 +5,10 @@ Configs live in the repository's `configs/`; variants derive from the base `conf
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import pathlib
+from typing import Any
 
 import ml_collections
 
@@ -94,3 +96,130 @@ def distill_data_config(config, offset: int = 0) -> ml_collections.ConfigDict:
     with data.unlocked():
         data.seed = int(data.seed) + REPLICATE_STRIDE * int(config.train.get("seed", 0)) + offset
     return data
+
+
+# --- typed views of the distillation's sections -----------------------------------------------------------------------
+# The distillation reads its sections through these frozen views, built in one place (`distill_view`) with the
+# casts done once; `train.distill_job.check_config` validates a config and returns its view.
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentView:
+    init_from: str
+    num_steps: int
+    timesteps: tuple[float, ...]
+    renoise: str
+    learning_rate: float
+    ema_decay: float
+    first_step_fm_weight: float
+    gan_weight: float
+    gan_tasks: tuple[str, ...]
+    regression_weight: float
+    regression_batches: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeScoreView:
+    init_from: str
+    learning_rate: float
+    updates_per_student: int
+    step_probs: tuple[float, ...]
+    warmup_updates: int
+    gan_weight: float
+    gan_head_learning_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceView:
+    teachers: tuple[str, ...]
+    weights: Any  # ((condition, per-step {teacher: weight} dicts), ...): dmd.guidance_table's rules
+    cfg_scale: float
+    cfg_rescale: float
+    schedule: str
+    t_min: float
+    t_max: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainView:
+    steps: int
+    seed: int
+    log_every: int
+    checkpoint_every: int
+    sample_every: int
+    keep_checkpoints: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillView:
+    student: StudentView
+    fake_score: FakeScoreView
+    guidance: GuidanceView
+    train: TrainView
+    nonfinite_limit: int
+
+    @property
+    def critic_updates(self) -> int:
+        """Critic updates over the run: `updates_per_student` per student update plus the warm-up."""
+        return self.train.steps * self.fake_score.updates_per_student + self.fake_score.warmup_updates
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherTrainView:
+    """How a toy teacher is trained (`teachers.<name>.train`; its data fields apply through `teacher_run_config`)."""
+
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+    caption_dropout: float
+    uniform_t_fraction: float
+    ema_decay: float
+
+
+def _read(config, section: str, view_type, **defaults):
+    """`view_type` filled from `config.<section>` (a dotted path), each field cast to its annotated type (one
+    ConfigError line when a value does not convert); `defaults` are for fields a config may lack."""
+    node = config
+    for name in section.split("."):
+        node = node[name]
+    values = {}
+    for field in dataclasses.fields(view_type):
+        raw = node.get(field.name, defaults.get(field.name)) if field.name in defaults else node[field.name]
+        cast = _CASTS.get(field.type)
+        try:
+            values[field.name] = raw if cast is None else cast(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{section}.{field.name} must be {field.type}, got {raw!r}") from None
+    return view_type(**values)
+
+
+_CASTS = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "tuple[str, ...]": lambda v: tuple(str(x) for x in v),
+    "tuple[float, ...]": lambda v: tuple(float(x) for x in v),
+}
+
+
+def teacher_train_view(config, name: str) -> TeacherTrainView:
+    """`teachers.<name>.train` as a typed, frozen view (validated by `train.teacher.check_source`)."""
+    if name not in config.teachers:
+        raise ConfigError(f"unknown teacher {name!r}; the config defines {sorted(config.teachers.keys())}")
+    return _read(config, f"teachers.{name}.train", TeacherTrainView, uniform_t_fraction=0.0)
+
+
+def distill_view(config) -> DistillView:
+    """The distillation's sections of `config` as typed, frozen views (not yet validated: see
+    `train.distill_job.check_config`)."""
+    try:
+        limit = int(config.nonfinite_limit)
+    except (TypeError, ValueError):
+        raise ConfigError(f"nonfinite_limit must be int, got {config.nonfinite_limit!r}") from None
+    return DistillView(
+        student=_read(config, "student", StudentView),
+        fake_score=_read(config, "fake_score", FakeScoreView),
+        guidance=_read(config, "guidance", GuidanceView),
+        train=_read(config, "train", TrainView, seed=0),
+        nonfinite_limit=limit,
+    )

@@ -7,7 +7,8 @@ Suites: `composition` (Table 1: E1-E5, T2I-only students, base teacher), `guidan
 specialist against step-wise multi-teacher guidance) and `ratio` (Tables 3-4: T2I-only, 9:1, 7:3, 5:5).
 Each row is the main job of one config, run into WORKDIR/<row>; a row whose results.json exists is not rerun, so a
 killed sweep resumes where it stopped. All rows share the cache (toy teachers are trained once). `--set` overrides
-a field of every row's config (`section.field=value`, value parsed as a Python literal).
+a field of every row's config (`section.field=value`, the value parsed by the field's type as
+`--config.section.field=value` is).
 
 Writes WORKDIR/table.md and table.json: each row's 4-NFE student beside the base teacher at 40 and 4 steps (taken
 from the first row: every row distils the same cached teacher and is scored on the same prompts and seeds).
@@ -21,13 +22,15 @@ import json
 import pathlib
 import time
 
+import ml_collections
 from absl import app, flags
+from ml_collections.config_flags import config_path, tuple_parser
 
 from qwen_flash_jax import config_lib
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from qwen_flash_jax.eval import report
 from qwen_flash_jax.models.config import ConfigError
-from qwen_flash_jax.train import distill_job, jobs
+from qwen_flash_jax.train import jobs
 
 SUITES = {
     "composition": tuple((e, f"configs/composition.py:{{variant}},{e}") for e in ("E1", "E2", "E3", "E4", "E5")),
@@ -57,32 +60,48 @@ def row_configs(suite: str, variant: str, overrides=()) -> list[tuple[str, objec
         config = config_lib.load_config(spec.format(variant=variant))
         for override in overrides:
             apply_override(config, override)
-        distill_job.check_config(config)
+        jobs.validate(config)
         rows.append((label, config))
     return rows
 
 
+# What `--config.section.field=value` parses a value with (ml_collections' config flags), by the field's type; any
+# other type takes a Python literal.
+_FIELD_PARSERS = {
+    bool: flags.BooleanParser(),
+    int: flags.IntegerParser(),
+    float: flags.FloatParser(),
+    str: flags.ArgumentParser(),
+    tuple: tuple_parser.TupleParser(),
+}
+
+
 def apply_override(config, override: str) -> None:
-    """'train.steps=150' -> config.train.steps = 150, with ml_collections' type checks as ConfigErrors."""
+    """'train.steps=150' -> config.train.steps = 150: the value parsed as `--config.train.steps=150` would be (by
+    the field's type), set with ml_collections' type checks; mistakes are ConfigErrors."""
     path, sep, text = override.partition("=")
     if not sep or not path:
         raise ConfigError(f"--set must look like section.field=value, got {override!r}")
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text  # a bare string
-    *parents, field = path.split(".")
-    node = config
-    try:
-        for name in parents:
-            node = node[name]
-        if field not in node:
-            raise KeyError(field)
-        node[field] = value
-    except KeyError:
+        field_type = config_path.get_type(path, config)
+    except (KeyError, AttributeError, IndexError, ValueError):
         raise ConfigError(f"--set {override!r}: the config has no field {path!r}") from None
-    except TypeError as e:
+    if isinstance(field_type, type) and issubclass(field_type, ml_collections.ConfigDict):
+        raise ConfigError(f"--set {override!r}: {path!r} is a section; set its fields one by one")
+    try:
+        parser = _FIELD_PARSERS.get(field_type)
+        value = parser.parse(text) if parser else _literal(text)
+        config_path.set_value(path, config, value)
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"--set {override!r}: {e}") from None
+
+
+def _literal(text: str):
+    """A Python literal, or the text itself (a bare string), for fields whose type says nothing (None defaults)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def row_dirname(label: str) -> str:

@@ -1,5 +1,6 @@
 """Every shipped config loads, derives from the base, and validates."""
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -91,6 +92,22 @@ def test_bad_distillation_settings_are_clear_errors_before_any_work(section, val
     if section == "fake_score":
         config.student.gan_weight = 1.0  # the head's settings matter only with the GAN term on
     with pytest.raises(ConfigError, match=match):
+        distill_job.check_config(config)
+
+
+def test_the_distillation_reads_one_typed_frozen_view_of_its_sections():
+    from qwen_flash_jax.train import distill_job
+
+    config = config_lib.load_config("configs/5to5.py:toy")
+    view = distill_job.check_config(config)
+    assert view == config_lib.distill_view(config)
+    assert view.train.steps == config.train.steps and isinstance(view.student.ema_decay, float)
+    assert view.guidance.teachers == ("base", "text")
+    assert view.critic_updates == config.train.steps * config.fake_score.updates_per_student
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.train.steps = 1
+    config.student.ema_decay = None
+    with pytest.raises(ConfigError, match=r"^student.ema_decay must be float, got None$"):
         distill_job.check_config(config)
 
 

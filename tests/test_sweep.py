@@ -39,6 +39,19 @@ def test_overrides_set_nested_fields_and_reject_mistakes():
             sweep.row_configs("ratio", "toy", (bad,))
 
 
+def test_override_values_parse_by_the_fields_type_as_config_flags_do():
+    config = sweep.row_configs("ratio", "toy")[0][1]
+    for override in ("guidance.teachers=base", "student.ema_decay=0", "data.task_ratio=5", "train.steps=3"):
+        sweep.apply_override(config, override)
+    assert config.guidance.teachers == ("base",)
+    assert config.student.ema_decay == 0.0 and isinstance(config.student.ema_decay, float)
+    assert config.data.task_ratio == "5" and config.train.steps == 3
+    with pytest.raises(ConfigError, match=r"^--set 'student=1': 'student' is a section"):
+        sweep.apply_override(config, "student=1")
+    with pytest.raises(ConfigError, match=r"^--set 'student.gan_weight=x': could not convert"):
+        sweep.apply_override(config, "student.gan_weight=x")
+
+
 def _results(student_t2i):
     def entry(nfe, t2i):
         return {"nfe": nfe, "t2i": {"landscape": t2i}, "t2i_average": t2i, "edit": {"scene": 1.0}, "edit_average": 1.0}

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from .. import training_loop
 from ..data.world import T2I_ATTRIBUTES, T2I_CATEGORIES, attribute_labels, render, sample_spec
 
 #: Bumped whenever the network, training recipe or scoring rules change, so cached judges are not reused.
@@ -294,13 +295,27 @@ def train_network(config: JudgeConfig, log=print):
     opt_state = opt.init(params)
 
     rng = np.random.default_rng([config.seed, 1])
+
+    def batches():
+        while True:
+            cats = rng.choice(len(T2I_CATEGORIES), config.batch, p=np.asarray(config.category_probs))
+            images, labels, _ = sample_batch(rng, config.batch, config.size, cats)  # overlaps the async step
+            yield images, labels
+
+    def train_step(state, batch):
+        params, opt_state, loss = step(*state, *batch)
+        return (params, opt_state), {"loss": loss}
+
     t0 = time.perf_counter()
-    every = max(1, config.steps // 5)
-    for s in range(config.steps):
-        cats = rng.choice(len(T2I_CATEGORIES), config.batch, p=np.asarray(config.category_probs))
-        images, labels, _ = sample_batch(rng, config.batch, config.size, cats)  # overlaps the async step
-        params, opt_state, loss = step(params, opt_state, images, labels)
-        if log is not None and (s % every == 0 or s == config.steps - 1):
-            log(f"judge step {s + 1}/{config.steps}: loss {float(loss):.3f} ({time.perf_counter() - t0:.1f}s)")
+    (params, opt_state), _ = training_loop.run(
+        (params, opt_state),
+        train_step,
+        batches(),
+        start=0,
+        steps=config.steps,
+        label="judge",
+        log=log,
+        log_every=max(1, config.steps // 5),
+    )
     jax.block_until_ready(params)
     return params, time.perf_counter() - t0

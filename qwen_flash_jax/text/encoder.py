@@ -43,7 +43,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from typing import Sequence
 
 import jax
@@ -52,7 +51,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qwen_flash_jax import atomic
+from qwen_flash_jax import atomic, training_loop
 from qwen_flash_jax.models.layers import Dense, RMSNorm
 from qwen_flash_jax.text import prompts as prompts_lib
 from qwen_flash_jax.text.prompts import IMAGE_PAD, special_token_id
@@ -428,16 +427,23 @@ def pretrain_text_encoder(
 
     rng = np.random.default_rng(seed)
     batch_size = min(batch_size, len(captions))
-    start = time.perf_counter()
-    for step in range(steps):
-        idx = rng.choice(len(captions), size=batch_size, replace=False)
-        ids, mask = input_ids[idx], attention_mask[idx]
-        # Trim the shared left padding so short batches cost less (a few shapes, a few compilations at most).
-        first = int(np.argmax(mask.any(axis=0)))
-        first -= first % 8  # bucket the trimmed length
-        params, opt_state, loss = train_step(params, opt_state, ids[:, first:], mask[:, first:])
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"text-encoder pretrain step {step}: loss {float(loss):.4f} ({time.perf_counter() - start:.1f}s)")
+
+    def batches():
+        while True:
+            idx = rng.choice(len(captions), size=batch_size, replace=False)
+            ids, mask = input_ids[idx], attention_mask[idx]
+            # Trim the shared left padding so short batches cost less (a few shapes, a few compilations at most).
+            first = int(np.argmax(mask.any(axis=0)))
+            first -= first % 8  # bucket the trimmed length
+            yield ids[:, first:], mask[:, first:]
+
+    def step(state, batch):
+        params, opt_state, loss = train_step(*state, *batch)
+        return (params, opt_state), {"loss": loss}
+
+    (params, _), _ = training_loop.run(
+        (params, opt_state), step, batches(), start=0, steps=steps, label="text-encoder pretrain", log_every=log_every
+    )
     return params
 
 

@@ -75,37 +75,33 @@ def student_model(parts: Components) -> TransformerModel:
     return from_params(parts.model_config, jax.tree.map(jnp.copy, parts.base), mesh=parts.mesh, rules=parts.rules)
 
 
-def distill_setup(config, model: TransformerModel, mu: float) -> DistillSetup:
-    """The DMD step's static settings, from the config."""
-    steps = int(config.train.steps)
-    ratio = int(config.fake_score.updates_per_student)
-    warmup = int(config.fake_score.warmup_updates)
-    names = tuple(config.guidance.teachers)
+def distill_setup(
+    config, model: TransformerModel, mu: float, *, view: config_lib.DistillView | None = None
+) -> DistillSetup:
+    """The DMD step's static settings, from the config's typed view (`view`, read from `config` if not given)."""
+    view = view or config_lib.distill_view(config)
+    student, fake, guidance = view.student, view.fake_score, view.guidance
     return DistillSetup(
         model=model,
-        student_opt=optim.from_config(config.optim, steps, float(config.student.learning_rate)),
-        fake_opt=optim.from_config(config.optim, steps * ratio + warmup, float(config.fake_score.learning_rate)),
-        timesteps=tuple(
-            float(t) for t in dmd.student_timesteps(int(config.student.num_steps), mu, tuple(config.student.timesteps))
-        ),
-        guidance=dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps)),
-        teacher_names=names,
-        cfg_scale=float(config.guidance.cfg_scale),
-        cfg_rescale=float(config.guidance.cfg_rescale),
-        t_min=float(config.guidance.t_min),
-        t_max=float(config.guidance.t_max),
-        ema_decay=float(config.student.ema_decay),
-        first_step_fm_weight=float(config.student.first_step_fm_weight),
-        disc_opt=optim.from_config(
-            config.optim, steps * ratio + warmup, float(config.fake_score.gan_head_learning_rate)
-        ),
-        gan_weight=float(config.student.gan_weight),
-        gan_critic_weight=float(config.fake_score.gan_weight),
-        gan_tasks=tuple(config.student.gan_tasks),
-        renoise=str(config.student.renoise),
-        regression_weight=float(config.student.regression_weight),
-        critic_step_probs=dmd.critic_step_probs(int(config.student.num_steps), tuple(config.fake_score.step_probs)),
-        schedule=str(config.guidance.schedule),
+        student_opt=optim.from_config(config.optim, view.train.steps, student.learning_rate),
+        fake_opt=optim.from_config(config.optim, view.critic_updates, fake.learning_rate),
+        timesteps=tuple(float(t) for t in dmd.student_timesteps(student.num_steps, mu, student.timesteps)),
+        guidance=dmd.guidance_table(dict(guidance.weights), guidance.teachers, CONDITIONS, student.num_steps),
+        teacher_names=guidance.teachers,
+        cfg_scale=guidance.cfg_scale,
+        cfg_rescale=guidance.cfg_rescale,
+        t_min=guidance.t_min,
+        t_max=guidance.t_max,
+        ema_decay=student.ema_decay,
+        first_step_fm_weight=student.first_step_fm_weight,
+        disc_opt=optim.from_config(config.optim, view.critic_updates, fake.gan_head_learning_rate),
+        gan_weight=student.gan_weight,
+        gan_critic_weight=fake.gan_weight,
+        gan_tasks=student.gan_tasks,
+        renoise=student.renoise,
+        regression_weight=student.regression_weight,
+        critic_step_probs=dmd.critic_step_probs(student.num_steps, fake.step_probs),
+        schedule=guidance.schedule,
     )
 
 

@@ -11,13 +11,11 @@ good checkpoint.
 from __future__ import annotations
 
 import pathlib
-import time
 
 import jax
 import numpy as np
-from clu import metric_writers, periodic_actions
 
-from qwen_flash_jax import cache, config_lib, sharding
+from qwen_flash_jax import cache, config_lib, sharding, training_loop
 from qwen_flash_jax.data import mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.distill import dmd
@@ -28,25 +26,25 @@ from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.train import components, teacher
 from qwen_flash_jax.train.checkpoint import open_and_resume
 from qwen_flash_jax.train.components import CONDITION_OFFSET, CONDITIONS
+from qwen_flash_jax.training_loop import NonFiniteError
+
+__all__ = ["NonFiniteError", "check_config", "distill", "run_evaluation"]
 
 
-class NonFiniteError(RuntimeError):
-    pass
-
-
-def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=True):
-    """Runs (or resumes) the distillation in `workdir`; returns the evaluation results (None if stopped early)."""
-    workdir = pathlib.Path(workdir).absolute()
-    names = tuple(config.guidance.teachers)
-    check_config(config)
+def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=True, view=None):
+    """Runs (or resumes) the distillation in `workdir`; returns the evaluation results (None if stopped early).
+    `view`: `check_config(config)`'s result when the caller has validated `config` already."""
+    workdir = training_loop.workdir_path(workdir)  # gs:// stays a cloud path
+    view = view or check_config(config)
+    names = view.guidance.teachers
     parts = components.build(config, log)
     assets, teachers, base, mu = parts.assets, parts.teachers, parts.base, parts.mu
     model = components.student_model(parts)
-    setup = components.distill_setup(config, model, mu)
+    setup = components.distill_setup(config, model, mu, view=view)
     state = components.initial_state(config, parts, setup)
-    steps = int(config.train.steps)
-    ratio = int(config.fake_score.updates_per_student)
-    warmup = int(config.fake_score.warmup_updates)
+    steps = view.train.steps
+    ratio = view.fake_score.updates_per_student
+    warmup = view.fake_score.warmup_updates
 
     # One student update takes `ratio` critic batches and one generator batch, all of one task: the T2I:Edit
     # pattern steps once per update, so the generator and the critic both see the configured ratio.
@@ -60,7 +58,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
             slot_batches=ratio + 1,
         )
     )
-    ckpt, state = open_and_resume(workdir / "checkpoints", config.train, state, iterator, label="distill", log=log)
+    ckpt, state = open_and_resume(workdir / "checkpoints", view.train, state, iterator, label="distill", log=log)
 
     critic, generator = components.jitted_steps(setup, state=state, text_encoder=assets.text_encoder)
     batch_sharding = sharding.batch_sharding(parts.mesh, parts.rules)
@@ -70,10 +68,9 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         task = batch.pop("task")
         return task, pipeline_lib.to_global(batch, batch_sharding)
 
-    writer = metric_writers.create_default_writer(str(workdir / "logs"), just_logging=jax.process_index() > 0)
-    progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=config.train.log_every)
+    writer = training_loop.metric_writer(workdir / "logs")
     log(
-        f"distill: {steps} student updates x {ratio} critic updates, {config.student.num_steps}-step student, "
+        f"distill: {steps} student updates x {ratio} critic updates, {view.student.num_steps}-step student, "
         f"teachers {list(names)}, ratio {config.data.task_ratio}, T2I {dict(config.data.t2i_weights)}"
     )
     # One sampler cache for the regression bank, the probes and the final evaluation.
@@ -83,21 +80,26 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         bank = pairs_lib.build_pair_bank(
             config, gen, base, lambda b: pipeline_lib.to_global(b, batch_sharding), log=log
         )
-    probe = _make_probe(config, workdir, gen, writer, log)
-    if probe and int(state.step) == 0:
-        probe(0, state)
-    pending, started = [], time.perf_counter()
-    for step in range(int(state.step), steps):
-        # Before the first student update the fake score gets `warmup` extra updates: it starts as the teacher's
-        # score, so the first DMD gradients are only the CFG direction. No checkpoint precedes step 1, so a resumed
-        # run repeats the warm-up exactly. Batches skipped first keep the update's batches in one task slot.
-        if step == 0:
-            for _ in range(-warmup % (ratio + 1)):
-                next(iterator)
-        for _ in range(ratio + (warmup if step == 0 else 0)):
-            task, batch = next_batch()
+
+    def updates(start):
+        """Per student update: its step and its batches, drawn lazily (critic batches, then the generator's)."""
+        for step in range(start, steps):
+            # Before the first student update the fake score gets `warmup` extra updates: it starts as the
+            # teacher's score, so the first DMD gradients are only the CFG direction. No checkpoint precedes step 1,
+            # so a resumed run repeats the warm-up exactly. Batches skipped first keep the update's batches in one
+            # task slot.
+            critic_updates = ratio + (warmup if step == 0 else 0)
+            if step == 0:
+                for _ in range(-warmup % (ratio + 1)):
+                    next(iterator)
+            yield step, critic_updates, (next_batch() for _ in range(critic_updates + 1))
+
+    def student_update(state, update):
+        step, critic_updates, batches = update
+        for _ in range(critic_updates):
+            task, batch = next(batches)
             state, m_critic = critic(state, assets.text_encoder, batch, spec=assets.tasks[task])
-        task, batch = next_batch()
+        task, batch = next(batches)
         state, m_gen = generator(
             state,
             assets.text_encoder,
@@ -107,37 +109,29 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
             condition_offset=CONDITION_OFFSET[task],
             pairs=pairs_lib.bank_batch(bank, task, step),
         )
-        pending.append({**m_gen, **{k: v for k, v in m_critic.items() if k != "skipped"}})
-        done = step + 1
-        progress(done)
-        if done % config.train.log_every == 0 or done == steps:
-            summary = _summarise(pending, state)
-            pending = []
-            writer.write_scalars(done, summary)
-            if history is not None:
-                history.append((done, summary))
-            log(
-                f"distill step {done}/{steps}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
-                + f" ({time.perf_counter() - started:.0f}s)"
-            )
-            if summary["nonfinite_run"] >= config.nonfinite_limit:
-                ckpt.close()
-                last = ckpt.latest_step()
-                raise NonFiniteError(
-                    f"{int(summary['nonfinite_run'])} consecutive steps had non-finite losses or gradients; "
-                    f"stopping. Last good checkpoint: step {last} in {ckpt.directory}"
-                    if last is not None
-                    else "no checkpoint was written yet"
-                )
-        if probe and done % config.train.sample_every == 0:
-            probe(done, state)
-        ckpt.maybe_save(done, state, iterator, {"step": done}, force=done == steps)
-        if stop_at is not None and stop_at <= done < steps:
-            ckpt.close()
-            return None
-    ckpt.close()
-    if not evaluate:
+        return state, {**m_gen, **{k: v for k, v in m_critic.items() if k != "skipped"}}
+
+    start = int(state.step)
+    state, finished = training_loop.run(
+        state,
+        student_update,
+        updates(start),
+        start=start,
+        steps=steps,
+        label="distill",
+        log=log,
+        log_every=view.train.log_every,
+        writer=writer,
+        history=history,
+        sums=("skipped",),  # steps whose update was skipped for non-finite values, counted
+        nonfinite=training_loop.NonFiniteGuard(lambda state: state.nonfinite_run, view.nonfinite_limit),
+        probe=_make_probe(config, workdir, gen, writer, log),
+        probe_every=view.train.sample_every,
+        checkpointer=ckpt,
+        data_iterator=iterator,
+        stop_at=stop_at,
+    )
+    if not finished or not evaluate:
         return None
     # The reference teacher is the one the student starts from, guiding or not (a single-specialist run has
     # only the specialist in `teachers`).
@@ -170,61 +164,61 @@ def _fit(image, size: int):
     return image
 
 
-def check_config(config) -> None:
-    """Everything a user can get wrong, checked before any work starts (one clear ConfigError)."""
+def check_config(config) -> config_lib.DistillView:
+    """Everything a user can get wrong, checked before any work starts (one clear ConfigError); returns the
+    distillation's typed view of `config`, which the job reads."""
     pipeline_lib.check_data_config(config.data)
     check_batch_fits_mesh(config)
     if config.eval.get("judge", "toy") not in ("toy", "none"):
         raise ConfigError(f"eval.judge must be 'toy' or 'none', got {config.eval.judge!r}")
-    for role in (config.student.init_from, config.fake_score.init_from):
+    view = config_lib.distill_view(config)
+    student, fake, guidance = view.student, view.fake_score, view.guidance
+    for role in (student.init_from, fake.init_from):
         if role not in config.teachers:
             raise ConfigError(f"student/fake_score init_from={role!r} is not a teacher of this config")
-    names = tuple(config.guidance.teachers)
-    for name in dict.fromkeys((config.student.init_from, config.fake_score.init_from, *names)):
+    for name in dict.fromkeys((student.init_from, fake.init_from, *guidance.teachers)):
         teacher.check_source(config, name)
-    dmd.guidance_table(dict(config.guidance.weights), names, CONDITIONS, int(config.student.num_steps))
-    dmd.student_timesteps(int(config.student.num_steps), 0.0, tuple(config.student.timesteps))
-    dmd.check_renoise(str(config.student.renoise))
-    dmd.check_schedule(str(config.guidance.schedule))
-    dmd.critic_step_probs(int(config.student.num_steps), tuple(config.fake_score.step_probs))
-    if not 0.0 <= float(config.student.ema_decay) < 1.0:
-        raise ConfigError(f"student.ema_decay must lie in [0, 1) (0 turns the EMA off), got {config.student.ema_decay}")
-    if float(config.student.first_step_fm_weight) < 0:
+    dmd.guidance_table(dict(guidance.weights), guidance.teachers, CONDITIONS, student.num_steps)
+    dmd.student_timesteps(student.num_steps, 0.0, student.timesteps)
+    dmd.check_renoise(student.renoise)
+    dmd.check_schedule(guidance.schedule)
+    dmd.critic_step_probs(student.num_steps, fake.step_probs)
+    if not 0.0 <= student.ema_decay < 1.0:
+        raise ConfigError(f"student.ema_decay must lie in [0, 1) (0 turns the EMA off), got {student.ema_decay}")
+    if student.first_step_fm_weight < 0:
         raise ConfigError(
-            f"student.first_step_fm_weight must be >= 0 (0 turns it off), got {config.student.first_step_fm_weight}"
+            f"student.first_step_fm_weight must be >= 0 (0 turns it off), got {student.first_step_fm_weight}"
         )
-    if float(config.student.regression_weight) < 0:
-        raise ConfigError(
-            f"student.regression_weight must be >= 0 (0 turns it off), got {config.student.regression_weight}"
-        )
-    if float(config.student.regression_weight) > 0:
-        if str(config.student.renoise) != "predicted":
+    if student.regression_weight < 0:
+        raise ConfigError(f"student.regression_weight must be >= 0 (0 turns it off), got {student.regression_weight}")
+    if student.regression_weight > 0:
+        if student.renoise != "predicted":
             raise ConfigError(
                 "student.regression_weight > 0 needs student.renoise='predicted': with fresh noise "
                 "between steps the student's sample is no function of its first noise"
             )
-        if int(config.student.regression_batches) < 1:
-            raise ConfigError(f"student.regression_batches must be >= 1, got {config.student.regression_batches}")
-    if int(config.fake_score.warmup_updates) < 0:
-        raise ConfigError(f"fake_score.warmup_updates must be >= 0, got {config.fake_score.warmup_updates}")
-    for field in ("student.gan_weight", "fake_score.gan_weight"):
-        section, name = field.split(".")
-        if float(config[section][name]) < 0:
-            raise ConfigError(f"{field} must be >= 0 (0 turns the GAN term off), got {config[section][name]}")
-    unknown = sorted(set(config.student.gan_tasks) - set(mixing.TASKS))
+        if student.regression_batches < 1:
+            raise ConfigError(f"student.regression_batches must be >= 1, got {student.regression_batches}")
+    if fake.warmup_updates < 0:
+        raise ConfigError(f"fake_score.warmup_updates must be >= 0, got {fake.warmup_updates}")
+    for field, weight in (("student.gan_weight", student.gan_weight), ("fake_score.gan_weight", fake.gan_weight)):
+        if weight < 0:
+            raise ConfigError(f"{field} must be >= 0 (0 turns the GAN term off), got {weight}")
+    unknown = sorted(set(student.gan_tasks) - set(mixing.TASKS))
     if unknown:
         raise ConfigError(f"student.gan_tasks names unknown tasks {unknown}; the tasks are {list(mixing.TASKS)}")
     trained_tasks = {task for task, share in zip(mixing.TASKS, mixing.parse_ratio(config.data.task_ratio)) if share}
-    if float(config.student.gan_weight) > 0 and not trained_tasks & set(config.student.gan_tasks):
+    if student.gan_weight > 0 and not trained_tasks & set(student.gan_tasks):
         raise ConfigError(
-            f"student.gan_weight > 0 but no task in student.gan_tasks {list(config.student.gan_tasks)} "
+            f"student.gan_weight > 0 but no task in student.gan_tasks {list(student.gan_tasks)} "
             f"is trained at data.task_ratio {config.data.task_ratio!r}: the GAN term would never run"
         )
-    if float(config.student.gan_weight) > 0 and float(config.fake_score.gan_head_learning_rate) <= 0:
+    if student.gan_weight > 0 and fake.gan_head_learning_rate <= 0:
         raise ConfigError(
             "student.gan_weight > 0 needs fake_score.gan_head_learning_rate > 0: the discriminator "
             "head starts from zero and would never learn"
         )
+    return view
 
 
 def check_batch_fits_mesh(config) -> None:
@@ -238,16 +232,6 @@ def check_batch_fits_mesh(config) -> None:
             f"data.batch_size={config.data.batch_size} does not split over the {ways} devices of the "
             f"mesh axes {list(axes)} that shard the batch; use a multiple of {ways}"
         )
-
-
-def _summarise(pending, state) -> dict[str, float]:
-    fetched = jax.device_get(pending)
-    # Means over the steps that report a metric (the GAN metrics come only from the tasks in `gan_tasks`).
-    keys = dict.fromkeys(k for m in fetched for k in m)
-    out = {k: float(np.mean([float(m[k]) for m in fetched if k in m])) for k in keys}
-    out["skipped"] = float(sum(float(m["skipped"]) for m in fetched))
-    out["nonfinite_run"] = float(jax.device_get(state.nonfinite_run))
-    return out
 
 
 def _make_probe(config, workdir, gen, writer, log):

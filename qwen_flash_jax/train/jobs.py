@@ -7,13 +7,14 @@ import sys
 
 from absl import flags, logging
 
+from qwen_flash_jax import config_lib, training_loop
 from qwen_flash_jax.data.pipeline import PromptTooLongError, check_data_config
 from qwen_flash_jax.data.sources import DataError
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.models.layout import LayoutError
 from qwen_flash_jax.train import distill_job, teacher
 from qwen_flash_jax.train.assets import check_text_encoder
-from qwen_flash_jax.train.distill_job import NonFiniteError
+from qwen_flash_jax.training_loop import NonFiniteError
 
 # Data-source errors are bad records or unreadable files: the user's to fix.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, LayoutError, PromptTooLongError, FileNotFoundError, DataError)
@@ -40,24 +41,34 @@ def send_library_logs_to_file(log_dir) -> None:
         return
     if not flags.FLAGS["stderrthreshold"].present:
         flags.FLAGS.stderrthreshold = "warning"
-    pathlib.Path(log_dir).mkdir(parents=True, exist_ok=True)
-    logging.get_absl_handler().use_absl_log_file(log_dir=str(log_dir))
+    if "://" in str(log_dir):  # absl writes its log files locally only: a cloud workdir's go to absl's default
+        logging.get_absl_handler().use_absl_log_file()
+    else:
+        pathlib.Path(log_dir).mkdir(parents=True, exist_ok=True)
+        logging.get_absl_handler().use_absl_log_file(log_dir=str(log_dir))
     logging.set_verbosity(logging.INFO)
 
 
-def run(config, workdir, *, library_logs_to_file: bool = False) -> None:
-    """Validates `config`, then runs its job in `workdir`. With `library_logs_to_file` (the command lines), library
-    INFO logging goes to `workdir/logs` rather than the console."""
-    workdir = pathlib.Path(workdir)
-    # Validate first: a bad config must not leave a half-made workdir behind.
+def validate(config) -> config_lib.DistillView | None:
+    """Everything about `config` that can be checked before any work, for the job it names (one ConfigError line);
+    the distillation's typed view for a distillation job, None for a teacher job."""
+    view = None
     if config.job == "teacher":
         check_data_config(config.data)
         teacher.check_source(config, config.teacher_name)
     elif config.job == "distill":
-        distill_job.check_config(config)
+        view = distill_job.check_config(config)
     else:
         raise ConfigError(f"config.job must be 'teacher' or 'distill', got {config.job!r}")
     check_text_encoder(config)  # kinds, checkpoint directories, the toy encoder's width
+    return view
+
+
+def run(config, workdir, *, library_logs_to_file: bool = False) -> None:
+    """Validates `config` (once), then runs its job in `workdir`. With `library_logs_to_file` (the command lines),
+    library INFO logging goes to `workdir/logs` rather than the console."""
+    workdir = training_loop.workdir_path(workdir)  # gs:// stays a cloud path
+    view = validate(config)  # first: a bad config must not leave a half-made workdir behind
     workdir.mkdir(parents=True, exist_ok=True)
     if library_logs_to_file:
         send_library_logs_to_file(workdir / "logs")
@@ -66,4 +77,4 @@ def run(config, workdir, *, library_logs_to_file: bool = False) -> None:
         init = teacher.ensure_teacher(config, parent) if parent else None  # cached, trained on first use
         teacher.train_teacher(config, config.teacher_name, workdir, init_params=init)
     else:
-        distill_job.distill(config, workdir)
+        distill_job.distill(config, workdir, view=view)

@@ -13,17 +13,15 @@ import dataclasses
 import fcntl
 import json
 import pathlib
-import shutil
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from clu import metric_writers, periodic_actions
+from etils import epath
 from flax import struct
 
-from qwen_flash_jax import cache, checkpoint_io, config_lib, flow, sharding
+from qwen_flash_jax import cache, checkpoint_io, config_lib, flow, sharding, training_loop
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.diffusion import conditioning, sampling
 from qwen_flash_jax.errors import CheckpointError
@@ -47,13 +45,13 @@ class TeacherState:
 
 
 def is_trained(workdir) -> bool:
-    return (pathlib.Path(workdir) / MARKER).exists()
+    return (training_loop.workdir_path(workdir) / MARKER).exists()
 
 
 def load_params(workdir, model):
     """The final parameters of a finished teacher run, restored into `model`'s shardings."""
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), model.params)
-    return ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / "params", target)
+    return ocp.StandardCheckpointer().restore(training_loop.workdir_path(workdir) / "params", target)
 
 
 def target_mu(config) -> float:
@@ -79,10 +77,10 @@ def train_teacher(
     `history`, if given, receives (step, metrics) at every log step; `stop_at` ends the run early after that step
     without finishing it (a stand-in for preemption in tests).
     """
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = training_loop.workdir_path(workdir)  # gs:// stays a cloud path
     run = config_lib.teacher_run_config(config, name)
-    train_cfg = config.teachers[name].train
-    steps = int(train_cfg.steps)
+    train_cfg = config_lib.teacher_train_view(config, name)
+    steps = train_cfg.steps
     assets = assets or assets_lib.build_assets(run, log)
     mesh = config_lib.make_mesh(config)
     rules = config_lib.mesh_rules(config)
@@ -91,9 +89,9 @@ def train_teacher(
     if init_params is not None:
         model = from_params(model_cfg, init_params, mesh=mesh, rules=rules)
     optimizer = optim.adamw(
-        float(train_cfg.learning_rate),
+        train_cfg.learning_rate,
         steps,
-        warmup_steps=int(train_cfg.warmup_steps),
+        warmup_steps=train_cfg.warmup_steps,
         weight_decay=float(config.optim.weight_decay),
         clip_norm=float(config.optim.clip_norm),
     )
@@ -119,44 +117,43 @@ def train_teacher(
         model,
         optimizer,
         mu,
-        float(train_cfg.caption_dropout),
-        float(train_cfg.ema_decay),
-        float(train_cfg.get("uniform_t_fraction", 0.0)),
+        train_cfg.caption_dropout,
+        train_cfg.ema_decay,
+        train_cfg.uniform_t_fraction,
     )
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    writer = metric_writers.create_default_writer(str(workdir / "logs"), just_logging=jax.process_index() > 0)
-    progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=config.train.log_every)
+    writer = training_loop.metric_writer(workdir / "logs")
     log(
         f"teacher {name}: {steps} steps, batch {run.data.batch_size}, ratio {run.data.task_ratio}, "
         f"T2I {dict(run.data.t2i_weights)}, edit {dict(run.data.edit_weights)}"
     )
 
-    pending, start, first = [], int(state.step), time.perf_counter()
-    for step in range(start, steps):
-        batch = next(iterator)
-        task = batch.pop("task")
-        state, metrics = step_fn(
-            state, assets.text_encoder, pipeline_lib.to_global(batch, batch_sharding), spec=assets.tasks[task]
-        )
-        pending.append((task, metrics))
-        done = step + 1
-        progress(done)
-        if done % config.train.log_every == 0 or done == steps:  # the only host sync of the loop
-            summary = _summarise(pending)
-            writer.write_scalars(done, summary)
-            if history is not None:
-                history.append((done, summary))
-            log(
-                f"teacher {name} step {done}/{steps}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
-                + f" ({time.perf_counter() - first:.0f}s)"
-            )
-            pending = []
-        ckpt.maybe_save(done, state, iterator, {"step": done}, force=done == steps)
-        if stop_at is not None and done >= stop_at and done < steps:
-            ckpt.close()
-            return None
-    ckpt.close()
+    def batches():
+        for batch in iterator:
+            task = batch.pop("task")
+            yield task, pipeline_lib.to_global(batch, batch_sharding)
+
+    def train_step(state, task_batch):
+        task, batch = task_batch
+        return step_fn(state, assets.text_encoder, batch, spec=assets.tasks[task])
+
+    state, finished = training_loop.run(
+        state,
+        train_step,
+        batches(),
+        start=int(state.step),
+        steps=steps,
+        label=f"teacher {name}",
+        log=log,
+        log_every=int(config.train.log_every),
+        writer=writer,
+        history=history,
+        checkpointer=ckpt,
+        data_iterator=iterator,
+        stop_at=stop_at,
+    )
+    if not finished:
+        return None
 
     _write_final(workdir, state.ema, {"name": name, "steps": steps})
     if write_samples:
@@ -201,19 +198,10 @@ def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def _summarise(pending) -> dict[str, float]:
-    fetched = jax.device_get([m for _, m in pending])
-    out: dict[str, list] = {}
-    for metrics in fetched:
-        for k, v in metrics.items():
-            out.setdefault(k, []).append(float(v))
-    return {k: float(np.mean(v)) for k, v in out.items()}
-
-
-def _write_final(workdir: pathlib.Path, params, meta: dict):
+def _write_final(workdir: epath.Path, params, meta: dict):
     path = workdir / "params"
     if path.exists():
-        shutil.rmtree(path)
+        path.rmtree()
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, params)
     checkpointer.wait_until_finished()
@@ -238,7 +226,7 @@ def _write_samples(workdir, name, config, generator: Generator, params, writer):
         t2i_sections, edit_sections = report.benchmark_sections(
             t2i, edits, {f"teacher {name}, {steps} steps + CFG {cfg:g}\n{2 * steps} NFE": samples}
         )
-        path = pathlib.Path(workdir) / f"samples_{name}_{steps}steps.png"
+        path = workdir / f"samples_{name}_{steps}steps.png"
         save_grid(path, t2i_sections + edit_sections)
         images[f"samples_{steps}steps"] = np.asarray(_read_png(path))[None]
     writer.write_images(0, images)
@@ -285,9 +273,6 @@ def ensure_teacher(config, name: str, *, log=print, assets=None):
     """Parameters of teacher `name`: from `teachers.<name>.path`, the cache, or trained now (parents first)."""
     check_source(config, name)
     spec = config.teachers[name]
-    fraction = float(spec.train.get("uniform_t_fraction", 0.0))
-    if not 0.0 <= fraction <= 1.0:
-        raise config_lib.ConfigError(f"teachers.{name}.train.uniform_t_fraction must lie in [0, 1], got {fraction}")
     if spec.path:
         return _restore_standalone(config, spec.path)
     cache.cache_category(config, "teachers", log)  # says so when the package's trained toy teachers are used
@@ -320,13 +305,14 @@ def _exclusive(directory: pathlib.Path):
 
 
 def check_source(config, name: str) -> None:
-    """Fails fast, with one line, when teacher `name` has neither a usable checkpoint nor toy training steps."""
-    if name not in config.teachers:
-        raise config_lib.ConfigError(f"unknown teacher {name!r}; the config defines {sorted(config.teachers.keys())}")
+    """Fails fast, with one line, when teacher `name` has neither a usable checkpoint nor toy training steps, or
+    when its training settings are out of range."""
+    train = config_lib.teacher_train_view(config, name)  # also: the name must be one of the config's teachers
     spec = config.teachers[name]
-    fraction = float(spec.train.get("uniform_t_fraction", 0.0))
-    if not 0.0 <= fraction <= 1.0:
-        raise config_lib.ConfigError(f"teachers.{name}.train.uniform_t_fraction must lie in [0, 1], got {fraction}")
+    if not 0.0 <= train.uniform_t_fraction <= 1.0:
+        raise config_lib.ConfigError(
+            f"teachers.{name}.train.uniform_t_fraction must lie in [0, 1], got {train.uniform_t_fraction}"
+        )
     if spec.path:
         if not (pathlib.Path(spec.path) / "params").exists():
             raise config_lib.ConfigError(
@@ -336,7 +322,7 @@ def check_source(config, name: str) -> None:
             )
         if (pathlib.Path(spec.path) / "config.json").exists():
             _check_converted(config, spec.path, f"teachers.{name}.path")
-    elif int(spec.train.steps) <= 0:
+    elif train.steps <= 0:
         raise config_lib.ConfigError(f"teacher {name!r} needs a checkpoint: set --config.teachers.{name}.path")
     if spec.init_from:
         check_source(config, spec.init_from)
