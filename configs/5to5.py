@@ -263,9 +263,15 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict(
         dict(
             # "toy": score on the toy world's benchmarks with the toy judge. "none": write sample grids of student and
-            # teachers on the first `unjudged_samples` prompts per task of the training data, unscored (full scale: the
-            # VLM judges score T2I-Bench / Editing-Bench offline).
+            # teachers on the first `unjudged_samples` prompts per task of the training data, unscored. "vlm": those
+            # grids, then T2I-Bench / Editing-Bench images of every model scored by `vlm_judges` (eval/vlm_bench.py).
             judge="none",
+            vlm_judges=(),  # each as vlm_judge's --judge: "NAME=MODEL@BASE_URL[,key_env=VAR]"
+            vlm_t2i_bench="",  # a T2I bench JSONL; "" = the package's example set
+            vlm_edit_bench="",  # an edit bench JSONL; "" = the package's example set
+            vlm_concurrency=8,
+            vlm_max_attempts=3,
+            vlm_timeout=120.0,
             unjudged_samples=8,
             prompts_per_category=600,
             edits_per_category=250,

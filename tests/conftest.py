@@ -46,6 +46,9 @@ if os.environ.get(DEVICES_ENV):
         os.environ.get("XLA_FLAGS", "") + " " + cpu_device_flags(int(os.environ[DEVICES_ENV]))
     ).strip()
 
+# The test extra installs libtpu (tests/test_aot.py compiles for TPU slices through it); left to choose, jax would
+# try to start a TPU backend on every CPU-only machine and print its start-up errors. Tests run on CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  (after XLA_FLAGS: the device count is fixed at import)
 
 # Identical programs compiled by several tests (the same tiny model in a fresh run, a resumed run ...) are compiled

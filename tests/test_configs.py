@@ -79,6 +79,9 @@ def test_bad_config_names_are_clear_errors(spec, match):
         ("student", {"timesteps": (1.0, 0.7, 0.7, 0.2)}, "decrease strictly"),
         ("teachers.base.train", {"uniform_t_fraction": 1.5}, "uniform_t_fraction must lie in"),
         ("guidance", {"schedule": "Decoupled"}, "guidance.schedule must be one of"),
+        ("eval", {"judge": "gpt"}, "eval.judge must be 'toy', 'none' or 'vlm'"),
+        ("eval", {"judge": "vlm"}, "needs at least one judge in eval.vlm_judges"),
+        ("eval", {"judge": "vlm", "vlm_judges": ("gpt=gpt-4o",)}, "gpt=gpt-4o"),
     ],
 )
 def test_bad_distillation_settings_are_clear_errors_before_any_work(section, values, match):

@@ -20,7 +20,7 @@ from qwen_flash_jax.data import mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.distill import dmd
 from qwen_flash_jax.distill import pairs as pairs_lib
-from qwen_flash_jax.eval import judge_io, report
+from qwen_flash_jax.eval import judge_io, report, vlm_bench
 from qwen_flash_jax.eval.generate import Generator
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.train import components, teacher
@@ -169,8 +169,13 @@ def check_config(config) -> config_lib.DistillView:
     distillation's typed view of `config`, which the job reads."""
     pipeline_lib.check_data_config(config.data)
     check_batch_fits_mesh(config)
-    if config.eval.get("judge", "toy") not in ("toy", "none"):
-        raise ConfigError(f"eval.judge must be 'toy' or 'none', got {config.eval.judge!r}")
+    judge = config.eval.get("judge", "toy")
+    if judge not in ("toy", "none", "vlm"):
+        raise ConfigError(f"eval.judge must be 'toy', 'none' or 'vlm', got {judge!r}")
+    if judge == "vlm":
+        if not config.eval.get("vlm_judges"):
+            raise ConfigError("eval.judge='vlm' needs at least one judge in eval.vlm_judges (NAME=MODEL@BASE_URL)")
+        vlm_bench.check_config(config.eval)
     view = config_lib.distill_view(config)
     student, fake, guidance = view.student, view.fake_score, view.guidance
     for role in (student.init_from, fake.init_from):
@@ -239,7 +244,7 @@ def _make_probe(config, workdir, gen, writer, log):
     scores on a small validation set (eval.seed + 1, disjoint from the final evaluation's seeds), logged as
     `probe/*` scalars. None when sampling is off."""
     every = int(config.train.sample_every)
-    if every <= 0 or config.eval.judge == "none":
+    if every <= 0 or config.eval.judge != "toy":  # the probe needs the toy judge: a VLM judge is paid per call
         return None
     k = int(config.student.num_steps)
     judge = judge_io.load_or_train_judge(
@@ -315,7 +320,7 @@ def run_evaluation(config, workdir, gen, state, base, log):
     student = state.evaluated_student()
 
     # Only the toy judge's benchmark images are cached (a digest reads every weight to the host: toy sizes only).
-    base_digest = cache.params_fingerprint(base) if config.eval.judge != "none" else None
+    base_digest = cache.params_fingerprint(base) if config.eval.judge == "toy" else None
 
     def euler(params, steps, timesteps=None, label=""):
         kw = dict(num_steps=steps, cfg_scale=cfg, timesteps=timesteps)
@@ -339,12 +344,17 @@ def run_evaluation(config, workdir, gen, state, base, log):
             lambda s, i: gen.edit(student, s, i, num_steps=k, student=True),
         )
     )
-    if config.eval.judge == "none":
+    if config.eval.judge != "toy":
         captions, edits = _sample_prompts(config, gen.assets.sources, int(config.eval.unjudged_samples))
         results = report.sample_unjudged(
             workdir, contenders, captions, edits, title=f"Distillation samples: {workdir.name}", log=log
         )
-        log(f"samples of {len(contenders)} models written to {workdir}/grid_*.png (not scored: eval.judge='none')")
+        log(f"samples of {len(contenders)} models written to {workdir}/grid_*.png (not scored by the toy judge)")
+        if config.eval.judge == "vlm":
+            # The paper's protocol: T2I-Bench / Editing-Bench images of every contender, scored by the VLM judges.
+            results["vlm_tables"] = vlm_bench.run_recipe_from_config(
+                config.eval, workdir, contenders, image_size=int(config.data.image_size), log=log
+            )
         return results
     judge = judge_io.load_or_train_judge(
         cache.cache_category(config, "judge", log), size=int(config.data.image_size), log=log

@@ -342,7 +342,7 @@ def _restore_standalone(config, directory):
 
 
 # Fields that only say how the blocks run or are stored; the rest must match the converted checkpoint.
-_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat_policy", "scan_layers")
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat_policy", "scan_layers", "attention")
 
 
 def _check_converted(config, directory, field: str) -> None:
