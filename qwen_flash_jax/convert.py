@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np
 
 from qwen_flash_jax import atomic
 from qwen_flash_jax.checkpoint_io import CONFIG_FILE, PARAMS_DIR
-from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, some_of
+from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, command_line_errors, some_of
 from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import ConfigError, TransformerConfig
 from qwen_flash_jax.safetensors_checkpoint import SafetensorsCheckpoint
@@ -208,37 +207,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # so that `convert` removes its temporary directory
-
-
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point; exits with status 2 and one `error: ...` line on bad input, 1 on other I/O errors."""
     args = _parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
-    try:
+    with command_line_errors((CheckpointError, ConfigError)):
         convert(args.src, args.dst, args.dtype, progress=not args.quiet)
-    except (CheckpointError, ConfigError) as e:
-        _fail(2, e)
-    except OSError as e:
-        _fail(1, e)
-    except KeyboardInterrupt:
-        _fail(130, "interrupted; nothing was written")
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _fail(status: int, error) -> None:
-    message = " ".join(str(error).split())  # exactly one line, whatever the exception text holds
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(status)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ import numpy as np
 
 from qwen_flash_jax import atomic, distilled, lora
 from qwen_flash_jax.convert import check_checkpoint, load_source_config, plan
-from qwen_flash_jax.errors import CheckpointError
+from qwen_flash_jax.errors import CheckpointError, command_line_errors
 from qwen_flash_jax.models.config import DIFFUSERS_CLASS_NAME, ConfigError, TransformerConfig
 from qwen_flash_jax.safetensors_checkpoint import SafetensorsCheckpoint
 
@@ -329,16 +328,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # so that the temporary folder is removed
-
-
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point; exits with status 2 and one `error: ...` line on bad input, 1 on other I/O errors."""
     argv, overrides = distilled.split_config_args(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
-    try:
+    with command_line_errors((CheckpointError, ConfigError)):
         if args.lora is not None:
             lora.check_rank(args.lora)
         if args.max_shard_mb <= 0:
@@ -362,31 +356,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"(||student - (base + LoRA)|| / ||student - base||)",
                 flush=True,
             )
-    except (CheckpointError, ConfigError) as e:
-        _fail(2, e)
-    except OSError as e:
-        _fail(1, e)
-    except KeyboardInterrupt:
-        _fail(130, "interrupted; nothing was written")
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _log(message: str):
     print(f"export: {message}", file=sys.stderr, flush=True)
-
-
-def _fail(status: int, error) -> None:
-    message = " ".join(str(error).split())
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(status)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from qwen_flash_jax.data.pipeline import PromptTooLongError
 from qwen_flash_jax.data.sources import DataError
 from qwen_flash_jax.data.sources.jsonl import load_image
 from qwen_flash_jax.data.world import save_png
-from qwen_flash_jax.errors import CheckpointError
+from qwen_flash_jax.errors import CheckpointError, command_line_errors
 from qwen_flash_jax.eval.generate import Generator
 from qwen_flash_jax.export import check_base, read_json
 from qwen_flash_jax.loading import from_params
@@ -382,17 +381,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point: one `error: ...` line and exit status 2 on bad input."""
     argv, overrides = distilled.split_config_args(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     log = None if args.quiet else _log
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
-    try:
+    with command_line_errors(USER_ERRORS, ()):
         if args.batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {args.batch}")
         size = None if args.size is None else parse_size(args.size)
@@ -414,28 +408,10 @@ def main(argv: list[str] | None = None) -> None:
             negative_prompt=args.negative_prompt,
             log=log,
         )
-    except USER_ERRORS as e:
-        _fail(2, e)
-    except KeyboardInterrupt:
-        _fail(130, "interrupted; nothing was written")
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _log(message: str):
     print(f"generate: {message}", file=sys.stderr, flush=True)
-
-
-def _fail(status: int, error) -> None:
-    print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
-    raise SystemExit(status)
 
 
 if __name__ == "__main__":

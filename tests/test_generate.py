@@ -188,7 +188,7 @@ def test_a_configs_teacher_samples_its_steps_with_cfg(toy_run, tmp_path, capsys)
 @pytest.mark.job
 @pytest.mark.skipif(
     not hasattr(qwen_flash_jax, "Pipeline"),
-    reason="needs qwen_flash_jax.Pipeline (issue 27 item 1), built on another branch: runs once it is merged",
+    reason="needs qwen_flash_jax.Pipeline (issue 27), which this version does not have yet",
 )
 def test_an_exported_students_pipeline_folder_makes_pngs_of_the_asked_size(tmp_path, capsys):
     pytest.importorskip("diffusers")

@@ -27,9 +27,9 @@ import concurrent.futures
 import json
 import os
 import pathlib
-import sys
 import threading
 
+from qwen_flash_jax.errors import command_line_errors
 from qwen_flash_jax.eval import vlm_client, vlm_table
 from qwen_flash_jax.eval.vlm_manifest import Sample, messages, read_manifest
 from qwen_flash_jax.eval.vlm_rubrics import BENCHES, SCORE_KEY, InvalidReply, parse_reply
@@ -243,7 +243,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point: status 2 and one `error: ...` line on bad input, 1 on an I/O error, 130 if interrupted."""
     args = _parser().parse_args(argv)
-    try:
+    with command_line_errors(
+        ConfigError,
+        (OSError, JudgeUnreachable),
+        interrupted=f"interrupted; the replies so far are in {args.out}/scores.jsonl and a rerun resumes",
+    ):
         for name, low in (("concurrency", 1), ("max_attempts", 1), ("retries", 0)):
             if getattr(args, name) < low:
                 raise ConfigError(f"--{name} must be at least {low}, got {getattr(args, name)}")
@@ -262,18 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             timeout=args.timeout,
             retry_failed=args.retry_failed,
         )
-    except ConfigError as e:
-        _fail(2, e)
-    except (OSError, JudgeUnreachable) as e:
-        _fail(1, e)
-    except KeyboardInterrupt:
-        _fail(130, f"interrupted; the replies so far are in {args.out}/scores.jsonl and a rerun resumes")
     print((pathlib.Path(args.out) / "table.md").read_text(), end="")
-
-
-def _fail(status: int, error) -> None:
-    print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
-    raise SystemExit(status)
 
 
 if __name__ == "__main__":
