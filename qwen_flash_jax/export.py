@@ -43,7 +43,7 @@ import numpy as np
 from qwen_flash_jax import atomic, distilled, lora
 from qwen_flash_jax.convert import check_checkpoint, load_source_config, plan
 from qwen_flash_jax.errors import CheckpointError, command_line_errors
-from qwen_flash_jax.models.config import DIFFUSERS_CLASS_NAME, ConfigError, TransformerConfig
+from qwen_flash_jax.models.config import DIFFUSERS_CLASS_NAME, ConfigError, TransformerConfig, read_json_object
 from qwen_flash_jax.safetensors_checkpoint import SafetensorsCheckpoint
 
 MODEL_INDEX = "model_index.json"
@@ -59,15 +59,7 @@ LORA_REPORT = "lora.json"
 
 
 def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{what} has no {path.name} ({path})")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: not a JSON object")
-    return data
+    return read_json_object(path, f"{what} has no {path.name} ({path})")
 
 
 def check_base(base) -> tuple[dict, TransformerConfig]:

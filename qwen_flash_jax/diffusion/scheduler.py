@@ -18,7 +18,6 @@ its own constants (`dynamic`, which reproduces `flow.sampling_sigmas` bit for bi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_flash_jax import flow
-from qwen_flash_jax.models.config import ConfigError
+from qwen_flash_jax.models.config import ConfigError, read_json_object
 
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 MODEL_INDEX = "model_index.json"
@@ -195,12 +194,4 @@ def _check_grid(sigmas, name: str):
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: not a JSON object")
-    return data
+    return read_json_object(path, f"{path}: not found")

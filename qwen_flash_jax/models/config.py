@@ -151,12 +151,19 @@ def read_config_json(directory, what: str) -> tuple[dict, Any]:
     if not directory.is_dir():
         raise ConfigError(f"{what} {directory} does not exist or is not a directory")
     config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{what} {directory} has no config.json")
+    return read_json_object(config_path, f"{what} {directory} has no config.json"), config_path
+
+
+def read_json_object(path, missing: str) -> dict:
+    """The JSON object in `path`; a missing file raises ConfigError(`missing`), unreadable JSON or another type one
+    line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(missing)
     try:
-        data = json.loads(config_path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{config_path}: cannot read: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"{path}: cannot read: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{config_path}: not a JSON object")
-    return data, config_path
+        raise ConfigError(f"{path}: not a JSON object")
+    return data
