@@ -65,19 +65,8 @@ def read_bench(path, bench: str) -> list[dict]:
     """The bench file's lines, checked: {"id", "category", "text", "sources": [absolute paths]}."""
     path = pathlib.Path(path)
     text_field = vlm_manifest.TEXT_FIELD[bench]
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read the bench file {path}: {e}") from None
     out = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ConfigError(f"{where}: not JSON ({e})") from None
+    for number, where, obj in vlm_manifest.jsonl_objects(path, "bench file"):
         if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str) or not obj[text_field].strip():
             raise ConfigError(f"{where}: needs a non-empty string {text_field!r}")
         if obj.get("category") not in CATEGORIES[bench]:

@@ -76,22 +76,28 @@ def _sample(obj, bench: str, base: pathlib.Path, where: str) -> Sample:
     return Sample(str(rid), obj["model"], obj["category"], obj[TEXT_FIELD[bench]], image, sources)
 
 
-def read_manifest(path, bench: str) -> list[Sample]:
-    """Every line of a manifest, checked (fields, category, readable images); ConfigError names the first bad line."""
-    path = pathlib.Path(path)
+def jsonl_objects(path: pathlib.Path, what: str):
+    """(line number, "path:line", parsed JSON) for every non-blank line of a JSONL file; ConfigError on an unreadable
+    file (`what` names it) or a line that is not JSON."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read the manifest {path}: {e}") from None
-    samples, seen = [], set()
+        raise ConfigError(f"cannot read the {what} {path}: {e}") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            obj = json.loads(line)
+            yield number, where, json.loads(line)
         except ValueError as e:
             raise ConfigError(f"{where}: not JSON ({e})") from None
+
+
+def read_manifest(path, bench: str) -> list[Sample]:
+    """Every line of a manifest, checked (fields, category, readable images); ConfigError names the first bad line."""
+    path = pathlib.Path(path)
+    samples, seen = [], set()
+    for _, where, obj in jsonl_objects(path, "manifest"):
         sample = _sample(obj, bench, path.parent, where)
         if (sample.id, sample.model) in seen:
             raise ConfigError(f"{where}: id {sample.id!r} of model {sample.model!r} appears twice")
