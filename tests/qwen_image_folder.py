@@ -45,6 +45,15 @@ SCHEDULER = dict(
     time_shift_type="exponential",
     stochastic_sampling=False,
 )
+# The processor's settings; its pixel limits admit tiny condition images (the published ones start at 256x256).
+IMAGE_PROCESSOR = dict(
+    image_mean=[0.5] * 3,
+    image_std=[0.5] * 3,
+    patch_size=16,
+    merge_size=2,
+    temporal_patch_size=2,
+    size=dict(shortest_edge=32 * 32, longest_edge=1024 * 1024),
+)
 CAPTIONS = ["a red house by a lake", "a portrait of a smiling man", "a sign reading OPEN", "a dark forest"]
 
 
@@ -61,10 +70,12 @@ def randomise(model, seed):
     return model
 
 
-def _text_encoder(folder):
+def tiny_qwen3_vl(texts):
+    """(a tiny random Qwen3-VL with a 1-block vision tower, a Qwen-style tokenizer trained on `texts` whose vision
+    tokens' ids the model's config names)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    tok = tokenizer_lib.train_tokenizer(CAPTIONS, vocab_size=300)
+    tok = tokenizer_lib.train_tokenizer(texts, vocab_size=300)
     ids = {t: prompts.special_token_id(tok, t) for t in tokenizer_lib.SPECIAL_TOKENS}
     config = Qwen3VLConfig(
         text_config=dict(
@@ -94,19 +105,17 @@ def _text_encoder(folder):
         vision_end_token_id=ids[prompts.VISION_END],
         video_token_id=319,
     )
-    randomise(Qwen3VLForConditionalGeneration(config).eval(), 0).save_pretrained(folder / "text_encoder")
+    return randomise(Qwen3VLForConditionalGeneration(config).eval(), 0), tok
+
+
+def _text_encoder(folder):
+    model, tok = tiny_qwen3_vl(CAPTIONS)
+    model.save_pretrained(folder / "text_encoder")
     tok.save_pretrained(folder / "tokenizer")
     (folder / "processor").mkdir()
     tok.save_pretrained(folder / "processor")
     processor = dict(
-        image_processor=dict(
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
-            patch_size=16,
-            merge_size=2,
-            temporal_patch_size=2,
-            size=dict(shortest_edge=32 * 32, longest_edge=1024 * 1024),
-        ),
+        image_processor=IMAGE_PROCESSOR,
         processor_class="Qwen3VLProcessor",
     )
     (folder / "processor" / "processor_config.json").write_text(json.dumps(processor))

@@ -15,10 +15,9 @@ from PIL import Image  # noqa: E402
 
 from qwen_flash_jax import config_lib  # noqa: E402
 from qwen_flash_jax.models.config import ConfigError  # noqa: E402
-from qwen_flash_jax.text import prompts  # noqa: E402
-from qwen_flash_jax.text import tokenizer as tokenizer_lib  # noqa: E402
 from qwen_flash_jax.train import assets as assets_lib  # noqa: E402
 from qwen_flash_jax.train import distill_job, jobs  # noqa: E402
+from tests import qwen_image_folder as folder_lib  # noqa: E402
 
 pytestmark = pytest.mark.job
 
@@ -29,66 +28,13 @@ CAPTIONS = ["a red house by a lake", "a portrait of a smiling man", "a sign read
 INSTRUCTIONS = ["make the sky green", "remove the tree", "add a hat", "turn it into a sketch"]
 
 
-def _randomise(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("norm.weight", "gamma")) or "layernorm" in name:
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            else:
-                param.copy_(torch.randn_like(param) * min(0.2, param[0].numel() ** -0.5))
-    return model
-
-
 def _text_encoder_dir(path):
     """A tiny random Qwen3-VL with a toy Qwen-style tokenizer saved beside it (ids of the vision tokens aligned)."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    tok = tokenizer_lib.train_tokenizer(CAPTIONS + INSTRUCTIONS, vocab_size=300)
-    ids = {t: prompts.special_token_id(tok, t) for t in tokenizer_lib.SPECIAL_TOKENS}
-    config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=320,
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=512,
-            rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 1, 1], mrope_interleaved=True),
-        ),
-        vision_config=dict(
-            depth=1,
-            hidden_size=16,
-            intermediate_size=32,
-            num_heads=2,
-            out_hidden_size=TEXT_WIDTH,
-            patch_size=16,
-            spatial_merge_size=2,
-            num_position_embeddings=16,
-            deepstack_visual_indexes=[0],
-        ),
-        image_token_id=ids[prompts.IMAGE_PAD],
-        vision_start_token_id=ids[prompts.VISION_START],
-        vision_end_token_id=ids[prompts.VISION_END],
-        video_token_id=319,
-    )
-    _randomise(Qwen3VLForConditionalGeneration(config).eval(), 0).save_pretrained(path)
+    model, tok = folder_lib.tiny_qwen3_vl(CAPTIONS + INSTRUCTIONS)
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     # The processor's pixel limits admit the tiny 64px condition images (the published ones start at 256x256).
-    (path / "preprocessor_config.json").write_text(
-        json.dumps(
-            dict(
-                image_mean=[0.5] * 3,
-                image_std=[0.5] * 3,
-                patch_size=16,
-                merge_size=2,
-                temporal_patch_size=2,
-                size=dict(shortest_edge=32 * 32, longest_edge=1024 * 1024),
-            )
-        )
-    )
+    (path / "preprocessor_config.json").write_text(json.dumps(folder_lib.IMAGE_PROCESSOR))
     return path
 
 
@@ -108,7 +54,7 @@ def _vae_dir(path):
         latents_std=[1.5] * LATENT_CHANNELS,
         scale_factor_spatial=16,
     )
-    _randomise(vae.eval(), 1).save_pretrained(path)
+    folder_lib.randomise(vae.eval(), 1).save_pretrained(path)
     return path
 
 
@@ -126,7 +72,7 @@ def _teacher_dir(tmp_path):
         context_in_dim=TEXT_WIDTH,
         axes_dims_rope=(4, 6, 6),
     )
-    _randomise(model.eval(), 2).save_pretrained(tmp_path / "transformer")
+    folder_lib.randomise(model.eval(), 2).save_pretrained(tmp_path / "transformer")
     convert(tmp_path / "transformer", tmp_path / "teacher", dtype="float32", progress=False)
     return tmp_path / "teacher"
 
