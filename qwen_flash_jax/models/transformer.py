@@ -257,10 +257,12 @@ class QwenImageTransformer(nnx.Module):
 
         per_token = tuple(_rows_per_token(c, c0, target_mask) for c, c0 in zip(chunks(temb), chunks(temb_prefix)))
 
-        rope = rope_tables(layout, cfg.axes_dims_rope)
+        if key_valid is None:
+            rope = tuple(jnp.asarray(r) for r in rope_tables(layout, cfg.axes_dims_rope))
+        else:  # each sample's positions as if its prompt were not padded
+            rope = per_sample_rope(layout, cfg.axes_dims_rope, key_valid)
         if cached:
-            rope = tuple(r[prefix:] for r in rope)
-        rope = tuple(jnp.asarray(r) for r in rope)
+            rope = tuple(r[..., prefix:, :] for r in rope)
 
         x, new_cache = self._run_blocks(
             x, per_token, rope, mask, kv_cache if cached else None, extract=kv_cache_mode == "extract", prefix=prefix
@@ -327,16 +329,58 @@ def rope_tables(layout: TokenLayout, axes_dims: tuple[int, int, int]):
     positions = layout.rope_positions
     angles = []
     for axis, dim in enumerate(axes_dims):
-        inv_freq = (1.0 / np.power(float(ROPE_THETA), np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32)
-        angles.append(positions[axis].astype(np.float32)[:, None] * inv_freq[None, :])
+        angles.append(positions[axis].astype(np.float32)[:, None] * _inv_freq(dim)[None, :])
     angles = np.concatenate(angles, axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+def _inv_freq(dim: int) -> np.ndarray:
+    return (1.0 / np.power(float(ROPE_THETA), np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_tables(layout: TokenLayout, axes_dims: tuple[int, int, int]):
+    """Per axis: (lowest position, cos table, sin table), the tables (positions, dim // 2) float32 over every position
+    the layout can take on that axis, from its lowest to the highest unpadded one."""
+    positions = layout.rope_positions
+    tables = []
+    for axis, dim in enumerate(axes_dims):
+        lo = min(int(positions[axis].min()), 0)
+        span = np.arange(lo, int(positions[axis].max()) + 1)
+        angles = span.astype(np.float32)[:, None] * _inv_freq(dim)[None, :]
+        tables.append((lo, np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)))
+    return tables
+
+
+def per_sample_rope(layout: TokenLayout, axes_dims: tuple[int, int, int], key_valid):
+    """(cos, sin), each (B, seq_len, head_dim // 2) float32: the layout's positions with every sample's padding
+    removed, so a right-padded prompt gives its tokens the positions the same prompt has alone.
+
+    The layout advances one position per prompt row, pads included; a pad therefore moves every later text token
+    (all three axes) and every later image block's frame axis by one (an image's height/width grid is centred on
+    zero and does not move). `key_valid` (B, seq_len) bool marks the valid joint-sequence tokens. The angles are
+    gathered from host tables, so an unpadded sample gets exactly `rope_tables`' values.
+    """
+    invalid = (~key_valid).astype(jnp.int32)
+    pads_before = jnp.cumsum(invalid, axis=1) - invalid  # (B, S)
+    is_text = jnp.asarray(layout.image_ids < 0)[None, :]
+    positions = layout.rope_positions
+    cos, sin = [], []
+    for axis, (lo, cos_table, sin_table) in enumerate(_axis_tables(layout, axes_dims)):
+        moved = pads_before if axis == 0 else jnp.where(is_text, pads_before, 0)
+        index = jnp.clip(jnp.asarray(positions[axis])[None, :] - moved - lo, 0, cos_table.shape[0] - 1)
+        cos.append(jnp.take(jnp.asarray(cos_table), index, axis=0))
+        sin.append(jnp.take(jnp.asarray(sin_table), index, axis=0))
+    return jnp.concatenate(cos, axis=-1), jnp.concatenate(sin, axis=-1)
+
+
 def apply_rope(x, rope):
-    """Rotates consecutive channel pairs (x[2i], x[2i+1]) as complex numbers; x: (B, S, H, D)."""
+    """Rotates consecutive channel pairs (x[2i], x[2i+1]) as complex numbers; x: (B, S, H, D). The tables are
+    (S, D // 2), shared by the batch, or (B, S, D // 2) per sample."""
     cos, sin = rope
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
     real, imag = x32[..., 0], x32[..., 1]
     rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
