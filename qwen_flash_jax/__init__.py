@@ -1,6 +1,7 @@
 """qwen_flash_jax: few-step distillation of Qwen-Image 2.x in JAX/Flax.
 
-`load_transformer(path)` loads a checkpoint written by `python -m qwen_flash_jax.convert`.
+`load_transformer(path)` loads a checkpoint written by `python -m qwen_flash_jax.convert`;
+`Pipeline.from_pretrained(folder)` runs a diffusers Qwen-Image 2.1 pipeline folder as `QwenImage21Pipeline` does.
 
 Layers, bottom to top; a module imports only from its own layer's lower modules and from layers below
 (tests/test_layering.py checks that no modules or packages import each other):
@@ -16,9 +17,11 @@ Layers, bottom to top; a module imports only from its own layer's lower modules 
     eval                                                  judges, generation, benchmark reports
     train                                                 assets, the teacher and distillation jobs, job dispatch
     distilled, lora                                       a trained student read back from its workdir; LoRA by SVD
+    pipeline                                              a diffusers pipeline folder end to end
     main, sweep, inspect_data, aot, generate, export      command lines
 """
 
 from qwen_flash_jax.loading import TransformerModel, build_transformer, from_params, load_transformer
+from qwen_flash_jax.pipeline import Pipeline
 
-__all__ = ["TransformerModel", "build_transformer", "from_params", "load_transformer"]
+__all__ = ["Pipeline", "TransformerModel", "build_transformer", "from_params", "load_transformer"]

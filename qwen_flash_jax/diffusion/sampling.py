@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from qwen_flash_jax import flow
+from qwen_flash_jax.diffusion.scheduler import FlowMatchScheduler
 from qwen_flash_jax.models.layout import TokenLayout
 
 
@@ -111,35 +112,47 @@ def euler_sample(
     neg_cond: Conditioning | None = None,
     cfg_scale: float = 1.0,
     use_kv_cache: bool = True,
+    scheduler: FlowMatchScheduler | None = None,
+    key=None,
 ):
     """Integrates the flow ODE from sigmas[0] (noise) to sigmas[-1] (= 0) with Euler steps; returns the sample.
 
-    `sigmas` is a host array of N + 1 values (see `flow.sampling_sigmas`). With the KV cache (requires the model's
-    causal_condition) the first step prefills the text/condition prefix and the remaining steps, run under
-    `lax.scan`, recompute only the target tokens. Jit the caller; `sigmas` must be concrete.
+    `sigmas` is a host array of N + 1 values (see `flow.sampling_sigmas`, `FlowMatchScheduler.sigmas`). With the
+    KV cache (requires the model's causal_condition) the first step prefills the text/condition prefix and the
+    remaining steps, run under `lax.scan`, recompute only the target tokens. A `scheduler` with
+    `stochastic_sampling` re-noises each step's x0 prediction with fresh noise drawn from `key` (step i uses
+    `fold_in(key, i)`); otherwise every step is the Euler step. Jit the caller; `sigmas` must be concrete.
     """
     sigmas = jnp.asarray(sigmas, jnp.float32)
     use_kv_cache = use_kv_cache and model.config.causal_condition
+    stochastic = scheduler is not None and scheduler.stochastic_sampling
+    if stochastic and key is None:
+        raise ValueError("stochastic sampling needs a key for its fresh noise")
     batch = noise.shape[0]
     z = noise.astype(jnp.float32)
 
-    def step(z, sigma, sigma_next, cache, mode):
+    def step(z, i, cache, mode):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
         t = jnp.full((batch,), sigma)
         v, cache = guided_velocity(model, params, cond, neg_cond, z, t, cfg_scale, cache, mode)
+        if stochastic:
+            fresh = jax.random.normal(jax.random.fold_in(key, i), z.shape, jnp.float32)
+            return scheduler.step(v, sigma, sigma_next, z, fresh), cache
         return z + (sigma_next - sigma) * v, cache
 
+    steps = jnp.arange(sigmas.shape[0] - 1)
     if use_kv_cache:
-        z, cache = step(z, sigmas[0], sigmas[1], None, "extract")
-        rest = (sigmas[1:-1], sigmas[2:])
+        z, cache = step(z, 0, None, "extract")
+        rest = steps[1:]
 
-        def body(z, s):
-            z, _ = step(z, s[0], s[1], cache, "cached")
+        def body(z, i):
+            z, _ = step(z, i, cache, "cached")
             return z, None
     else:
-        rest = (sigmas[:-1], sigmas[1:])
+        rest = steps
 
-        def body(z, s):
-            z, _ = step(z, s[0], s[1], None, None)
+        def body(z, i):
+            z, _ = step(z, i, None, None)
             return z, None
 
     z, _ = jax.lax.scan(body, z, rest)

@@ -300,9 +300,12 @@ def _check_keys(path: Path, tensors: dict, config: TextEncoderConfig) -> dict:
 # --- image-conditioned forward --------------------------------------------------------------------------------------
 
 
-def mrope_positions(input_ids, attention_mask, image_pad_id: int, merged_grid_hw: tuple[int, int]):
+def mrope_positions(input_ids, attention_mask, image_pad_id: int, merged_grid_hw):
     """(3, B, S) int32 (temporal, height, width) positions as transformers' `get_rope_index` makes them for rows
-    whose images all have (h, w) merged tokens (see the module doc); 0 at padding."""
+    whose images all have (h, w) = `merged_grid_hw` merged tokens (see the module doc); 0 at padding.
+    `merged_grid_hw` may instead be one (h, w) per image, in order (every row holds the same images)."""
+    if isinstance(merged_grid_hw[0], (tuple, list)):
+        return _mrope_positions_per_image(input_ids, attention_mask, image_pad_id, merged_grid_hw)
     lh, lw = merged_grid_hw
     tokens, span = lh * lw, max(lh, lw)
     valid = jnp.asarray(attention_mask).astype(bool)
@@ -314,6 +317,27 @@ def mrope_positions(input_ids, attention_mask, image_pad_id: int, merged_grid_hw
     within = (seen - 1) % tokens
     text_pos = text_before + (seen // tokens) * span
     streams = [jnp.where(is_image, start + offset, text_pos) for offset in (0, within // lw, within % lw)]
+    return jnp.where(valid, jnp.stack(streams), 0)
+
+
+def _mrope_positions_per_image(input_ids, attention_mask, image_pad_id: int, grids):
+    """`mrope_positions` for images of different merged grids: image k has grids[k] = (h, w) tokens."""
+    grids = np.asarray(grids, np.int32).reshape(-1, 2)
+    tokens, spans = grids[:, 0] * grids[:, 1], grids.max(axis=1)
+    ends = np.cumsum(tokens)  # image tokens up to the end of image k
+    span_before = np.concatenate([[0], np.cumsum(spans)]).astype(np.int32)  # positions taken by images < k
+    valid = jnp.asarray(attention_mask).astype(bool)
+    is_image = (jnp.asarray(input_ids) == image_pad_id) & valid
+    seen = jnp.cumsum(is_image, axis=1, dtype=jnp.int32)
+    text = (valid & ~is_image).astype(jnp.int32)
+    text_before = jnp.cumsum(text, axis=1, dtype=jnp.int32) - text
+    image = jnp.clip(jnp.searchsorted(ends, seen - 1, side="right"), 0, len(grids) - 1)  # this token's image
+    within = seen - 1 - jnp.take(jnp.asarray(ends - tokens), image)
+    width = jnp.take(jnp.asarray(grids[:, 1]), image)
+    start = text_before + jnp.take(jnp.asarray(span_before), image)
+    done = jnp.searchsorted(ends, seen, side="right")  # images complete before this text token
+    text_pos = text_before + jnp.take(jnp.asarray(span_before), done)
+    streams = [jnp.where(is_image, start + offset, text_pos) for offset in (0, within // width, within % width)]
     return jnp.where(valid, jnp.stack(streams), 0)
 
 
@@ -462,6 +486,58 @@ def _encode_with_images(params: Qwen3VLParams, input_ids, attention_mask, patche
 
 
 _encode_with_images_jit = jax.jit(_encode_with_images, static_argnames=("grid_hw",))
+
+
+def _encode_with_images_multi(params: Qwen3VLParams, input_ids, attention_mask, patches, grids):
+    m = params.vision.config.spatial_merge_size
+    embeds, deepstack = [], []
+    for p, g in zip(patches, grids):
+        e, d = vision_lib._vision_embeddings(params.vision, p, g)
+        embeds.append(e)
+        deepstack.append(d)
+    batch = input_ids.shape[0]
+    rows = lambda parts: jnp.broadcast_to(  # noqa: E731 - the images are shared by every row
+        jnp.concatenate(parts, axis=1), (batch, sum(x.shape[1] for x in parts), parts[0].shape[-1])
+    )
+    merged = tuple((g[0] // m, g[1] // m) for g in grids)
+    return _features_with_images(
+        params.text,
+        input_ids,
+        attention_mask,
+        rows(embeds),
+        tuple(rows([d[i] for d in deepstack]) for i in range(len(deepstack[0]))),
+        merged,
+    )
+
+
+_encode_with_images_multi_jit = jax.jit(_encode_with_images_multi, static_argnames=("grids",))
+
+
+def encode_features_multi(params: Qwen3VLParams, input_ids, attention_mask, patches, grids):
+    """`encode_features` for K condition images of any sizes shared by every row (as the pipeline passes them):
+    `patches[k]` (1, h_k*w_k, patch_dim) from `image_patches`, `grids[k]` = (h_k, w_k) in patches; every row's
+    valid `<|image_pad|>` tokens are the K images' merged tokens in order. Jitted."""
+    if params.vision is None:
+        raise ValueError("this checkpoint has no vision tower (model.visual.*): it cannot encode images")
+    grids = tuple(tuple(int(v) for v in g) for g in grids)
+    if len(patches) != len(grids) or not grids:
+        raise ValueError(f"{len(patches)} patch arrays for {len(grids)} grids")
+    m = params.vision.config.spatial_merge_size
+    tokens = [g[0] * g[1] // m**2 for g in grids]
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    is_image = (ids == params.text.config.image_pad_id) & (mask > 0)
+    for b, row in enumerate(is_image):
+        edges = np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
+        runs = (np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).tolist()
+        if runs != tokens:
+            raise ValueError(f"row {b} has image-token runs {runs}; the images need runs of {tokens}")
+    return _encode_with_images_multi_jit(
+        params,
+        jnp.asarray(ids, jnp.int32),
+        jnp.asarray(mask, jnp.int32),
+        tuple(jnp.asarray(p, jnp.float32) for p in patches),
+        grids,
+    )
 
 
 def encode_features(params: Qwen3VLParams, input_ids, attention_mask, patches=None, grid_hw=None):
