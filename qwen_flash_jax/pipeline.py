@@ -79,7 +79,7 @@ class Pipeline:
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"pipeline folder {path} does not exist or is not a directory")
-        index = _model_index(path)
+        _model_index(path)  # a pipeline folder of the right class; its sample_sigmas go to the scheduler
         missing = [c for c in COMPONENTS if not (path / c).is_dir()]
         if missing:
             raise ConfigError(f"pipeline folder {path} has no {', '.join(c + '/' for c in missing)}")
@@ -88,7 +88,6 @@ class Pipeline:
         vae = VAECodec(load_vae(path / "vae", dtype=dtype, param_dtype=dtype), rgb=False)
         text_encoder = _load_text_encoder(path, dtype, mesh, rules)
         tokenizer = _load_tokenizer(path)
-        del index
         return cls(transformer, vae, text_encoder, tokenizer, scheduler, path)
 
     # --- the call ---------------------------------------------------------------------------------------------------
