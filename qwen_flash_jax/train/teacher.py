@@ -264,7 +264,9 @@ def cache_dir(config, name: str) -> pathlib.Path:
         ],
         config.seed,
         parent,
-        "v1",
+        # v2: every sample's RoPE positions are its own, as if its prompt were not padded; a v1 teacher was trained
+        # on positions moved by the padding and samples off its own distribution under v2's transformer
+        "v2",
     )
     return cache.cache_category(config, "teachers") / f"{name}-{key}"
 
