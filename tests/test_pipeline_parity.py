@@ -19,17 +19,20 @@ pytest.importorskip("transformers")
 
 from qwen_flash_jax import Pipeline  # noqa: E402
 from qwen_flash_jax.models.config import ConfigError  # noqa: E402
-from tests.test_full_scale_job import (  # noqa: E402
+from tests.qwen_image_folder import (  # noqa: E402
     CAPTIONS,
-    INSTRUCTIONS,
+    IMAGE_PROCESSOR,
     LATENT_CHANNELS,
-    TEXT_WIDTH,
-    _randomise,
-    _text_encoder_dir,
-    _vae_dir,
+    TRANSFORMER,
+    _vae,
+    processor,
+    randomise,
+    tiny_qwen3_vl,
 )
 
 pytestmark = pytest.mark.parity
+
+INSTRUCTIONS = ["make the sky green", "remove the tree", "add a hat", "turn it into a sketch"]
 
 TOLERANCE = 2e-3  # max abs on [0, 1] images
 RESOLUTION = 64  # output_resolution: condition images are resized to about 64x64 pixels
@@ -41,24 +44,12 @@ SCHEDULER = dict(
     max_shift=1.3,
     shift_terminal=0.02,
 )
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'][0]['text'] }}<|im_end|>\n{% endfor %}"
-)
 
 
 def _transformer(path):
     from diffusers import QwenImage21Transformer2DModel
 
-    model = QwenImage21Transformer2DModel(
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        context_in_dim=TEXT_WIDTH,
-        axes_dims_rope=(4, 6, 6),
-    )
-    _randomise(model.eval(), 2).save_pretrained(path)
+    randomise(QwenImage21Transformer2DModel(**TRANSFORMER).eval(), 2).save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -66,41 +57,18 @@ def folder(tmp_path_factory):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     root = tmp_path_factory.mktemp("qwen_image_21")
-    (root / "text_encoder").mkdir()
-    _text_encoder_dir(root / "text_encoder")
+    model, tok = tiny_qwen3_vl(CAPTIONS + INSTRUCTIONS)
+    model.save_pretrained(root / "text_encoder")
     # The tokenizer and the image processor's settings live in processor/, as a saved pipeline has them.
-    (root / "processor").mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (root / "text_encoder" / name).rename(root / "processor" / name)
-    image_processor = json.loads((root / "text_encoder" / "preprocessor_config.json").read_text())
-    (root / "text_encoder" / "preprocessor_config.json").unlink()
+    tok.save_pretrained(root / "processor")
     (root / "processor" / "processor_config.json").write_text(
-        json.dumps({"processor_class": "Qwen3VLProcessor", "image_processor": image_processor})
+        json.dumps({"processor_class": "Qwen3VLProcessor", "image_processor": IMAGE_PROCESSOR})
     )
-    _vae_dir(root / "vae")
+    _vae(root)
     _transformer(root / "transformer")
     FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImage21Pipeline"}))
     return root
-
-
-def _processor(root):
-    from transformers import AutoTokenizer, ProcessorMixin, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    settings = json.loads((root / "processor" / "processor_config.json").read_text())["image_processor"]
-    image_processor = Qwen2VLImageProcessorPil(**settings)
-    tokenizer = AutoTokenizer.from_pretrained(root / "processor")
-
-    class VideoStub:  # read for its merge sizes only; no videos here
-        merge_size, temporal_patch_size = 2, 2
-
-    check = ProcessorMixin.check_argument_for_proper_class
-    ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
-    try:
-        return Qwen3VLProcessor(image_processor, tokenizer, VideoStub(), chat_template=CHAT_TEMPLATE)
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = check
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +81,7 @@ def reference(folder):
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
         vae=AutoencoderKLQwenImage21.from_pretrained(folder / "vae").eval(),
         text_encoder=Qwen3VLForConditionalGeneration.from_pretrained(folder / "text_encoder").eval(),
-        processor=_processor(folder),
+        processor=processor(folder),
         transformer=QwenImage21Transformer2DModel.from_pretrained(folder / "transformer").eval(),
     )
 
