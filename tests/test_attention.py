@@ -118,3 +118,28 @@ def test_splash_runs_per_shard_on_a_mesh():
     out = jax.jit(lambda q, k, v: attention(q, k, v, mask, constrain, "splash"))(q, k, v)
     assert out.sharding.spec[0] == "fsdp"
     np.testing.assert_allclose(out, dense_attention(q, k, v, mask.dense()), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_cudnn_gets_a_mask_its_layout_check_accepts(monkeypatch, cached):
+    """cuDNN needs a GPU, but the mask handed to it can be checked here: jax's cuDNN layout check wants the bias's
+    sequence dims whole (a (B, 1, 1, S_k) key mask failed on an H200), so the mask is broadcast to (B, 1, S_q, S_k)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    layout, key_valid = _edit_layout()
+    s_q = layout.seq_len - layout.prefix_len if cached else layout.seq_len
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(s_q, layout.seq_len))
+    block = None if cached else layout.attention_mask
+    seen = []
+
+    def checked(q, k, v, *, mask, scale, implementation):
+        assert implementation == "cudnn"
+        seen.append(mask.shape)
+        cudnn.check_layout(q, k, v, mask, *[None] * 6, cudnn.AttentionLayout.BTNH)
+        return dense_attention(q, k, v, mask)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", checked)
+    out = attention(q, k, v, AttentionMask(block, key_valid), implementation="cudnn")
+    assert seen == [(2, 1, s_q, layout.seq_len)]
+    expected = dense_attention(q, k, v, AttentionMask(block, key_valid).dense())
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))

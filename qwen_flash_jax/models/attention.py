@@ -85,8 +85,12 @@ def attention(q, k, v, mask: AttentionMask, constrain=None, implementation: str 
         return dense_attention(q, k, v, mask.dense())
     if chosen == "splash":
         return _sharded_splash(q, k, v, mask, constrain, interpret=platform_of(constrain) != "tpu")
+    dense_mask = mask.dense()
+    if dense_mask is not None:
+        # cuDNN takes the mask as a bias whose sequence dims must be whole (it broadcasts batch and heads only)
+        dense_mask = jnp.broadcast_to(dense_mask, (dense_mask.shape[0], 1, q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask.dense(), scale=1.0 / math.sqrt(q.shape[-1]), implementation=chosen
+        q, k, v, mask=dense_mask, scale=1.0 / math.sqrt(q.shape[-1]), implementation=chosen
     ).astype(v.dtype)
 
 
