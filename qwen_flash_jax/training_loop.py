@@ -19,15 +19,20 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from clu import metric_writers, periodic_actions
 from etils import epath
 
 from qwen_flash_jax.models.config import ConfigError
+
+if TYPE_CHECKING:
+    # clu's metric writers and progress reports import TensorFlow (~3 s): they are imported where a run writes
+    # TensorBoard events, so the CLIs and tests that never do (generate, export, aot, ...) start without it and a
+    # machine without TensorFlow can run the steps.
+    from clu import metric_writers
 
 
 def workdir_path(path) -> epath.Path:
@@ -120,6 +125,8 @@ class Checkpointer:
 
 def metric_writer(logdir) -> metric_writers.MetricWriter:
     """The clu writer of a job's `logdir` (TensorBoard events; only process 0 writes)."""
+    from clu import metric_writers  # imports TensorFlow: only when a run writes events (see the top)
+
     return metric_writers.create_default_writer(str(logdir), just_logging=jax.process_index() > 0)
 
 
@@ -171,11 +178,11 @@ def run(
     the stream `batches` draws from. The checkpointer is closed on return. Metrics are fetched only when something
     consumes them (`log`, `writer`, `history` or the guard) and `log_every` > 0."""
     logging_on = log_every > 0 and any(x is not None for x in (log, writer, history, nonfinite))
-    progress = (
-        periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=log_every)
-        if writer is not None and log_every > 0
-        else None
-    )
+    progress = None
+    if writer is not None and log_every > 0:
+        from clu import periodic_actions  # imports TensorFlow: only with a writer (see the top)
+
+        progress = periodic_actions.ReportProgress(num_train_steps=steps, writer=writer, every_steps=log_every)
     if probe is not None and start == 0:
         probe(0, state)
     batches = iter(batches)
