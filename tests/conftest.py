@@ -49,17 +49,27 @@ if os.environ.get(DEVICES_ENV):
 # The test extra installs libtpu (tests/test_aot.py compiles for TPU slices through it); left to choose, jax would
 # try to start a TPU backend on every CPU-only machine and print its start-up errors. Tests run on CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-import jax  # noqa: E402  (after XLA_FLAGS: the device count is fixed at import)
 
-# Identical programs compiled by several tests (the same tiny model in a fresh run, a resumed run ...) are compiled
-# once per session: a persistent compilation cache in a per-session temporary directory, shared with the child.
+# Identical programs compiled by several tests (the same tiny model in a fresh run, a resumed run, a command-line
+# subprocess ...) are compiled once per session: a persistent compilation cache in a per-session temporary
+# directory. It is set through jax's environment variables, before jax is imported, so that every process the
+# session starts (the `sharded` child, the CLI subprocesses, the kill and multi-process workers) reads and writes
+# the same cache. Every program is cached, however quick to compile: on a 2-core machine the many small ones add up.
+# A cached executable is the compiled program itself, so results are bit-identical with or without it (the
+# resume-equals-uninterrupted tests compare runs that compiled with ones that loaded from the cache).
 _OWN_TEMPORARIES = []  # made by this process (not inherited from a parent session): removed when it ends
 if not os.environ.get(JAX_CACHE_ENV):
     os.environ[JAX_CACHE_ENV] = tempfile.mkdtemp(prefix="qf-jax-cache-")
     _OWN_TEMPORARIES.append(os.environ[JAX_CACHE_ENV])
-jax.config.update("jax_compilation_cache_dir", os.environ[JAX_CACHE_ENV])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[JAX_CACHE_ENV]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+import jax  # noqa: E402  (after XLA_FLAGS: the device count is fixed at import)
+
+if jax.config.jax_compilation_cache_dir != os.environ[JAX_CACHE_ENV]:  # jax was imported before this file
+    jax.config.update("jax_compilation_cache_dir", os.environ[JAX_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from tests import helpers  # noqa: E402
 

@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 
-import jax
 import orbax.checkpoint as ocp
 
 from qwen_flash_jax.train import distill_job
@@ -19,9 +18,6 @@ from tests.helpers import tiny_distill_config
 
 
 def main(cache_dir, workdir, kill_step):
-    if os.environ.get("QF_TEST_JAX_CACHE"):  # the test session's compilation cache: its programs are these
-        jax.config.update("jax_compilation_cache_dir", os.environ["QF_TEST_JAX_CACHE"])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     write_json = ocp.JsonCheckpointHandler._save_fn
 
     async def die_while_saving(self, item, directory):

@@ -146,15 +146,8 @@ class _BothShards:
 
 
 def _distill(cache, workdir, history):
-    _use_test_compilation_cache()
     distill_job.distill(tiny_distill_config(cache), workdir, history=history, log=lambda *_: None, evaluate=False)
     print(json.dumps(history), flush=True)
-
-
-def _use_test_compilation_cache():
-    if os.environ.get("QF_TEST_JAX_CACHE"):  # the test session's compilation cache
-        jax.config.update("jax_compilation_cache_dir", os.environ["QF_TEST_JAX_CACHE"])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def main():

@@ -12,6 +12,7 @@ from qwen_flash_jax.loading import build_transformer
 from qwen_flash_jax.models import TransformerConfig, make_layout
 from qwen_flash_jax.models.attention import AttentionMask, attention, dense_attention, resolve
 from qwen_flash_jax.models.config import ConfigError
+from tests.helpers import ONE_LAYER
 from tests.torch_reference import TINY, make_inputs
 
 HEADS, HEAD_DIM = 2, 32
@@ -91,10 +92,18 @@ def test_cpu_auto_is_the_dense_path_bit_for_bit():
 
 
 def _forward(attention_impl):
-    model = build_transformer(TransformerConfig(**TINY, attention=attention_impl), seed=0)
-    leaves, treedef = jax.tree.flatten(model.params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    """The transformer's output with `attention_impl` in every attention layer. One unrolled layer (ONE_LAYER): the
+    splash kernel in Pallas' interpret mode is the costliest program to compile here, and which implementation a
+    layer calls does not depend on the depth or on scanning."""
+    model = build_transformer(TransformerConfig(**ONE_LAYER, attention=attention_impl), seed=0)
+
+    @jax.jit  # one program: op by op, every weight shape would compile a random draw of its own
+    def perturbed(params):
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        return treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+    params = perturbed(model.params)
     inputs = make_inputs(
         np.random.default_rng(0), batch=2, conditions=[(1, 4, 4)], target=(1, 4, 6), text_runs=[5, 3], padding=[0, 2]
     )
