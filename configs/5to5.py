@@ -184,7 +184,15 @@ def get_config(arg=None):
     c.guidance = ml_collections.ConfigDict(
         dict(
             teachers=("base", "text"),
-            cfg_scale=4.0,
+            # The teachers' real score: conditional (1.0) or CFG against the empty prompt (> 1). 1.0 because
+            # Qwen-Image 2.1 is sampled without guidance: diffusers' QwenImage21Pipeline defaults to
+            # true_cfg_scale=1.0 ("meant to be sampled without guidance") and guides only with a negative prompt and
+            # a scale > 1. Its conditional velocity is then the distribution its pipeline samples, which the student
+            # should match; guidance on top would target a distribution the model was not meant to sample. At 1.0
+            # the unconditional pass is skipped, halving the teachers' cost. A teacher that needs CFG sets > 1: the
+            # paper's Qwen-Image-2.0-Base is compared at 80 NFE (40 steps with CFG), but the paper gives no scale
+            # for the DMD real score. The toy's teachers are trained with caption dropout for CFG (2.0, below).
+            cfg_scale=1.0,
             cfg_rescale=0.0,
             # "shared" (DMD2): the student's sample is compared once, at a noise level in [t_min, t_max], with the
             # guided real score. "decoupled" (Decoupled DMD): the comparison with the fake score uses the conditional
@@ -208,7 +216,13 @@ def get_config(arg=None):
     c.sampling = ml_collections.ConfigDict(
         dict(
             teacher_steps=40,
-            cfg_scale=4.0,
+            # The teachers' evaluation samples, as diffusers samples 2.1 by default (true_cfg_scale=1.0: 40 NFE);
+            # > 1 guides against the empty prompt, like guidance.cfg_scale.
+            cfg_scale=1.0,
+            # A diffusers pipeline folder whose scheduler/scheduler_config.json sets the schedule of the teachers'
+            # and the student's samplers, the student's times and the export ("": the first of the student's initial
+            # teacher and the guiding teachers whose folder holds scheduler/; with none, the constants below).
+            scheduler="",
             # Timestep shift: mu from the target token count, as Qwen-Image's scheduler does (dynamic shifting).
             base_seq_len=256,
             max_seq_len=4096,

@@ -162,6 +162,7 @@ class ConfigSampler:
             self.student, self.schedule = None, None
             self.model_name = f"teacher {teacher}"
         self.teacher, self.batch, self.log = teacher, int(batch), log
+        self.scheduler = teacher_lib.target_scheduler(config)  # the teachers' pipeline scheduler (None: constants)
 
     def load(self):
         """The slow part (text encoder, codec, weights), after every request was checked."""
@@ -185,6 +186,7 @@ class ConfigSampler:
             batch_size=self.batch,
             student_timesteps=timesteps,
             student_renoise=renoise,
+            scheduler=self.scheduler,
         )
 
     def check(self, requests, height, width, steps, cfg, negative_prompt):

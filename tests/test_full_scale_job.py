@@ -13,10 +13,13 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
-from qwen_flash_jax import config_lib  # noqa: E402
+from qwen_flash_jax import config_lib, distilled  # noqa: E402
+from qwen_flash_jax.diffusion.scheduler import FlowMatchScheduler  # noqa: E402
+from qwen_flash_jax.eval.generate import Generator  # noqa: E402
 from qwen_flash_jax.models.config import ConfigError  # noqa: E402
 from qwen_flash_jax.train import assets as assets_lib  # noqa: E402
-from qwen_flash_jax.train import distill_job, jobs  # noqa: E402
+from qwen_flash_jax.train import components, distill_job, jobs  # noqa: E402
+from qwen_flash_jax.train import teacher as teacher_lib  # noqa: E402
 from tests import qwen_image_folder as folder_lib  # noqa: E402
 
 pytestmark = pytest.mark.job
@@ -95,14 +98,30 @@ def _data(tmp_path):
     return tmp_path / "t2i.jsonl", tmp_path / "edit.jsonl"
 
 
+def _with_scheduler(teacher, folder, scheduler=folder_lib.SCHEDULER, **index):
+    """A copy of the converted `teacher` holding a pipeline's `scheduler/` (and `model_index.json` fields)."""
+    import shutil
+
+    shutil.copytree(teacher, folder)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    if index:
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "QwenImage21Pipeline", **index}))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("full_scale")
     (root / "text_encoder").mkdir()
+    teacher = _teacher_dir(root)
     return dict(
         text_encoder=_text_encoder_dir(root / "text_encoder"),
         vae=_vae_dir(root / "vae"),
-        teacher=_teacher_dir(root),
+        teacher=teacher,
+        # The tiny pipeline's scheduler (tests/qwen_image_folder.py: anchors 16 -> 0.4 and 8192 -> 0.9, terminal
+        # stretch to 0.02) beside the converted weights, as a teacher converted from that pipeline carries it.
+        pipeline_teacher=_with_scheduler(teacher, root / "pipeline_teacher"),
         data=_data(root),
     )
 
@@ -114,8 +133,9 @@ def checkpoints(tmp_path_factory):
 DATA_PARALLEL = (("data", -1), ("fsdp", 1), ("tensor", 1))
 
 
-def full_config(checkpoints, cache_dir, ratio="1:0"):
-    """configs/5to5.py at full scale with every size shrunk to the tiny checkpoints."""
+def full_config(checkpoints, cache_dir, ratio="1:0", teacher="teacher"):
+    """configs/5to5.py at full scale with every size shrunk to the tiny checkpoints; `teacher`: the checkpoint
+    both teachers load ("pipeline_teacher": the one that carries its pipeline's scheduler)."""
     config = config_lib.load_config("configs/5to5.py")
     config.cache_dir = str(cache_dir)
     config.model.update(
@@ -132,7 +152,7 @@ def full_config(checkpoints, cache_dir, ratio="1:0"):
     config.text_encoder.path = str(checkpoints["text_encoder"])
     config.codec.path = str(checkpoints["vae"])
     for name in ("base", "text"):
-        config.teachers[name].path = str(checkpoints["teacher"])
+        config.teachers[name].path = str(checkpoints[teacher])
     t2i, edit = checkpoints["data"]
     config.data.update(
         image_size=IMAGE_SIZE,
@@ -153,8 +173,9 @@ def full_config(checkpoints, cache_dir, ratio="1:0"):
 
 @pytest.mark.sharded
 def test_full_scale_distillation_runs_from_local_checkpoints(checkpoints, tmp_path):
-    """T2I and edit batches (1:1): edits read their condition images through the vision tower and the VAE."""
-    config = full_config(checkpoints, tmp_path / "cache", ratio="1:1")
+    """T2I and edit batches (1:1): edits read their condition images through the vision tower and the VAE; the
+    schedule is the teachers' pipeline's, the guidance the full-scale default (none: 1 NFE per teacher step)."""
+    config = full_config(checkpoints, tmp_path / "cache", ratio="1:1", teacher="pipeline_teacher")
     config.mesh.axes = DATA_PARALLEL
     history = []
     distill_job.distill(config, tmp_path / "run", history=history, log=lambda *_: None)
@@ -164,7 +185,7 @@ def test_full_scale_distillation_runs_from_local_checkpoints(checkpoints, tmp_pa
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["scored"] is False and results["t2i_prompts"] == CAPTIONS[:3]
     assert sorted(results["edit_instructions"]) == sorted(INSTRUCTIONS[:3])  # one per category
-    assert [m["nfe"] for m in results["models"]] == [6, 8, 4]  # teacher 3 and 4 steps (x2: CFG), student 4
+    assert [m["nfe"] for m in results["models"]] == [3, 4, 4]  # teacher 3 and 4 steps (CFG 1), student 4
     t2i = np.asarray(Image.open(tmp_path / "run" / "grid_t2i.png"))
     edit = np.asarray(Image.open(tmp_path / "run" / "grid_edit.png"))
     assert t2i.shape[1] == edit.shape[1] and t2i.shape[0] < edit.shape[0]  # 3 columns; 3 rows, sources + 3 rows
@@ -218,6 +239,15 @@ def test_the_tokenizer_and_text_encoder_are_the_qwen3_vl_ones(checkpoints, tmp_p
     assert ids and max(ids) < 300
 
 
+def _set_field(config, field: str, value):
+    """config.<field> = value, `field` dotted ("teachers.base.path")."""
+    section, name = field.rsplit(".", 1)
+    node = config
+    for part in section.split("."):
+        node = node[part]
+    node[name] = value
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -237,11 +267,7 @@ def test_the_tokenizer_and_text_encoder_are_the_qwen3_vl_ones(checkpoints, tmp_p
 )
 def test_a_bad_full_scale_config_is_one_line_before_any_work(checkpoints, tmp_path, field, value, message):
     config = full_config(checkpoints, tmp_path / "cache")
-    section, name = field.rsplit(".", 1)
-    node = config
-    for part in section.split("."):
-        node = node[part]
-    node[name] = value
+    _set_field(config, field, value)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         if field in ("model.context_in_dim", "model.in_channels", "data.image_size"):
             assets_lib.build_assets(config, log=lambda *_: None)
@@ -249,3 +275,59 @@ def test_a_bad_full_scale_config_is_one_line_before_any_work(checkpoints, tmp_pa
             jobs.run(config, tmp_path / "run")
     assert "\n" not in str(error.value)
     assert not (tmp_path / "run").exists()
+
+
+def _schedules(config):
+    """(the student's times, the teachers' 3-step and 40-step sampling sigmas) as the job and the export get them."""
+    mu = teacher_lib.target_mu(config)
+    gen = Generator(None, None, mu, scheduler=teacher_lib.target_scheduler(config))
+    student = components.distill_setup(config, None, mu).timesteps
+    assert distilled.student_schedule(config).timesteps == student  # the export's sample_sigmas
+    return np.asarray(student, np.float32), *(np.asarray(gen._sigmas(n, False), np.float32) for n in (3, 40))
+
+
+def test_the_schedule_comes_from_the_teachers_pipeline_folder(checkpoints, tmp_path):
+    """Student times and teacher sigmas are FlowMatchScheduler.from_pretrained(folder)'s for the target's 16 tokens
+    (shift anchors and terminal stretch of the tiny pipeline), not the config's constants; `sampling.scheduler`
+    names the folder explicitly."""
+    tokens = (IMAGE_SIZE // 16) ** 2
+    folder = checkpoints["pipeline_teacher"]
+    pipeline = FlowMatchScheduler.from_pretrained(folder)
+    expected = (pipeline.sigmas(4, tokens)[:-1], pipeline.sigmas(3, tokens), pipeline.sigmas(40, tokens))
+    config = full_config(checkpoints, tmp_path / "cache", teacher="pipeline_teacher")
+    assert teacher_lib.schedule_folder(config) == folder
+    for got, want in zip(_schedules(config), expected):
+        np.testing.assert_array_equal(got, want)
+    assert expected[1][-2] == pytest.approx(0.02)  # the terminal stretch
+
+    plain = full_config(checkpoints, tmp_path / "cache")  # converted checkpoints without a scheduler
+    s = plain.sampling
+    constants = FlowMatchScheduler.dynamic(s.base_seq_len, s.max_seq_len, s.base_shift, s.max_shift)
+    assert teacher_lib.schedule_folder(plain) is None
+    np.testing.assert_array_equal(_schedules(plain)[0], constants.sigmas(4, tokens)[:-1])
+    assert np.abs(_schedules(plain)[0] - expected[0]).max() > 0.1
+
+    plain.sampling.scheduler = str(folder)
+    for got, want in zip(_schedules(plain), expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_bad_schedule_folder_is_one_line_before_any_work(checkpoints, tmp_path):
+    other = dict(folder_lib.SCHEDULER, max_shift=1.3)
+    fixed = str(_with_scheduler(checkpoints["teacher"], tmp_path / "fixed", sample_sigmas=[1.0, 0.5]))
+    cases = [
+        ({"sampling.scheduler": str(checkpoints["teacher"])}, "holds no scheduler/scheduler_config.json"),
+        (
+            {"teachers.text.path": str(_with_scheduler(checkpoints["teacher"], tmp_path / "other", other))},
+            "teachers base, text ship different schedulers; set sampling.scheduler",
+        ),
+        ({"teachers.base.path": fixed, "teachers.text.path": fixed}, "fixes sample_sigmas"),
+    ]
+    for fields, message in cases:
+        config = full_config(checkpoints, tmp_path / "cache", teacher="pipeline_teacher")
+        for field, value in fields.items():
+            _set_field(config, field, value)
+        with pytest.raises(ConfigError, match=message) as error:
+            jobs.run(config, tmp_path / "run")
+        assert "\n" not in str(error.value)
+        assert not (tmp_path / "run").exists()

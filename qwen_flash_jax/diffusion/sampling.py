@@ -102,6 +102,12 @@ def guided_velocity(model, params, cond, neg_cond, z, t, cfg_scale, kv_cache=Non
     return flow.cfg_combine(v_cond, v_uncond, cfg_scale), kv_cache
 
 
+def nfe(num_steps: int, cfg_scale: float) -> int:
+    """Transformer evaluations of an N-step sample: two per step under CFG, one at scale 1 (`guided_velocity`
+    then skips the unconditional pass)."""
+    return int(num_steps) * (1 if float(cfg_scale) == 1.0 else 2)
+
+
 def euler_sample(
     model,
     params,

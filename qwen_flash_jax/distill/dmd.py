@@ -29,11 +29,14 @@ from qwen_flash_jax.diffusion.scheduler import FlowMatchScheduler
 from qwen_flash_jax.models.config import ConfigError
 
 
-def student_timesteps(num_steps: int, mu: float, explicit=()) -> np.ndarray:
-    """The K input times of the few-step student: `explicit` if given (checked), else the shifted Euler schedule
-    without its trailing 0."""
+def student_timesteps(
+    num_steps: int, mu: float, explicit=(), scheduler: FlowMatchScheduler | None = None
+) -> np.ndarray:
+    """The K input times of the few-step student: `explicit` if given (checked), else the K-step schedule of
+    `scheduler` (the teacher's pipeline scheduler; None: the config constants' dynamic shift) at `mu`, without its
+    trailing 0."""
     if not len(explicit):
-        return FlowMatchScheduler.dynamic().sigmas(num_steps, mu=mu)[:-1]
+        return (scheduler or FlowMatchScheduler.dynamic()).sigmas(num_steps, mu=mu)[:-1]
     times = np.asarray([float(t) for t in explicit], np.float32)
     if len(times) != num_steps:
         raise ConfigError(

@@ -19,6 +19,7 @@ import numpy as np
 from qwen_flash_jax import flow
 from qwen_flash_jax.data.world import save_png
 from qwen_flash_jax.diffusion import conditioning, sampling
+from qwen_flash_jax.diffusion.scheduler import FlowMatchScheduler
 from qwen_flash_jax.distill import dmd
 
 
@@ -31,6 +32,9 @@ class Generator:
     use_kv_cache: bool = True
     student_timesteps: tuple[float, ...] | None = None  # the student's input times; None: the shifted Euler list
     student_renoise: str = "fresh"  # how the student re-noises between steps (distill.dmd.renoise)
+    # The teacher's pipeline scheduler (train.teacher.target_scheduler): its shift, terminal stretch and step rule
+    # at `mu`. None: the config's constants (`flow.sampling_sigmas`, Euler steps), as the toy samples.
+    scheduler: FlowMatchScheduler | None = None
 
     def t2i(
         self,
@@ -127,6 +131,8 @@ class Generator:
             if len(self.student_timesteps) != num_steps:
                 raise ValueError(f"the student has {len(self.student_timesteps)} timesteps, asked for {num_steps}")
             return (*(float(t) for t in self.student_timesteps), 0.0)
+        if self.scheduler is not None:
+            return tuple(self.scheduler.sigmas(num_steps, mu=self.mu).tolist())
         return tuple(flow.sampling_sigmas(num_steps, self.mu).tolist())
 
     @functools.cached_property
@@ -148,6 +154,8 @@ class Generator:
                 neg_cond=neg,
                 cfg_scale=cfg_scale,
                 use_kv_cache=self.use_kv_cache,
+                scheduler=self.scheduler,
+                key=jax.random.fold_in(key, 2),
             )
 
         return jax.jit(sample, static_argnames=("spec", "sigmas", "cfg_scale", "student"))

@@ -85,7 +85,10 @@ def distill_setup(
         model=model,
         student_opt=optim.from_config(config.optim, view.train.steps, student.learning_rate),
         fake_opt=optim.from_config(config.optim, view.critic_updates, fake.learning_rate),
-        timesteps=tuple(float(t) for t in dmd.student_timesteps(student.num_steps, mu, student.timesteps)),
+        timesteps=tuple(
+            float(t)
+            for t in dmd.student_timesteps(student.num_steps, mu, student.timesteps, teacher.target_scheduler(config))
+        ),
         guidance=dmd.guidance_table(dict(guidance.weights), guidance.teachers, CONDITIONS, student.num_steps),
         teacher_names=guidance.teachers,
         cfg_scale=guidance.cfg_scale,

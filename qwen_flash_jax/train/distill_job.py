@@ -18,6 +18,7 @@ import numpy as np
 from qwen_flash_jax import cache, config_lib, sharding, training_loop
 from qwen_flash_jax.data import mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
+from qwen_flash_jax.diffusion import sampling
 from qwen_flash_jax.distill import dmd
 from qwen_flash_jax.distill import pairs as pairs_lib
 from qwen_flash_jax.eval import judge_io, report, vlm_bench
@@ -74,7 +75,14 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         f"teachers {list(names)}, ratio {config.data.task_ratio}, T2I {dict(config.data.t2i_weights)}"
     )
     # One sampler cache for the regression bank, the probes and the final evaluation.
-    gen = Generator(model, assets, mu, student_timesteps=setup.timesteps, student_renoise=setup.renoise)
+    gen = Generator(
+        model,
+        assets,
+        mu,
+        student_timesteps=setup.timesteps,
+        student_renoise=setup.renoise,
+        scheduler=teacher.target_scheduler(config),
+    )
     bank = {}
     if setup.regression_weight:
         bank = pairs_lib.build_pair_bank(
@@ -185,6 +193,7 @@ def check_config(config) -> config_lib.DistillView:
         teacher.check_source(config, name)
     dmd.guidance_table(dict(guidance.weights), guidance.teachers, CONDITIONS, student.num_steps)
     dmd.student_timesteps(student.num_steps, 0.0, student.timesteps)
+    teacher.target_scheduler(config)  # the teachers' pipeline scheduler, if any, read and checked
     dmd.check_renoise(student.renoise)
     dmd.check_schedule(guidance.schedule)
     dmd.critic_step_probs(student.num_steps, fake.step_probs)
@@ -305,7 +314,7 @@ def _images_key(config, gen, params_digest: str | None, **sampler) -> str | None
         config.text_encoder,
         config.codec,
         [d.source, d.image_size, d.examples_per_category, d.seed, d.max_prompt_tokens, d.get("edit_prompt_tokens", 0)],
-        [gen.mu, gen.batch_size, gen.use_kv_cache],
+        [gen.mu, gen.batch_size, gen.use_kv_cache, *([gen.scheduler.to_config()] if gen.scheduler else [])],
         sampler,
         jax.__version__,
         "images-v1",
@@ -326,14 +335,14 @@ def run_evaluation(config, workdir, gen, state, base, log):
         kw = dict(num_steps=steps, cfg_scale=cfg, timesteps=timesteps)
         return report.Contender(
             f"teacher {config.student.init_from} ({steps} steps{label})",
-            2 * steps,
+            sampling.nfe(steps, cfg),
             lambda c: gen.t2i(params, c, **kw),
             lambda s, i: gen.edit(params, s, i, **kw),
             cache_key=_images_key(config, gen, base_digest, **kw),
         )
 
     contenders = [euler(base, n_teacher), euler(base, k)]
-    if not np.allclose(gen.student_timesteps, dmd.student_timesteps(k, gen.mu)):
+    if not np.allclose(gen.student_timesteps, dmd.student_timesteps(k, gen.mu, scheduler=gen.scheduler)):
         # The teacher's own sampler on the student's times: how much of the student's lead is the schedule.
         contenders.append(euler(base, k, gen.student_timesteps, ", student's times"))
     contenders.append(

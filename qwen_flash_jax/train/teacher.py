@@ -24,6 +24,8 @@ from flax import struct
 from qwen_flash_jax import cache, checkpoint_io, config_lib, flow, sharding, training_loop
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.diffusion import conditioning, sampling
+from qwen_flash_jax.diffusion import scheduler as scheduler_lib
+from qwen_flash_jax.diffusion.scheduler import SCHEDULER_CONFIG, FlowMatchScheduler
 from qwen_flash_jax.errors import CheckpointError
 from qwen_flash_jax.eval import bench_sets, report
 from qwen_flash_jax.eval.generate import Generator, save_grid
@@ -54,10 +56,65 @@ def load_params(workdir, model):
     return ocp.StandardCheckpointer().restore(training_loop.workdir_path(workdir) / "params", target)
 
 
+def target_tokens(config) -> int:
+    """The target image's packed latent token count: what the scheduler's dynamic shift is a function of."""
+    return (int(config.data.image_size) // assets_lib.latent_scale(config)) ** 2
+
+
+def schedule_folder(config) -> pathlib.Path | None:
+    """The pipeline folder whose scheduler sets the run's schedule: `sampling.scheduler` if set, else the folder of
+    the student's initial teacher or of a guiding teacher that holds `scheduler/scheduler_config.json` (a converted
+    checkpoint with its pipeline's `scheduler/` beside `params/`). None: the config's `sampling` constants (the
+    toy, and converted checkpoints without a scheduler)."""
+    explicit = config.sampling.get("scheduler", "")  # absent from configs saved before the field existed
+    if explicit:
+        folder = pathlib.Path(explicit)
+        if not (folder / SCHEDULER_CONFIG).is_file():
+            raise config_lib.ConfigError(
+                f"sampling.scheduler={explicit!r} holds no {SCHEDULER_CONFIG} (expected a diffusers pipeline folder)"
+            )
+        return folder
+    names = dict.fromkeys((config.student.init_from, *config.guidance.teachers))
+    folders = {}
+    for name in names:
+        path = config.teachers[name].path if name in config.teachers else ""
+        if path and (pathlib.Path(path) / SCHEDULER_CONFIG).is_file():
+            folders[name] = pathlib.Path(path)
+    # One schedule serves every teacher (the student has one set of times): teachers that ship different ones
+    # would each be sampled off their own.
+    configs = {name: FlowMatchScheduler.from_pretrained(folder) for name, folder in folders.items()}
+    if len(set(configs.values())) > 1:
+        raise config_lib.ConfigError(
+            f"teachers {', '.join(configs)} ship different schedulers; set sampling.scheduler to the one to use"
+        )
+    return next(iter(folders.values()), None)
+
+
+def target_scheduler(config) -> FlowMatchScheduler | None:
+    """The scheduler of `schedule_folder(config)` (None: the config's `sampling` constants). The teachers' and the
+    student's samplers, the student's times (`distill.dmd.student_timesteps`) and the export all take their
+    schedule from it."""
+    folder = schedule_folder(config)
+    if folder is None:
+        return None
+    scheduler = FlowMatchScheduler.from_pretrained(folder)
+    if scheduler.sample_sigmas is not None:
+        # A fixed grid is a distilled pipeline's own step list (Turbo's 8 steps); a teacher is sampled at
+        # `sampling.teacher_steps` and the student at its own K, which such a grid does not give.
+        raise config_lib.ConfigError(
+            f"{folder / scheduler_lib.MODEL_INDEX} fixes sample_sigmas ({len(scheduler.sample_sigmas)} steps): a "
+            "teacher's schedule must come from its scheduler config alone"
+        )
+    return scheduler
+
+
 def target_mu(config) -> float:
+    """The time shift of the config's target size: from the teacher's scheduler, else the `sampling` constants."""
+    scheduler = target_scheduler(config)
+    if scheduler is not None:
+        return scheduler.mu(target_tokens(config))
     s = config.sampling
-    tokens = (config.data.image_size // assets_lib.latent_scale(config)) ** 2
-    return flow.dynamic_shift_mu(tokens, s.base_seq_len, s.max_seq_len, s.base_shift, s.max_shift)
+    return flow.dynamic_shift_mu(target_tokens(config), s.base_seq_len, s.max_seq_len, s.base_shift, s.max_shift)
 
 
 def train_teacher(
@@ -157,7 +214,8 @@ def train_teacher(
 
     _write_final(workdir, state.ema, {"name": name, "steps": steps})
     if write_samples:
-        _write_samples(workdir, name, config, Generator(model, assets, mu), state.ema, writer)
+        generator = Generator(model, assets, mu, scheduler=target_scheduler(config))
+        _write_samples(workdir, name, config, generator, state.ema, writer)
     writer.flush()
     return state.ema
 
@@ -224,7 +282,7 @@ def _write_samples(workdir, name, config, generator: Generator, params, writer):
             },
         )
         t2i_sections, edit_sections = report.benchmark_sections(
-            t2i, edits, {f"teacher {name}, {steps} steps + CFG {cfg:g}\n{2 * steps} NFE": samples}
+            t2i, edits, {f"teacher {name}, {steps} steps + CFG {cfg:g}\n{sampling.nfe(steps, cfg)} NFE": samples}
         )
         path = workdir / f"samples_{name}_{steps}steps.png"
         save_grid(path, t2i_sections + edit_sections)
