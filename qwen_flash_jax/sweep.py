@@ -201,7 +201,7 @@ def combine_full_scale(workdir, rows: list[tuple[str, dict]]) -> dict:
         table["vlm"] = {bench: _combine_vlm(workdir, rows, bench) for bench in judged[0]}
     elif any(judged):
         unjudged = [label for label, results in rows if not results.get("vlm")]
-        raise ValueError(f"rows {unjudged} have no VLM judges' scores while other rows do: rerun them")
+        raise ConfigError(f"rows {unjudged} have no VLM judges' scores while other rows do: rerun them")
     return table
 
 

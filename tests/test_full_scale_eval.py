@@ -173,32 +173,35 @@ def test_bench_prompts_longer_than_the_jobs_prompts_are_one_line_before_any_work
         jobs.validate(config)
 
 
-def test_a_full_scale_sweep_writes_its_table(tiny_checkpoints, tmp_path, monkeypatch):
-    """Two rows, unscored, then scored by the VLM judges: the table that `--variant=full` once crashed building."""
+def test_a_full_scale_sweep_writes_its_vlm_table(tiny_checkpoints, tmp_path, monkeypatch):
+    """Two rows scored by the VLM judges: the table that `--variant=full` once crashed building, after every row
+    had trained (unscored rows: tests/test_sweep.py)."""
     monkeypatch.setitem(
         sweep.SUITES, "pair", (("first", "configs/t2i_only.py:{variant}"), ("second", "configs/t2i_only.py:{variant}"))
     )
-    sets = overrides(tiny_checkpoints, tmp_path / "cache")
-    table = sweep.run_suite("pair", tmp_path / "unscored", "full", sets, log=lambda *_: None)
-    assert [row["label"] for row in table["rows"]] == ["first", "second"] and "vlm" not in table
-    assert table["rows"][1]["grids"] == ["second/grid_t2i.png"]
-    assert [m["name"] for m in table["rows"][0]["models"]] == MODELS
-    assert json.loads((tmp_path / "unscored" / "table.json").read_text()) == table
-    md = (tmp_path / "unscored" / "table.md").read_text()
-    assert "| second | second | teacher base (3 steps) (6); teacher base (4 steps) (8); student (4 steps) (4) |" in md
-
+    workdir = tmp_path / "sweep"
     with FakeJudgeServer(default=script) as server:
-        sets += vlm_overrides(server, tmp_path / "bench")
-        table = sweep.run_suite("pair", tmp_path / "judged", "full", sets, log=lambda *_: None)
-    students = ["student, first", "student, second"]
+        sets = overrides(tiny_checkpoints, tmp_path / "cache") + vlm_overrides(server, tmp_path / "bench")
+        table = sweep.run_suite("pair", workdir, "full", sets, log=lambda *_: None)
+        asked = sum(server.counts.values())
+        assert sweep.run_suite("pair", workdir, "full", sets, log=lambda *_: None) == table  # finished rows
+        assert sum(server.counts.values()) == asked
+    assert [row["label"] for row in table["rows"]] == ["first", "second"]
+    assert [m["name"] for m in table["rows"][1]["models"]] == MODELS and table["rows"][1]["grids"] == [
+        "second/grid_t2i.png"
+    ]
     for bench in ("t2i", "edit"):
         vlm = table["vlm"][bench]
-        assert vlm["models"] == MODELS[:2] + students and vlm["judges"] == ["one", "two"]
-        first = json.loads((tmp_path / "judged" / "first" / "vlm_eval" / bench / "table.json").read_text())
+        assert vlm["models"] == [*MODELS[:2], "student, first", "student, second"] and vlm["judges"] == ["one", "two"]
         rows = {(r["model"], r["judge"]): r for r in vlm["rows"]}
-        for row in first["rows"]:  # the first row's models, under their sweep names
-            name = "student, first" if row["model"].startswith("student") else row["model"]
-            assert rows[(name, row["judge"])]["categories"] == row["categories"]
-        assert {r["rank"] for r in vlm["rows"]} <= {1, 2, 3, 4, None}
-    md = (tmp_path / "judged" / "table.md").read_text()
-    assert "## T2I-Bench" in md and "| student, second | one |" in md
+        for label in ("first", "second"):  # each row's models, under their sweep names, as its own table has them
+            own = json.loads((workdir / label / "vlm_eval" / bench / "table.json").read_text())
+            for row in own["rows"]:
+                if row["model"].startswith("student"):
+                    assert rows[(f"student, {label}", row["judge"])]["categories"] == row["categories"]
+                elif label == "first":
+                    assert rows[(row["model"], row["judge"])]["categories"] == row["categories"]
+    assert json.loads((workdir / "table.json").read_text()) == table
+    md = (workdir / "table.md").read_text()
+    assert "## T2I-Bench" in md and "## Editing-Bench" in md and "| student, second | one |" in md
+    assert "| second | second | teacher base (3 steps) (6); teacher base (4 steps) (8); student (4 steps) (4) |" in md
