@@ -12,6 +12,11 @@ a field of every row's config (`section.field=value`, the value parsed by the fi
 
 Writes WORKDIR/table.md and table.json: each row's 4-NFE student beside the base teacher at 40 and 4 steps (taken
 from the first row: every row distils the same cached teacher and is scored on the same prompts and seeds).
+
+At full scale (`--variant=full`) there is no toy judge. Rows are unscored (`eval.judge='none'`, the default): the table
+lists each row's models and sample grids. With the VLM judges (`--set=eval.judge=vlm --set=eval.vlm_judges=...`)
+the table is the paper's per bench: the base teacher's rows from the first row, then each row's student, per judge,
+from the rows' VLM scores (eval/vlm_table.py).
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections.config_flags import config_path, tuple_parser
 
-from qwen_flash_jax import config_lib
+from qwen_flash_jax import atomic, config_lib
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
-from qwen_flash_jax.eval import report
+from qwen_flash_jax.eval import report, vlm_judge, vlm_table
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.train import jobs
 
@@ -152,19 +157,96 @@ def run_suite(
             jobs.run(config, row_dir)
             log(f"sweep {suite}: row {label!r} finished in {time.perf_counter() - started:.0f}s")
         done.append((label, json.loads(results_file.read_text())))
-    combined = combine(done)
-    teachers = [name for name in combined if name.startswith("teacher ")]
-    report.write_results(
-        workdir,
-        combined,
-        title=f"{suite} sweep ({variant})",
-        stem="table",
-        reference=teachers[-1] if teachers else None,  # fewest steps: the teacher's few-step sampling
-        notes=f"One distillation per student row ({', '.join(label for label, _ in rows)}); "
-        f"overrides: {list(overrides) or 'none'}. Per-row details in the row directories.",
-    )
+    if all("models" in results for _, results in done):  # full scale: unscored, or VLM-judged
+        combined = combine_full_scale(workdir, done)
+        write_full_scale_table(
+            workdir, combined, title=f"{suite} sweep ({variant})", notes=_notes([label for label, _ in rows], overrides)
+        )
+    else:
+        combined = combine(done)
+        teachers = [name for name in combined if name.startswith("teacher ")]
+        report.write_results(
+            workdir,
+            combined,
+            title=f"{suite} sweep ({variant})",
+            stem="table",
+            reference=teachers[-1] if teachers else None,  # fewest steps: the teacher's few-step sampling
+            notes=_notes([label for label, _ in rows], overrides),
+        )
     log((workdir / "table.md").read_text())
     return combined
+
+
+def _notes(labels: list[str], overrides) -> str:
+    return (
+        f"One distillation per student row ({', '.join(labels)}); overrides: {list(overrides) or 'none'}. "
+        "Per-row details in the row directories."
+    )
+
+
+def combine_full_scale(workdir, rows: list[tuple[str, dict]]) -> dict:
+    """The table of full-scale rows (results.json of `eval.judge` 'none' or 'vlm'): per row its directory, models
+    and sample grids; with the VLM judges' scores in every row, per bench the paper's table of the base teacher's
+    rows (from the first row) and each row's student, per judge."""
+    workdir = pathlib.Path(workdir)
+    table = {"rows": []}
+    for label, results in rows:
+        row_dir = row_dirname(label)
+        grids = [
+            f"{row_dir}/{name}" for name in ("grid_t2i.png", "grid_edit.png") if (workdir / row_dir / name).exists()
+        ]
+        table["rows"].append({"label": label, "dir": row_dir, "models": results["models"], "grids": grids})
+    judged = [results.get("vlm") for _, results in rows]
+    if all(judged):
+        table["vlm"] = {bench: _combine_vlm(workdir, rows, bench) for bench in judged[0]}
+    elif any(judged):
+        unjudged = [label for label, results in rows if not results.get("vlm")]
+        raise ConfigError(f"rows {unjudged} have no VLM judges' scores while other rows do: rerun them")
+    return table
+
+
+def _combine_vlm(workdir, rows: list[tuple[str, dict]], bench: str) -> dict:
+    """One VLM table for `bench`: the first row's teachers and every row's student (renamed 'student, <label>'),
+    per judge, from the rows' scores.jsonl."""
+    records, models = [], []
+    judges = rows[0][1]["vlm"][bench]["table"]["judges"]
+    for i, (label, results) in enumerate(rows):
+        entry = results["vlm"][bench]
+        row_models = entry["table"]["models"]
+        students = [m for m in row_models if m.startswith("student")]
+        if len(students) != 1:
+            raise ValueError(f"row {label!r}: expected one student in its VLM table, found {students}")
+        names = {students[0]: f"student, {label}"}
+        if i == 0:  # every row distils the same teacher on the same bench: its rows are taken once
+            names = {**{m: m for m in row_models if m not in students}, **names}
+        scores = vlm_judge.load_scores(pathlib.Path(workdir) / row_dirname(label) / entry["scores_jsonl"])
+        for (_, model, judge), record in scores.items():
+            if model in names and judge in judges:
+                records.append({**record, "model": names[model]})
+        models += [name for name in names.values() if name not in models]
+    teachers = [m for m in models if not m.startswith("student, ")]
+    return vlm_table.build_table(bench, records, teachers + [m for m in models if m not in teachers], list(judges))
+
+
+def write_full_scale_table(workdir, table: dict, *, title: str, notes: str) -> None:
+    """WORKDIR/table.json and table.md of `combine_full_scale`'s table, each whole or not at all."""
+    workdir = pathlib.Path(workdir)
+    lines = [f"# {title}", ""]
+    if "vlm" in table:
+        lines += ["VLM judges' scores, 1-5, higher is better; failures are counted, never scored.", ""]
+        for bench, vlm in table["vlm"].items():
+            lines += [f"## {report.BENCH_TITLES[bench]}", "", vlm_table.markdown(vlm)]
+    else:
+        lines += ["Not scored (`eval.judge='none'`): each row's sample grids, one grid row per model.", ""]
+    lines += ["## Rows", "", "| row | directory | models (NFE) | sample grids |", "|---|---|---|---|"]
+    for row in table["rows"]:
+        models = "; ".join(f"{m['name']} ({m['nfe']})" for m in row["models"])
+        lines.append(f"| {row['label']} | {row['dir']} | {models} | {', '.join(row['grids']) or '-'} |")
+    lines += ["", notes, ""]
+    with atomic.publish(workdir / "table.md") as tmp:
+        tmp.write_text("\n".join(lines))
+    with atomic.publish(workdir / "table.json") as tmp:
+        tmp.write_text(json.dumps(table, indent=2))
 
 
 def main(argv):

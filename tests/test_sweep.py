@@ -107,3 +107,32 @@ def test_cli_rejects_a_bad_override_with_one_line_and_writes_nothing(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no field 'train.nosuch'" in errors[0], result.stderr[-2000:]
     assert not workdir.exists()
+
+
+def test_full_scale_rows_unscored_make_a_table_of_their_grids(tmp_path, monkeypatch):
+    """Full-scale rows (results.json of eval.judge='none': models and grids, no scores) once crashed the table."""
+    from qwen_flash_jax.train import jobs
+
+    models = [{"name": "teacher base (40 steps)", "nfe": 80}, {"name": "student (4 steps)", "nfe": 4}]
+
+    def fake_run(config, workdir):
+        workdir.mkdir(parents=True)
+        (workdir / "grid_t2i.png").write_bytes(b"png")
+        results = {"scored": False, "models": models, "t2i_prompts": ["p"], "edit_instructions": []}
+        (workdir / "results.json").write_text(json.dumps(results))
+
+    monkeypatch.setattr(jobs, "run", fake_run)
+    monkeypatch.setattr(sweep, "row_configs", lambda suite, variant, overrides: [("T2I only", None), ("5:5", None)])
+    table = sweep.run_suite("ratio", tmp_path, "full", log=lambda *_: None)
+    assert table == {
+        "rows": [
+            {"label": "T2I only", "dir": "T2I_only", "models": models, "grids": ["T2I_only/grid_t2i.png"]},
+            {"label": "5:5", "dir": "5_5", "models": models, "grids": ["5_5/grid_t2i.png"]},
+        ]
+    }
+    assert json.loads((tmp_path / "table.json").read_text()) == table
+    md = (tmp_path / "table.md").read_text()
+    assert (
+        "Not scored" in md
+        and "| 5:5 | 5_5 | teacher base (40 steps) (80); student (4 steps) (4) | 5_5/grid_t2i.png |" in md
+    )

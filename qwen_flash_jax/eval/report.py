@@ -16,9 +16,10 @@ from typing import Callable
 import numpy as np
 
 from qwen_flash_jax import atomic
-from qwen_flash_jax.eval import bench_sets
+from qwen_flash_jax.eval import bench_sets, vlm_table
 from qwen_flash_jax.eval.generate import GridSection, save_grid
 
+BENCH_TITLES = {"t2i": "T2I-Bench", "edit": "Editing-Bench"}
 _T2I_TERMS = ("compliance", "quality", "penalty_noise", "penalty_blur", "penalty_block", "penalty_feature")
 
 
@@ -140,10 +141,19 @@ def benchmark_sections(t2i: dict, edits: dict, models: dict, per_row: int = 8):
 
 
 def sample_unjudged(
-    workdir, contenders: list[Contender], t2i_captions: list[str], edit_items: list[tuple], *, title: str, log=print
+    workdir,
+    contenders: list[Contender],
+    t2i_captions: list[str],
+    edit_items: list[tuple],
+    *,
+    title: str,
+    vlm_tables: dict[str, dict] | None = None,
+    log=print,
 ) -> dict:
     """Runs every contender on the same prompts and seeds and writes the grids with results.md / results.json,
-    without scores: for runs with no judge (full scale, where the VLM judges score the grids offline).
+    without toy-judge scores: for full-scale runs. `vlm_tables`: the VLM judges' tables of the same contenders
+    (`vlm_bench.run_recipe_from_config`'s result), recorded under results.json's "vlm" and shown in results.md;
+    None: the run is unscored (the VLM judges can score the grids offline).
 
     `edit_items` holds (source uint8 image, instruction) pairs. Grid rows: one per contender, named with its NFE
     (edits: the sources first); columns labelled with their prompts, shortened; results.json lists the prompts
@@ -168,21 +178,25 @@ def sample_unjudged(
             [GridSection("edit", instructions, [("source", sources)] + list(zip(names, edit_rows)))],
         )
     results = {
-        "scored": False,
+        "scored": vlm_tables is not None,  # by the VLM judges: full scale has no toy judge
         "models": [{"name": c.name, "nfe": c.nfe} for c in contenders],
         "t2i_prompts": list(t2i_captions),
         "edit_instructions": instructions,
     }
-    lines = [
-        f"# {title}",
-        "",
-        "Not scored: this run has no judge (`eval.judge='none'`). The grids hold one row per "
-        "model, in the order below, on the same prompts and noise seeds; score them with the VLM judges' "
-        "rubrics.",
-        "",
-        "| row | model | NFE |",
-        "|---|---|---|",
-    ]
+    if vlm_tables is None:
+        about = [
+            "Not scored: this run has no judge (`eval.judge='none'`). The grids hold one row per "
+            "model, in the order below, on the same prompts and noise seeds; score them with the VLM judges' "
+            "rubrics."
+        ]
+    else:
+        results["vlm"] = vlm_tables
+        about = ["Scored by the VLM judges (`eval.judge='vlm'`), 1-5, higher is better; failures never count."]
+        for bench, entry in vlm_tables.items():
+            about += ["", f"## {BENCH_TITLES[bench]} ({entry['table_md']})", "", vlm_table.markdown(entry["table"])]
+        about += ["## Sample grids", "", "The grids hold one row per model, in the order below, on the same prompts "
+                  "and noise seeds."]  # fmt: skip
+    lines = [f"# {title}", "", *about, "", "| row | model | NFE |", "|---|---|---|"]
     lines += [f"| {i + 1} | {c.name} | {c.nfe} |" for i, c in enumerate(contenders)]
     lines += [
         "",

@@ -28,6 +28,7 @@ from PIL import Image
 
 from qwen_flash_jax import atomic
 from qwen_flash_jax.data import world
+from qwen_flash_jax.data.pipeline import PromptTooLongError
 from qwen_flash_jax.data.sources.jsonl import load_image
 from qwen_flash_jax.eval import vlm_client, vlm_judge, vlm_manifest
 from qwen_flash_jax.eval.vlm_rubrics import BENCHES, CATEGORIES
@@ -37,10 +38,8 @@ HARD_CASES = pathlib.Path(__file__).resolve().parent / "vlm_examples" / "t2i_har
 
 
 # ------------------------------------------------------------------------------------------------ example set
-def write_example_bench(out_dir, size: int = 64, seed: int = 0) -> dict[str, pathlib.Path]:
-    """The example bench files in `out_dir`: {"t2i": t2i.jsonl, "edit": edit.jsonl}; deterministic in (size, seed)."""
-    out_dir = pathlib.Path(out_dir)
-    (out_dir / "sources").mkdir(parents=True, exist_ok=True)
+def _example_lines(size: int, seed: int) -> tuple[list[dict], list[tuple[dict, np.ndarray]]]:
+    """The example set: its T2I bench lines, and its edit bench lines each with its source image."""
     t2i = [json.loads(line) for line in HARD_CASES.read_text(encoding="utf-8").splitlines() if line.strip()]
     for i, category in enumerate(world.T2I_CATEGORIES):
         sample = world.sample_t2i(np.random.default_rng([seed, 1, i]), category, size)
@@ -48,13 +47,20 @@ def write_example_bench(out_dir, size: int = 64, seed: int = 0) -> dict[str, pat
     edits = []
     for i, category in enumerate(world.EDIT_CATEGORIES):
         sample = world.sample_edit(np.random.default_rng([seed, 2, i]), category, size)
-        source = f"sources/toy-{category}.png"
-        world.save_png(sample.source, str(out_dir / source))
-        edits.append(
-            {"id": f"toy-{category}", "category": category, "instruction": sample.instruction, "source": source}
-        )
+        line = {"id": f"toy-{category}", "category": category, "instruction": sample.instruction}
+        edits.append(({**line, "source": f"sources/toy-{category}.png"}, sample.source))
+    return t2i, edits
+
+
+def write_example_bench(out_dir, size: int = 64, seed: int = 0) -> dict[str, pathlib.Path]:
+    """The example bench files in `out_dir`: {"t2i": t2i.jsonl, "edit": edit.jsonl}; deterministic in (size, seed)."""
+    out_dir = pathlib.Path(out_dir)
+    (out_dir / "sources").mkdir(parents=True, exist_ok=True)
+    t2i, edits = _example_lines(size, seed)
+    for line, source in edits:
+        world.save_png(source, str(out_dir / line["source"]))
     paths = {}
-    for bench, lines in (("t2i", t2i), ("edit", edits)):
+    for bench, lines in (("t2i", t2i), ("edit", [line for line, _ in edits])):
         paths[bench] = out_dir / f"{bench}.jsonl"
         with atomic.publish(paths[bench]) as tmp:
             tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -200,11 +206,41 @@ def check_config(eval_config) -> list[vlm_client.JudgeSpec]:
     return judges
 
 
+def check_prompts_fit(eval_config, encode, *, image_size: int, edit_slots: int) -> None:
+    """Every prompt of the configured benches (or of the example set) fits the job's fixed prompt length, checked
+    before training: the job samples them with its training prompt encoder `encode` (data.pipeline.PromptEncoder,
+    `edit_slots` image slots per edit prompt). One ConfigError names the first prompt that does not fit."""
+    example_t2i, example_edits = _example_lines(image_size, seed=0)
+    example = {"t2i": example_t2i, "edit": [line for line, _ in example_edits]}
+    for bench in BENCHES:
+        path = eval_config.get(f"vlm_{bench}_bench", "")
+        field = f"eval.vlm_{bench}_bench"
+        if path:
+            lines, where = read_bench(path, bench), f"{field}={path!r}"
+        else:
+            text_field = vlm_manifest.TEXT_FIELD[bench]
+            lines = [{"id": line["id"], "text": line[text_field]} for line in example[bench]]
+            where = f"the example {bench} bench ({field} is empty)"
+        for line in lines:
+            try:
+                encode(line["text"], [edit_slots] if bench == "edit" else [])
+            except PromptTooLongError as e:
+                raise ConfigError(
+                    f"eval.judge='vlm': {where}, line {line['id']!r} does not fit the job's prompts: {e}; "
+                    f"use a bench of shorter prompts or raise that limit"
+                ) from None
+
+
+RECIPE_DIR = "vlm_eval"  # the job's recipe folder in its workdir
+
+
 def run_recipe_from_config(eval_config, workdir, contenders, *, image_size: int, log=print) -> dict[str, dict]:
-    """`run_recipe` into WORKDIR/vlm_eval with the settings of a training config's `eval` section."""
+    """`run_recipe` into WORKDIR/vlm_eval with the settings of a training config's `eval` section. Returns, per
+    bench, what results.json records: the table and its files (table.md, table.json, scores.jsonl) relative to
+    WORKDIR."""
     get = lambda name: eval_config.get(name, CONFIG_DEFAULTS[name])  # noqa: E731
-    return run_recipe(
-        pathlib.Path(workdir) / "vlm_eval",
+    tables = run_recipe(
+        pathlib.Path(workdir) / RECIPE_DIR,
         contenders,
         check_config(eval_config),
         image_size=image_size,
@@ -214,6 +250,16 @@ def run_recipe_from_config(eval_config, workdir, contenders, *, image_size: int,
         timeout=float(get("vlm_timeout")),
         log=log,
     )
+    return {
+        bench: {
+            **{f"{stem}_{ext}": f"{RECIPE_DIR}/{bench}/{stem}.{ext}" for stem, ext in _RECIPE_FILES},
+            "table": table,
+        }
+        for bench, table in tables.items()
+    }
+
+
+_RECIPE_FILES = (("table", "md"), ("table", "json"), ("scores", "jsonl"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -159,7 +159,7 @@ def _qwen3_vl_text_encoder(config, log):
             f"{path}: the text encoder's hidden size {te_config.output_size} != model.context_in_dim "
             f"{config.model.context_in_dim}"
         )
-    tokenizer = _hf_tokenizer(path)
+    tokenizer = hf_tokenizer(path)
     if te_config.image_pad_id not in (None, special_token_id(tokenizer, IMAGE_PAD)):
         raise ConfigError(
             f"{path}: the tokenizer's {IMAGE_PAD} id {special_token_id(tokenizer, IMAGE_PAD)} is not "
@@ -178,7 +178,7 @@ def _qwen3_vl_text_encoder(config, log):
     return tokenizer, params
 
 
-def _hf_tokenizer(text_encoder_path: pathlib.Path):
+def hf_tokenizer(text_encoder_path: pathlib.Path):
     """The tokenizer beside the text encoder, or in the diffusers pipeline's `tokenizer/` or `processor/` folder."""
     for candidate in (
         text_encoder_path,

@@ -10,6 +10,7 @@ good checkpoint.
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
@@ -24,6 +25,7 @@ from qwen_flash_jax.distill import pairs as pairs_lib
 from qwen_flash_jax.eval import judge_io, report, vlm_bench
 from qwen_flash_jax.eval.generate import Generator
 from qwen_flash_jax.models.config import ConfigError
+from qwen_flash_jax.train import assets as assets_lib
 from qwen_flash_jax.train import components, teacher
 from qwen_flash_jax.train.checkpoint import open_and_resume
 from qwen_flash_jax.train.components import CONDITION_OFFSET, CONDITIONS
@@ -40,6 +42,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     names = view.guidance.teachers
     parts = components.build(config, log)
     assets, teachers, base, mu = parts.assets, parts.teachers, parts.base, parts.mu
+    if config.eval.judge == "vlm" and config.text_encoder.kind == "toy":  # the toy tokenizer exists only now
+        _check_vlm_prompts_fit(config, assets.prompts)
     model = components.student_model(parts)
     setup = components.distill_setup(config, model, mu, view=view)
     state = components.initial_state(config, parts, setup)
@@ -184,6 +188,10 @@ def check_config(config) -> config_lib.DistillView:
         if not config.eval.get("vlm_judges"):
             raise ConfigError("eval.judge='vlm' needs at least one judge in eval.vlm_judges (NAME=MODEL@BASE_URL)")
         vlm_bench.check_config(config.eval)
+        te_path = config.text_encoder.get("path") or ""
+        if config.text_encoder.kind == "qwen3_vl" and os.path.isdir(te_path):  # else check_text_encoder says why
+            tokenizer = assets_lib.hf_tokenizer(pathlib.Path(te_path))
+            _check_vlm_prompts_fit(config, pipeline_lib.PromptEncoder.from_config(tokenizer, config.data))
     view = config_lib.distill_view(config)
     student, fake, guidance = view.student, view.fake_score, view.guidance
     for role in (student.init_from, fake.init_from):
@@ -233,6 +241,14 @@ def check_config(config) -> config_lib.DistillView:
             "head starts from zero and would never learn"
         )
     return view
+
+
+def _check_vlm_prompts_fit(config, encode) -> None:
+    """The VLM benches' prompts fit the job's fixed prompt lengths (a bench prompt is sampled as training's are)."""
+    side = int(config.data.image_size) // assets_lib.latent_scale(config)
+    vlm_bench.check_prompts_fit(
+        config.eval, encode, image_size=int(config.data.image_size), edit_slots=side * side // 4
+    )
 
 
 def check_batch_fits_mesh(config) -> None:
@@ -354,16 +370,24 @@ def run_evaluation(config, workdir, gen, state, base, log):
         )
     )
     if config.eval.judge != "toy":
-        captions, edits = _sample_prompts(config, gen.assets.sources, int(config.eval.unjudged_samples))
-        results = report.sample_unjudged(
-            workdir, contenders, captions, edits, title=f"Distillation samples: {workdir.name}", log=log
-        )
-        log(f"samples of {len(contenders)} models written to {workdir}/grid_*.png (not scored by the toy judge)")
+        vlm_tables = None
         if config.eval.judge == "vlm":
             # The paper's protocol: T2I-Bench / Editing-Bench images of every contender, scored by the VLM judges.
-            results["vlm_tables"] = vlm_bench.run_recipe_from_config(
+            # Before results.json, which marks a finished run (a sweep skips such rows): a killed run judges again.
+            vlm_tables = vlm_bench.run_recipe_from_config(
                 config.eval, workdir, contenders, image_size=int(config.data.image_size), log=log
             )
+        captions, edits = _sample_prompts(config, gen.assets.sources, int(config.eval.unjudged_samples))
+        results = report.sample_unjudged(
+            workdir,
+            contenders,
+            captions,
+            edits,
+            title=f"Distillation samples: {workdir.name}",
+            vlm_tables=vlm_tables,
+            log=log,
+        )
+        log(f"samples of {len(contenders)} models written to {workdir}/grid_*.png (not scored by the toy judge)")
         return results
     judge = judge_io.load_or_train_judge(
         cache.cache_category(config, "judge", log), size=int(config.data.image_size), log=log
