@@ -2,7 +2,7 @@
 (and a chip's peak: MFU), and the whole iteration against the sum of the passes it is made of.
 
     python benchmarks/dmd_iteration.py [--config=configs/5to5.py:toy] [--repeats=5]
-    # a GPU: the full-scale config at 5 of its 32 layers (1.23B parameters), 1024^2 images (4096 image tokens), on
+    # a GPU: the full-scale config at 5 of its 32 layers (1.21B parameters), 1024^2 images (4096 image tokens), on
     # synthetic inputs, against the H200's bfloat16 peak (benchmarks/gpu_dmd_iteration.sh runs this at two attentions)
     python benchmarks/dmd_iteration.py --config=configs/5to5.py --inputs=synthetic --nopasses \
         --config.model.num_layers=5 --config.text_encoder.kind=toy --config.model.context_in_dim=64 \

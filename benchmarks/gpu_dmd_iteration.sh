@@ -4,7 +4,7 @@
 #       the toy config, then a 263M-parameter model in bfloat16 (8 layers, 1536 wide, 1024 image + 320 text tokens,
 #       batch 16) against an 8192^3 bfloat16 matmul
 #   bash benchmarks/gpu_dmd_iteration.sh 1b [FLAG ...]
-#       the full-scale config (configs/5to5.py) at 5 of its 32 layers: 1.23B parameters, 1024^2 images (4096 image
+#       the full-scale config (configs/5to5.py) at 5 of its 32 layers: 1.21B parameters, 1024^2 images (4096 image
 #       + 500 text tokens), batch 8, bfloat16, on synthetic inputs with a random toy text encoder; cuDNN flash
 #       attention (attention "auto" on a GPU), then the dense attention, each in its own process (so that the peak
 #       memory is that attention's); per update time, matmul FLOPs, TFLOP/s and MFU against the H200's bfloat16
