@@ -58,6 +58,8 @@ _ATTENTION = flags.DEFINE_string(
     "attention", "", "Attention implementation instead of model.attention's (auto: splash on TPU), e.g. dense"
 )
 _TASKS = flags.DEFINE_list("tasks", ["t2i", "edit"], "Tasks whose batches to compile for")
+STEPS = ("critic", "generator")
+_STEPS = flags.DEFINE_list("steps", list(STEPS), "Steps to compile (at full size each takes minutes)")
 flags.mark_flags_as_required(["config", "topology"])
 
 GIB = 2**30
@@ -284,8 +286,14 @@ def _report(name, compiled) -> StepReport:
     )
 
 
-def compile_steps(config, slice_: topologies.Slice, mesh_axes, teacher_dtype: str, tasks, log=print, attention=""):
-    """Compiles critic and generator steps for each task; returns their StepReports."""
+def compile_steps(
+    config, slice_: topologies.Slice, mesh_axes, teacher_dtype: str, tasks, log=print, attention="", steps=STEPS
+):
+    """Compiles the critic and/or generator step for each task; returns their StepReports (each also logged as soon
+    as it is compiled: a full-size compile takes minutes)."""
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown or not steps:
+        raise ConfigError(f"--steps: takes some of {', '.join(STEPS)}, got {', '.join(steps) or 'none'}")
     devices = topologies.devices(slice_)
     try:
         mesh = sharding.make_mesh(mesh_axes, devices)
@@ -334,13 +342,17 @@ def compile_steps(config, slice_: topologies.Slice, mesh_axes, teacher_dtype: st
             raise ConfigError(f"--tasks: unknown task {task!r}; one of {sorted(specs)}")
         spec = specs[task]
         batch = abstract_batch(config, spec, mesh, rules, with_pixels=True)
-        log(f"compiling critic/{task} ({spec.layout.seq_len} tokens) ...")
-        reports.append(_compile(f"critic/{task}", critic.lower(state, te_params, batch, spec=spec)))
-        log(f"compiling generator/{task} ...")
-        lowered = generator.lower(
-            state, te_params, teachers, batch, spec=spec, condition_offset=components.CONDITION_OFFSET[task]
-        )
-        reports.append(_compile(f"generator/{task}", lowered))
+        if "critic" in steps:
+            log(f"compiling critic/{task} ({spec.layout.seq_len} tokens) ...")
+            reports.append(_compile(f"critic/{task}", critic.lower(state, te_params, batch, spec=spec)))
+            log(format_report(reports[-1], slice_))
+        if "generator" in steps:
+            log(f"compiling generator/{task} ({spec.layout.seq_len} tokens) ...")
+            lowered = generator.lower(
+                state, te_params, teachers, batch, spec=spec, condition_offset=components.CONDITION_OFFSET[task]
+            )
+            reports.append(_compile(f"generator/{task}", lowered))
+            log(format_report(reports[-1], slice_))
     return reports
 
 
@@ -359,7 +371,7 @@ def format_report(report: StepReport, slice_: topologies.Slice) -> str:
     )
 
 
-def run(config, topology: str, mesh_text: str, teacher_dtype: str, tasks, attention: str = "") -> bool:
+def run(config, topology: str, mesh_text: str, teacher_dtype: str, tasks, attention: str = "", steps=STEPS) -> bool:
     slice_ = topologies.get(topology)
     if teacher_dtype and teacher_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--teacher_dtype must be float32 or bfloat16, got {teacher_dtype!r}")
@@ -374,7 +386,14 @@ def run(config, topology: str, mesh_text: str, teacher_dtype: str, tasks, attent
         f"{model.attention}; teachers {teacher_dtype or model.param_dtype}; global batch {config.data.batch_size}"
     )
     reports = compile_steps(
-        config, slice_, axes, teacher_dtype, tasks, log=lambda m: print(m, file=sys.stderr), attention=attention
+        config,
+        slice_,
+        axes,
+        teacher_dtype,
+        tasks,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+        attention=attention,
+        steps=steps,
     )
     return summarise(reports, slice_, int(config.fake_score.updates_per_student), tasks)
 
@@ -386,7 +405,9 @@ def summarise(reports, slice_: topologies.Slice, ratio: int, tasks) -> bool:
         print(format_report(report, slice_))
     by_name = {r.name: r for r in reports}
     for task in tasks:
-        critic, generator = by_name[f"critic/{task}"], by_name[f"generator/{task}"]
+        critic, generator = by_name.get(f"critic/{task}"), by_name.get(f"generator/{task}")
+        if critic is None or generator is None:
+            continue  # --steps compiled only one of them
         if critic.out_of_memory or generator.out_of_memory:
             print(f"iteration/{task}: no estimate (a step is out of memory)")
             continue
@@ -413,7 +434,14 @@ def main(argv):
     # Traced on the host's CPU; only the compile targets the slice (libtpu's topology, not a TPU backend).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     fits = jobs.exit_on_failure(
-        run, _CONFIG.value, _TOPOLOGY.value, _MESH.value, _TEACHER_DTYPE.value, tuple(_TASKS.value), _ATTENTION.value
+        run,
+        _CONFIG.value,
+        _TOPOLOGY.value,
+        _MESH.value,
+        _TEACHER_DTYPE.value,
+        tuple(_TASKS.value),
+        _ATTENTION.value,
+        tuple(_STEPS.value),
     )
     sys.exit(0 if fits else 1)
 

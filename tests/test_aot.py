@@ -87,6 +87,8 @@ def test_a_slice_too_small_does_not_fit(reports, capsys):
 def test_bad_input_is_one_line():
     with pytest.raises(ConfigError, match="unknown TPU slice 'v9-8'"):
         topologies.get("v9-8")
+    with pytest.raises(ConfigError, match="--steps: takes some of critic, generator, got critic, gen"):
+        aot.compile_steps(None, topologies.get("v5p:2x2x1"), (), "", ("edit",), steps=("critic", "gen"))
     with pytest.raises(ConfigError, match="--mesh takes name:size pairs"):
         aot.parse_mesh("fsdp=8", (("data", 1), ("fsdp", -1)))
     env = dict(os.environ, PYTHONPATH=str(REPO))
