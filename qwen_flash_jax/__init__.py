@@ -21,7 +21,17 @@ Layers, bottom to top; a module imports only from its own layer's lower modules 
     main, sweep, inspect_data, aot, generate, export      command lines
 """
 
+import importlib
+
 from qwen_flash_jax.loading import TransformerModel, build_transformer, from_params, load_transformer
-from qwen_flash_jax.pipeline import Pipeline
+
+
+def __getattr__(name):
+    # `Pipeline` loads on first use: importing it here would import the converter with the package, and then
+    # `python -m qwen_flash_jax.convert` would run a module already imported (runpy warns on stderr).
+    if name == "Pipeline":
+        return importlib.import_module("qwen_flash_jax.pipeline").Pipeline
+    raise AttributeError(f"module 'qwen_flash_jax' has no attribute {name!r}")
+
 
 __all__ = ["Pipeline", "TransformerModel", "build_transformer", "from_params", "load_transformer"]
