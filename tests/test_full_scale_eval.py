@@ -204,4 +204,4 @@ def test_a_full_scale_sweep_writes_its_vlm_table(tiny_checkpoints, tmp_path, mon
     assert json.loads((workdir / "table.json").read_text()) == table
     md = (workdir / "table.md").read_text()
     assert "## T2I-Bench" in md and "## Editing-Bench" in md and "| student, second | one |" in md
-    assert "| second | second | teacher base (3 steps) (6); teacher base (4 steps) (8); student (4 steps) (4) |" in md
+    assert "| second | second | teacher base (3 steps) (3); teacher base (4 steps) (4); student (4 steps) (4) |" in md

@@ -33,11 +33,12 @@ MESH_AXES = (("data", 1), ("fsdp", 4), ("tensor", 2))
 # The gradients (read from the Adam moments) and losses are compared tightly. Measured (jax 0.10.2, XLA:CPU), critic
 # and generator: losses 0 and 7e-7 relative, moments 1e-6 and 7e-6 of their largest element. Adam's first update is
 # lr * g / (|g| + eps), which amplifies the rounding of a near-zero gradient element by up to 1/eps, so the parameter
-# updates get a looser bound (measured 1e-3 and 2e-3 of the largest update). A wrong sharding (a dropped all-reduce,
-# a mis-split batch) changes all of them by O(1).
+# updates get a looser bound (measured 1e-3 and 2e-3 of the largest update; the generator's 2.8e-2 once per-sample
+# RoPE positions changed its gradients, while its moments still agreed within MOMENT_TOL). A wrong sharding (a
+# dropped all-reduce, a mis-split batch) changes all of them by O(1).
 LOSS_RTOL = 1e-5
 MOMENT_TOL = 1e-4  # max |sharded - single| / max |single|, per leaf
-UPDATE_TOL = 1e-2
+UPDATE_TOL = 5e-2
 
 
 def _config():
