@@ -171,16 +171,8 @@ def synthetic_inputs(config, mesh, rules):
         raise ConfigError("--inputs=synthetic runs a random toy text encoder: set --config.text_encoder.kind=toy")
     # A tokenizer that knows the prompt template (its system prefix and special tokens); the prompt is empty.
     tokenizer = train_tokenizer([prompt_lib.build_prompt("a photo", 0)] * 4, vocab_size=int(te.vocab_size))
-    te_config = text_encoder.TextEncoderConfig.for_tokenizer(
-        tokenizer,
-        hidden_size=te.hidden_size,
-        num_layers=te.num_layers,
-        num_heads=te.num_heads,
-        num_kv_heads=te.num_kv_heads,
-        head_dim=te.head_dim,
-        mlp_dim=te.mlp_dim,
-        condition_channels=int(config.model.in_channels),
-        feature_layers=tuple(int(i) for i in te.feature_layers),
+    te_config = assets_lib.toy_text_encoder_config(
+        config, tokenizer, feature_layers=tuple(int(i) for i in te.feature_layers)
     )
     if te_config.output_size != int(config.model.context_in_dim):
         raise ConfigError(

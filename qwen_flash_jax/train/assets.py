@@ -204,6 +204,22 @@ def hf_tokenizer(text_encoder_path: pathlib.Path):
     )
 
 
+def toy_text_encoder_config(config, tokenizer, **overrides) -> text_encoder.TextEncoderConfig:
+    """The toy text encoder's architecture from `config.text_encoder`, sized for `tokenizer`."""
+    te = config.text_encoder
+    return text_encoder.TextEncoderConfig.for_tokenizer(
+        tokenizer,
+        hidden_size=te.hidden_size,
+        num_layers=te.num_layers,
+        num_heads=te.num_heads,
+        num_kv_heads=te.num_kv_heads,
+        head_dim=te.head_dim,
+        mlp_dim=te.mlp_dim,
+        condition_channels=int(config.model.in_channels),
+        **overrides,
+    )
+
+
 def _toy_text_encoder(config, log):
     te = config.text_encoder
     feature_layers = tuple(int(i) for i in te.get("feature_layers", (-1,)))
@@ -213,16 +229,7 @@ def _toy_text_encoder(config, log):
     log(f"training the toy tokenizer and text encoder ({te.pretrain_steps} steps) -> {path}")
     texts = world_texts(int(config.data.image_size), per_category=300, seed=12345)
     tokenizer = train_tokenizer(texts, vocab_size=int(te.vocab_size))
-    te_config = text_encoder.TextEncoderConfig.for_tokenizer(
-        tokenizer,
-        hidden_size=te.hidden_size,
-        num_layers=te.num_layers,
-        num_heads=te.num_heads,
-        num_kv_heads=te.num_kv_heads,
-        head_dim=te.head_dim,
-        mlp_dim=te.mlp_dim,
-        condition_channels=int(config.model.in_channels),
-    )
+    te_config = toy_text_encoder_config(config, tokenizer)
     params = text_encoder.pretrain_text_encoder(tokenizer, texts, te_config, steps=int(te.pretrain_steps), seed=0)
     text_encoder.save(path, params, tokenizer)
     return _load_encoder(path, feature_layers)
