@@ -38,7 +38,7 @@ from qwen_flash_jax.diffusion.scheduler import FlowMatchScheduler
 from qwen_flash_jax.errors import CheckpointError
 from qwen_flash_jax.loading import TransformerModel, from_params, load_transformer
 from qwen_flash_jax.models import hf_keys
-from qwen_flash_jax.models.config import ConfigError, read_config_json
+from qwen_flash_jax.models.config import ConfigError, read_config_json, read_json_object
 from qwen_flash_jax.models.layout import make_layout
 from qwen_flash_jax.models.vae_io import VAECodec, load_vae
 from qwen_flash_jax.safetensors_checkpoint import SafetensorsCheckpoint
@@ -226,14 +226,7 @@ def _sampler(model: TransformerModel, sigmas: tuple, cfg_scale: float, use_kv_ca
 
 def _model_index(path: Path) -> dict:
     file = path / MODEL_INDEX
-    if not file.is_file():
-        raise ConfigError(f"{path} has no {MODEL_INDEX}: not a diffusers pipeline folder")
-    try:
-        index = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{file}: cannot read: {' '.join(str(e).split())}") from None
-    if not isinstance(index, dict):
-        raise ConfigError(f"{file}: not a JSON object")
+    index = read_json_object(file, missing=f"{path} has no {MODEL_INDEX}: not a diffusers pipeline folder")
     name = index.get("_class_name")
     if name is not None and name != PIPELINE_CLASS:
         raise ConfigError(f"{file}: the pipeline is a {name}, not a {PIPELINE_CLASS}")

@@ -270,10 +270,6 @@ def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(run, tmp_path, caps
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
-@pytest.mark.skipif(
-    not hasattr(qwen_flash_jax, "Pipeline"),
-    reason="needs qwen_flash_jax.Pipeline (issue 27), which this version does not have yet",
-)
 def test_diffusers_samples_the_exported_student_as_qwen_flash_jax_pipeline_does(run, exported_euler):
     """Same packed latents, the Euler student (deterministic): diffusers' pipeline on the exported folder and
     `qwen_flash_jax.Pipeline` on the same folder give the same image within 2e-3 on [0, 1]."""

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import qwen_flash_jax
 from qwen_flash_jax import config_lib, generate
 from qwen_flash_jax.loading import build_transformer
 from qwen_flash_jax.models.config import TransformerConfig
@@ -186,10 +185,6 @@ def test_a_configs_teacher_samples_its_steps_with_cfg(toy_run, tmp_path, capsys)
 
 
 @pytest.mark.job
-@pytest.mark.skipif(
-    not hasattr(qwen_flash_jax, "Pipeline"),
-    reason="needs qwen_flash_jax.Pipeline (issue 27), which this version does not have yet",
-)
 def test_an_exported_students_pipeline_folder_makes_pngs_of_the_asked_size(tmp_path, capsys):
     pytest.importorskip("diffusers")
     from qwen_flash_jax import distilled, export
