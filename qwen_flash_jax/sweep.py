@@ -37,36 +37,72 @@ from qwen_flash_jax.eval import report, vlm_judge, vlm_table
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.train import jobs
 
+# The weight of DP-DMD's first-step regulariser in the paper suite's F5 row. Its loss is a per-element mean of the
+# squared velocity difference, the DMD loss a per-sample sum over the latent's elements (3,072 in the toy): at 1000
+# the two pull on the student's first step at a comparable scale.
+PAPER_FIRST_STEP_FM_WEIGHT = 1000.0
+
+# Rows of the paper-findings suite (docs/experiments/paper_findings.md): (label, config, overrides). Each row runs
+# once per distillation seed (`--seeds`); F3's step-wise row is the T2I-only row (the same config).
+PAPER_ROWS = (
+    ("5:5", "configs/5to5.py:{variant}", ()),  # F1 (Table 2) and F4
+    ("T2I only", "configs/t2i_only.py:{variant}", ()),  # F4's zero-shot row, F3's step-wise guidance
+    ("single", "configs/guidance.py:{variant},single", ()),  # F3: the text specialist alone
+    (
+        "single + first-step FM",
+        "configs/guidance.py:{variant},single",
+        (f"student.first_step_fm_weight={PAPER_FIRST_STEP_FM_WEIGHT}",),
+    ),  # F5
+    ("9:1", "configs/9to1.py:{variant}", ()),
+    ("7:3", "configs/7to3.py:{variant}", ()),
+    *((e, f"configs/composition.py:{{variant}},{e}", ()) for e in ("E1", "E2", "E3", "E4", "E5")),  # F2
+)
+
 SUITES = {
-    "composition": tuple((e, f"configs/composition.py:{{variant}},{e}") for e in ("E1", "E2", "E3", "E4", "E5")),
+    "composition": tuple((e, f"configs/composition.py:{{variant}},{e}", ()) for e in ("E1", "E2", "E3", "E4", "E5")),
     "guidance": (
-        ("single", "configs/guidance.py:{variant},single"),
-        ("stepwise", "configs/guidance.py:{variant},stepwise"),
+        ("single", "configs/guidance.py:{variant},single", ()),
+        ("stepwise", "configs/guidance.py:{variant},stepwise", ()),
     ),
+    "paper": PAPER_ROWS,
     "ratio": (
-        ("T2I only", "configs/t2i_only.py:{variant}"),
-        ("9:1", "configs/9to1.py:{variant}"),
-        ("7:3", "configs/7to3.py:{variant}"),
-        ("5:5", "configs/5to5.py:{variant}"),
+        ("T2I only", "configs/t2i_only.py:{variant}", ()),
+        ("9:1", "configs/9to1.py:{variant}", ()),
+        ("7:3", "configs/7to3.py:{variant}", ()),
+        ("5:5", "configs/5to5.py:{variant}", ()),
     ),
 }
+# Distillation seeds per row when --seeds is not given: the paper suite's findings rest on paired differences of
+# hundredths, so every row runs twice.
+DEFAULT_SEEDS = {"paper": 2}
 
 _SUITE = flags.DEFINE_enum("suite", None, sorted(SUITES), "Which table to produce.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per row, plus table.md and table.json.")
 _VARIANT = flags.DEFINE_string("variant", "toy", "Config argument of every row: toy or full.")
 _SET = flags.DEFINE_multi_string("set", [], "Override for every row, e.g. --set=train.steps=150.")
+_SEEDS = flags.DEFINE_integer(
+    "seeds", None, "Distillation seeds per row (train.seed 0..N-1; seeds after the first run after every row's first)."
+)
 flags.mark_flags_as_required(["suite", "workdir"])
 
 
-def row_configs(suite: str, variant: str, overrides=()) -> list[tuple[str, object]]:
-    """(label, config) per row, overrides applied; every config is validated before any row runs."""
+def row_configs(suite: str, variant: str, overrides=(), seeds: int | None = None) -> list[tuple[str, object]]:
+    """(label, config) per row and seed, overrides applied; every config is validated before any row runs. Seed s > 0
+    of a row is labelled '<row>, seed s' and sets train.seed = s; all rows' first seed come before any second."""
+    seeds = DEFAULT_SEEDS.get(suite, 1) if seeds is None else seeds
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     rows = []
-    for label, spec in SUITES[suite]:
-        config = config_lib.load_config(spec.format(variant=variant))
-        for override in overrides:
-            apply_override(config, override)
-        jobs.validate(config)
-        rows.append((label, config))
+    for seed in range(seeds):
+        for label, spec, row_overrides in SUITES[suite]:
+            config = config_lib.load_config(spec.format(variant=variant))
+            for override in (*row_overrides, *overrides):
+                apply_override(config, override)
+            if seed:
+                config.train.seed = config.train.seed + seed
+                label = f"{label}, seed {seed}"
+            jobs.validate(config)
+            rows.append((label, config))
     return rows
 
 
@@ -139,10 +175,16 @@ def _in_world_order(result: dict) -> dict:
 
 
 def run_suite(
-    suite: str, workdir, variant: str = "toy", overrides=(), log=print, library_logs_to_file: bool = False
+    suite: str,
+    workdir,
+    variant: str = "toy",
+    overrides=(),
+    log=print,
+    library_logs_to_file: bool = False,
+    seeds: int | None = None,
 ) -> dict:
     workdir = pathlib.Path(workdir)
-    rows = row_configs(suite, variant, overrides)
+    rows = row_configs(suite, variant, overrides, seeds)
     if library_logs_to_file:  # after the rows' configs are checked: a bad one leaves no directory behind
         jobs.send_library_logs_to_file(workdir / "logs")
     done = []
@@ -253,7 +295,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     jobs.exit_on_failure(
-        functools.partial(run_suite, library_logs_to_file=True),
+        functools.partial(run_suite, library_logs_to_file=True, seeds=_SEEDS.value),
         _SUITE.value,
         _WORKDIR.value,
         _VARIANT.value,
