@@ -33,13 +33,26 @@ setup(
         "tensorflow-cpu",
         "tensorboard",
         "psutil",
+        # The paper-findings suite's plots (`python -m qwen_flash_jax.sweep --suite=paper`).
+        "matplotlib",
     ],
     extras_require={
         # Parity tests against the diffusers/transformers reference; torch 2.13.0 is the local CPU build. ruff is
         # pinned: another version may format the same code differently and fail `ruff format --check`.
         # libtpu describes TPU slices for `python -m qwen_flash_jax.aot` (tests/test_aot.py compiles for one); peft is
         # what diffusers' load_lora_weights needs to read an exported LoRA (tests/test_export.py).
-        "test": ["pytest", "portpicker", "torch==2.13.0", "diffusers>=0.42", "peft", "ruff==0.17.6", LIBTPU],
+        # nbclient and ipykernel run the notebooks through a Jupyter kernel (tests/test_notebooks.py).
+        "test": [
+            "pytest",
+            "portpicker",
+            "torch==2.13.0",
+            "diffusers>=0.42",
+            "peft",
+            "ruff==0.17.6",
+            LIBTPU,
+            "nbclient",
+            "ipykernel",
+        ],
         # Running on TPU VMs and compiling for TPU slices ahead of time.
         "tpu": [LIBTPU],
     },
