@@ -26,6 +26,24 @@ def test_rows_are_the_papers_configs():
     assert tuple(guidance["stepwise"].guidance.teachers) == ("base", "text")
 
 
+def test_the_paper_suite_runs_every_finding_s_rows_at_two_seeds():
+    rows = dict(sweep.row_configs("paper", "toy"))
+    labels = [label for label, *_ in sweep.PAPER_ROWS]
+    assert list(rows) == labels + [f"{label}, seed 1" for label in labels]  # every first seed before any second
+    assert {rows[label].train.seed for label in labels} == {0}
+    assert {rows[f"{label}, seed 1"].train.seed for label in labels} == {1}
+    # F3's step-wise row is the T2I-only row: the same config as the guidance suite's step-wise row.
+    stepwise = dict(sweep.row_configs("guidance", "toy"))["stepwise"]
+    assert rows["T2I only"].to_dict() == stepwise.to_dict()
+    # F5: the single specialist with DP-DMD's first-step regulariser, and nothing else changed.
+    single, regularised = rows["single"].to_dict(), rows["single + first-step FM"].to_dict()
+    assert regularised["student"].pop("first_step_fm_weight") == sweep.PAPER_FIRST_STEP_FM_WEIGHT > 0
+    assert single["student"].pop("first_step_fm_weight") == 0.0 and regularised == single
+    assert [label for label, _ in sweep.row_configs("paper", "toy", seeds=1)] == labels
+    with pytest.raises(ConfigError, match="--seeds must be at least 1"):
+        sweep.row_configs("paper", "toy", seeds=0)
+
+
 def test_overrides_set_nested_fields_and_reject_mistakes():
     (_, config), *_ = sweep.row_configs("ratio", "toy", ("train.steps=7", "data.task_ratio=3:1"))
     assert config.train.steps == 7 and config.data.task_ratio == "3:1"
@@ -122,7 +140,9 @@ def test_full_scale_rows_unscored_make_a_table_of_their_grids(tmp_path, monkeypa
         (workdir / "results.json").write_text(json.dumps(results))
 
     monkeypatch.setattr(jobs, "run", fake_run)
-    monkeypatch.setattr(sweep, "row_configs", lambda suite, variant, overrides: [("T2I only", None), ("5:5", None)])
+    monkeypatch.setattr(
+        sweep, "row_configs", lambda suite, variant, overrides, seeds: [("T2I only", None), ("5:5", None)]
+    )
     table = sweep.run_suite("ratio", tmp_path, "full", log=lambda *_: None)
     assert table == {
         "rows": [
