@@ -52,7 +52,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _TOPOLOGY = flags.DEFINE_string("topology", None, f"TPU slice: {', '.join(topologies.SLICES)}, or e.g. v5p:2x2x1")
 _MESH = flags.DEFINE_string("mesh", "", "Mesh axes instead of the config's, e.g. fsdp:8,tensor:2 (-1 = the rest)")
 _TEACHER_DTYPE = flags.DEFINE_string(
-    "teacher_dtype", "", "Stored dtype of the frozen teachers (default: model.param_dtype, as the job loads them)"
+    "teacher_dtype", "", "Stored dtype of the frozen teachers (default: config_lib.frozen_dtype, as the job keeps them)"
 )
 _ATTENTION = flags.DEFINE_string(
     "attention", "", "Attention implementation instead of model.attention's (auto: splash on TPU), e.g. dense"
@@ -303,7 +303,7 @@ def compile_steps(
     model_config = config_lib.transformer_config(config)
     model_config = model_config.replace(attention=attention) if attention else model_config
     model, student = abstract_params(model_config, mesh, rules)
-    frozen = jnp.dtype(teacher_dtype or model_config.param_dtype)
+    frozen = jnp.dtype(teacher_dtype or config_lib.frozen_dtype(config))
     teacher_params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, frozen, sharding=p.sharding), student)
     names = tuple(config.guidance.teachers)
     teachers = {name: teacher_params for name in names}  # each teacher its own copy, as the job holds them
@@ -383,7 +383,8 @@ def run(config, topology: str, mesh_text: str, teacher_dtype: str, tasks, attent
     print(
         f"{slice_.name} ({slice_.topology}, {slice_.chips} x {slice_.chip.kind}, {slice_.chip.hbm_gib:.0f} GiB HBM, "
         f"{slice_.chip.bf16_tflops:.0f} TFLOP/s bf16); mesh {dict(axes)}; remat {model.remat_policy}; attention "
-        f"{model.attention}; teachers {teacher_dtype or model.param_dtype}; global batch {config.data.batch_size}"
+        f"{model.attention}; teachers {teacher_dtype or config_lib.frozen_dtype(config)}; "
+        f"global batch {config.data.batch_size}"
     )
     reports = compile_steps(
         config,

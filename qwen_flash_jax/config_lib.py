@@ -64,6 +64,12 @@ def mesh_rules(config) -> sharding.Rules:
     return sharding.normalise_rules(config.mesh.rules)
 
 
+def frozen_dtype(config) -> str:
+    """The stored dtype of the frozen networks (guiding teachers, text encoder, VAE): the transformer's compute
+    dtype. At full scale that is bfloat16, half the memory of float32 copies that would be cast down at every use."""
+    return "bfloat16" if config.model.dtype == "bfloat16" else "float32"
+
+
 def teacher_run_config(config, name: str) -> ml_collections.ConfigDict:
     """The config of a teacher-training run: the base config with the teacher's `train` data fields applied."""
     if name not in config.teachers:

@@ -331,3 +331,25 @@ def test_a_bad_schedule_folder_is_one_line_before_any_work(checkpoints, tmp_path
             jobs.run(config, tmp_path / "run")
         assert "\n" not in str(error.value)
         assert not (tmp_path / "run").exists()
+
+
+def test_frozen_networks_are_kept_in_bfloat16_and_the_student_starts_at_full_precision(checkpoints, tmp_path):
+    """At the full-scale compute dtype (bfloat16) the guiding teachers, text encoder and VAE are stored in it; the
+    student and fake score start from the float32 teacher, each teacher copy being that teacher rounded."""
+    import jax
+    import jax.numpy as jnp
+
+    config = full_config(checkpoints, tmp_path / "cache")
+    config.model.dtype = "bfloat16"
+    parts = components.build(config, log=lambda *_: None)
+    for name, params in parts.teachers.items():
+        assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}, name
+    assert {x.dtype for x in jax.tree.leaves(parts.base)} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(parts.fake_init)} == {jnp.dtype("float32")}
+    jax.tree.map(
+        lambda t, b: np.testing.assert_array_equal(np.asarray(t), np.asarray(b.astype(jnp.bfloat16))),
+        parts.teachers[config.student.init_from],
+        parts.base,
+    )
+    floats = [x for x in jax.tree.leaves(parts.assets.text_encoder) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and {x.dtype for x in floats} == {jnp.dtype("bfloat16")}

@@ -137,17 +137,12 @@ def _codec(config, log):
     if config.codec.kind == "space_to_depth":
         return SpaceToDepthCodec(patch=int(config.codec.patch))
     log(f"loading the VAE from {config.codec.path}")
-    codec = VAECodec(load_vae(config.codec.path, dtype=_frozen_dtype(config)))
+    codec = VAECodec(load_vae(config.codec.path, dtype=config_lib.frozen_dtype(config)))
     if codec.scale_factor != VAE_SCALE_FACTOR:
         raise ConfigError(
             f"{config.codec.path}: the VAE downsamples by {codec.scale_factor}, Qwen-Image 2.x's by {VAE_SCALE_FACTOR}"
         )
     return codec
-
-
-def _frozen_dtype(config) -> str:
-    """The frozen text encoder and VAE are stored in the transformer's compute dtype (bfloat16 at full scale)."""
-    return "bfloat16" if config.model.dtype == "bfloat16" else "float32"
 
 
 def _qwen3_vl_text_encoder(config, log):
@@ -169,7 +164,7 @@ def _qwen3_vl_text_encoder(config, log):
     # Sharded like the transformer (its logical axes, the config's rules): a replicated 8B encoder would not fit
     # beside the models on a 16 GiB chip.
     mesh = config_lib.make_mesh(config)
-    params = qwen3_vl.load_qwen3_vl(path, dtype=_frozen_dtype(config), mesh=mesh, rules=config.mesh.rules)
+    params = qwen3_vl.load_qwen3_vl(path, dtype=config_lib.frozen_dtype(config), mesh=mesh, rules=config.mesh.rules)
     if params.vision is None and pipeline_lib.mixing.parse_ratio(config.data.task_ratio)[1]:
         raise ConfigError(
             f"{path}: the checkpoint has no vision tower (model.visual.*), which edits need; "

@@ -60,13 +60,24 @@ def build(
         teachers = {name: params for name in names}
         base = fake_init = params
     else:
-        teachers = {name: teacher.ensure_teacher(config, name, log=log, assets=assets) for name in names}
+        loaded = {name: teacher.ensure_teacher(config, name, log=log, assets=assets) for name in names}
         mesh, rules = config_lib.make_mesh(config), config_lib.mesh_rules(config)
-        base, fake_init = teachers.get(config.student.init_from), teachers.get(config.fake_score.init_from)
+        # The student and fake score start from their teacher at the parameters' own precision; the guiding
+        # teachers are frozen and kept in the frozen dtype.
+        base, fake_init = loaded.get(config.student.init_from), loaded.get(config.fake_score.init_from)
         if initial_networks:
             base = base or teacher.ensure_teacher(config, config.student.init_from)
             fake_init = fake_init or teacher.ensure_teacher(config, config.fake_score.init_from)
+        teachers = {name: frozen(params, config_lib.frozen_dtype(config)) for name, params in loaded.items()}
     return Components(mesh, rules, model_config, assets, teachers, base, fake_init, teacher.target_mu(config))
+
+
+def frozen(params, dtype: str):
+    """`params` with its floating-point leaves in `dtype`, on the same shardings; leaves already in it are kept."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x, params
+    )
 
 
 def student_model(parts: Components) -> TransformerModel:
