@@ -304,14 +304,14 @@ class StabilityTest:
 
     @property
     def verdict(self) -> str:
-        """Every common seed's drop gap beyond DROP_MARGIN on the claimed side: reproduces; every one at or past 0 on
-        the other side: does not; no common seed: not measured; otherwise inconclusive."""
+        """Every common seed's drop gap beyond DROP_MARGIN on the claimed side: reproduces; beyond it on the other
+        side: does not; no common seed: not measured; otherwise inconclusive (within the probes' noise)."""
         gaps = [self.sign * g for g in self.gaps().values()]
         if not gaps:
             return NOT_MEASURED
         if all(g > DROP_MARGIN for g in gaps):
             return REPRODUCES
-        if all(g <= 0 for g in gaps):
+        if all(g < -DROP_MARGIN for g in gaps):
             return CONTRADICTS
         return INCONCLUSIVE
 
@@ -658,7 +658,7 @@ def render(workdir, rows: dict[str, Row], found: list[Claim], timing: Timing, se
         "- Stability (F3b, F5a) has no per-sample scores: the probe (every `train.sample_every` steps) records "
         "category means. A curve's *drop* is its best probe T2I score minus its last. The claim reproduces when, in "
         f"every seed, the drop gap between the two rows is beyond {DROP_MARGIN} on the claimed side; it does not when "
-        "every seed's gap is at or past 0 on the other side; otherwise inconclusive.",
+        "every seed's gap is beyond it on the other side; otherwise inconclusive.",
         "",
     ]
     shown_files = {}
