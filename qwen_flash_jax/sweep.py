@@ -33,7 +33,8 @@ from ml_collections.config_flags import config_path, tuple_parser
 
 from qwen_flash_jax import atomic, config_lib
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
-from qwen_flash_jax.eval import report, vlm_judge, vlm_table
+from qwen_flash_jax.eval import findings, report, vlm_judge, vlm_table
+from qwen_flash_jax.eval.findings import row_dirname
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.train import jobs
 
@@ -145,10 +146,6 @@ def _literal(text: str):
         return text
 
 
-def row_dirname(label: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in label)
-
-
 def combine(rows: list[tuple[str, dict]]) -> dict:
     """One results dict: the base teacher's rows (from the first row's results, most steps first) and one student
     row per label, categories in the world's order."""
@@ -215,6 +212,13 @@ def run_suite(
             reference=teachers[-1] if teachers else None,  # fewest steps: the teacher's few-step sampling
             notes=_notes([label for label, _ in rows], overrides),
         )
+        if suite == "paper":  # the findings document and its plots, from every row's results and probe curves
+            doc = findings.write_findings(
+                workdir,
+                labels=[label for label, _, _ in SUITES[suite]],
+                seeds=DEFAULT_SEEDS.get(suite, 1) if seeds is None else seeds,
+            )
+            log(f"sweep {suite}: findings in {doc}")
     log((workdir / "table.md").read_text())
     return combined
 
