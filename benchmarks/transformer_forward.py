@@ -1,10 +1,13 @@
 """Flax forward vs diffusers' PyTorch forward: same weights, same CPU, one run; prints the time ratio.
 
-    python benchmarks/transformer_forward.py [--layers 4 --width 1024 --image-tokens 1024 --text-tokens 128]
+    PYTHONPATH=. python benchmarks/transformer_forward.py [--layers 4 --width 1024 --image-tokens 1024
+        --text-tokens 128] [--threads N] [--xla-flags FLAGS]
 
 Target: the jitted Flax forward takes at most 0.8x PyTorch's time (ratio = flax / torch). Both run float32 with
 the same thread budget; timings interleave the two frameworks so machine noise hits both alike, and the ratio of
-medians is reported.
+medians is reported. `--threads 1` runs both single-threaded (on a loaded machine that compares the kernels
+rather than how each thread pool copes with contention); `--xla-flags` tries an XLA:CPU option without changing
+the model (e.g. `--xla_cpu_use_xnnpack=true`). docs/experiments/performance.md has the measured ratios.
 """
 
 from __future__ import annotations
@@ -26,10 +29,28 @@ def main():
     parser.add_argument("--condition", action="store_true", help="add one condition image of the same size (edit)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads for both frameworks (torch.set_num_threads; XLA's intra-op pool); 0 = each one's default",
+    )
+    parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts (e.g. a backend flag)")
     args = parser.parse_args()
+
+    # XLA reads its flags once, when the CPU client starts: set them before jax is imported.
+    xla_flags = [os.environ.get("XLA_FLAGS", ""), args.xla_flags]
+    if args.threads == 1:
+        xla_flags.append("--xla_cpu_multi_thread_eigen=false")
+    if args.threads:
+        xla_flags.append(f"intra_op_parallelism_threads={args.threads}")
+    os.environ["XLA_FLAGS"] = " ".join(f for f in xla_flags if f)
 
     import jax
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from qwen_flash_jax.loading import from_params
     from qwen_flash_jax.models import TransformerConfig
@@ -83,6 +104,7 @@ def main():
         f"text_tokens={args.text_tokens} condition={args.condition} batch={args.batch} joint_seq={seq}"
     )
     print(f"threads: torch={torch.get_num_threads()} cpu_count={os.cpu_count()} jax={jax.devices()[0].platform}")
+    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
     print(f"flax  median {f * 1e3:8.1f} ms  (min {min(flax_times) * 1e3:.1f})")
     print(f"torch median {t * 1e3:8.1f} ms  (min {min(torch_times) * 1e3:.1f})")
     print(f"max |flax - torch| / max |torch| = {err:.2e}")
