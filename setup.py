@@ -42,8 +42,11 @@ setup(
         # libtpu describes TPU slices for `python -m qwen_flash_jax.aot` (tests/test_aot.py compiles for one); peft is
         # what diffusers' load_lora_weights needs to read an exported LoRA (tests/test_export.py).
         # nbclient and ipykernel run the notebooks through a Jupyter kernel (tests/test_notebooks.py).
+        # pytest-xdist runs the suite on parallel workers (`pytest -n 2`); filelock lets them share the toy assets.
         "test": [
             "pytest",
+            "pytest-xdist",
+            "filelock",
             "portpicker",
             "torch==2.13.0",
             "diffusers>=0.42",

@@ -8,6 +8,11 @@ on a small machine, so only tests marked `sharded` get them. JAX fixes its devic
 those tests run in one child pytest process started with 8 emulated devices; the parent reports each of them with the
 child's outcome. Setting QF_TEST_DEVICES=8 yourself runs them in place (e.g. `QF_TEST_DEVICES=8 pytest
 tests/test_sharding.py`).
+
+Parallel workers (pytest-xdist, `pytest -n 2`): run with `--dist loadgroup` (pytest.ini sets it). The session's
+temporary caches (compiled programs, toy assets) are made by the controlling process and shared by its workers and
+every process they start; the `sharded` tests go to one worker, whose one child runs them; the tests of a module
+that share a module-scoped fixture or the toy assets go to one worker, so that the fixture is built once.
 """
 
 import json
@@ -18,12 +23,14 @@ import subprocess
 import sys
 import tempfile
 
+import filelock
 import pytest
 
 DEVICES_ENV = "QF_TEST_DEVICES"  # set: this process emulates that many CPU devices and runs `sharded` tests itself
 REPORT_ENV = "QF_TEST_REPORT"  # set (in the child): append every test phase's outcome to this JSON-lines file
 TOY_CACHE_ENV = "QF_TEST_TOY_CACHE"  # the parent's toy cache, so that the child trains no toy asset again
 JAX_CACHE_ENV = "QF_TEST_JAX_CACHE"
+TOY_CACHE_BUILT = "built-for-the-tests"  # in the toy cache: its shared assets are complete
 SHARDED_DEVICES = 8
 
 
@@ -64,6 +71,11 @@ if not os.environ.get(JAX_CACHE_ENV):
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[JAX_CACHE_ENV]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# The toy assets several job tests train on (dataset, text encoder, teachers) live in one per-session directory too,
+# made here for the same reason: the `sharded` child and parallel workers (pytest-xdist) read the same one.
+if not os.environ.get(TOY_CACHE_ENV):
+    os.environ[TOY_CACHE_ENV] = tempfile.mkdtemp(prefix="qf-toy-cache-")
+    _OWN_TEMPORARIES.append(os.environ[TOY_CACHE_ENV])
 import jax  # noqa: E402  (after XLA_FLAGS: the device count is fixed at import)
 
 if jax.config.jax_compilation_cache_dir != os.environ[JAX_CACHE_ENV]:  # jax was imported before this file
@@ -71,16 +83,23 @@ if jax.config.jax_compilation_cache_dir != os.environ[JAX_CACHE_ENV]:  # jax was
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+from qwen_flash_jax.train import components  # noqa: E402
 from tests import helpers  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def toy_cache(tmp_path_factory):
-    """One cache of tiny toy assets (dataset, text encoder, teachers, judge) shared by the end-to-end tests."""
-    if os.environ.get(TOY_CACHE_ENV):
-        return pathlib.Path(os.environ[TOY_CACHE_ENV])
-    path = tmp_path_factory.mktemp("toy_cache")
-    os.environ[TOY_CACHE_ENV] = str(path)  # read by the child that runs the `sharded` tests
+def toy_cache():
+    """One cache of tiny toy assets (dataset, text encoder, teachers, judge) shared by the end-to-end tests.
+
+    Under parallel workers, the first worker to ask builds the dataset, the text encoder and the distillation's
+    teachers while the others wait: a cached teacher is trained by one run at a time, and a second run that asks for
+    it meanwhile stops with an error (train/teacher.py) rather than wait."""
+    path = pathlib.Path(os.environ[TOY_CACHE_ENV])
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # also in the `sharded` child of a worker
+        with filelock.FileLock(str(path) + ".lock"):
+            if not (path / TOY_CACHE_BUILT).exists():
+                components.build(helpers.tiny_distill_config(path), log=lambda *_: None)
+                (path / TOY_CACHE_BUILT).touch()
     return path
 
 
@@ -124,7 +143,7 @@ class ShardedRun(pytest.Item):
 
     def runtest(self):
         phases = self.batch.outcomes()
-        mine = phases.get(self.nodeid)
+        mine = phases.get(self.original.nodeid)  # a worker's nodeid has its `@group` (pytest_collection_modifyitems)
         if mine is None:
             raise ShardedFailure(
                 f"the child run with {SHARDED_DEVICES} devices reported nothing for this test:\n"
@@ -155,6 +174,9 @@ class ShardedBatch:
 
     def __init__(self, rootpath):
         self.rootpath, self.nodeids, self._outcomes, self._log = rootpath, [], None, None
+        self.xdist = (
+            False  # pytest-xdist is loaded: the child runs without workers (`-n 0`) whatever PYTEST_ADDOPTS says
+        )
 
     def outcomes(self):
         if self._outcomes is None:
@@ -166,12 +188,14 @@ class ShardedBatch:
         _OWN_TEMPORARIES.append(tmp)
         report, self._log = os.path.join(tmp, "report.jsonl"), os.path.join(tmp, "log.txt")
         env = dict(os.environ, **{DEVICES_ENV: str(SHARDED_DEVICES), REPORT_ENV: report})
-        if TOY_CACHE_ENV not in env:  # the parent has no toy cache yet: the child makes one, the parent reuses it
-            env[TOY_CACHE_ENV] = os.environ[TOY_CACHE_ENV] = os.path.join(tmp, "toy_cache")
         with open(self._log, "w") as log:
             try:
                 subprocess.run(
-                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids],
+                    [
+                        *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"),
+                        *(("-n", "0") if self.xdist else ()),
+                        *self.nodeids,
+                    ],
                     cwd=self.rootpath,
                     env=env,
                     stdout=log,
@@ -204,9 +228,37 @@ def pytest_collection_modifyitems(session, config, items):
     batch = ShardedBatch(config.rootpath)
     sharded = [item for item in items if item.get_closest_marker("sharded") is not None]
     batch.nodeids = [item.nodeid for item in sharded]
+    batch.xdist = config.pluginmanager.hasplugin("xdist")
     items[:] = [item for item in items if item.get_closest_marker("sharded") is None] + [
         ShardedRun.from_parent(item.parent, name=item.name, original=item, batch=batch) for item in sharded
     ]
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller schedules by the nodeids' `@group`
+        for item in items:
+            group = _worker_group(item)
+            if group:
+                item._nodeid = f"{item.nodeid}@{group}"
+
+
+def _worker_group(item):
+    """The group of tests that must run on one worker: every `sharded` test (one child runs them all); the tests of
+    a module that share a module-scoped fixture or the toy assets (built once per worker, once per session)."""
+    if isinstance(item, ShardedRun):
+        return "sharded"
+    fixtures = getattr(item, "_fixtureinfo", None)
+    if fixtures is None:
+        return None
+    if "toy_cache" in fixtures.names_closure or any(
+        defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()
+    ):
+        return item.module.__name__
+    return None
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, `--dist load` (what `-n` alone means) becomes `loadgroup`: the groups made by
+    `pytest_collection_modifyitems` then each run on one worker."""
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
 
 
 def pytest_runtest_logreport(report):

@@ -65,6 +65,9 @@ def reports(tmp_path_factory):
     return aot.compile_steps(config, slice_, (("fsdp", 2), ("tensor", 2)), "bfloat16", ("edit",), log=print)
 
 
+# The two compiles (`reports`, ~30 s on 2 cores) are the aot job's own work, so these tests are in the job tier; the
+# one-line errors below stay in the quick tier.
+@pytest.mark.job
 def test_tiny_config_compiles_for_a_v5p_slice(reports, capsys):
     assert [r.name for r in reports] == ["critic/edit", "generator/edit"]
     for report in reports:
@@ -78,6 +81,7 @@ def test_tiny_config_compiles_for_a_v5p_slice(reports, capsys):
     assert out[-1].startswith("fits: largest per-device peak")
 
 
+@pytest.mark.job
 def test_a_slice_too_small_does_not_fit(reports, capsys):
     tiny_chip = topologies.Slice("v5p-tiny", "v5p:2x2x1", topologies.Chip("TPU v5p", 1e-4, 459.0))
     assert not aot.summarise(reports, tiny_chip, 5, ("edit",))
