@@ -90,6 +90,9 @@ def get_config(arg=None):
             max_prompt_tokens=512,
             # Edit prompts also hold the condition image's slots (one per 2x2 latents: 1024 at 1024 px); 0 = as T2I.
             edit_prompt_tokens=1536,
+            # The condition images' (height, width) pixels of every edit, in order (the last sets the output's
+            # aspect ratio), each a size the pipeline keeps at image_size; () = one square source of the target size.
+            edit_condition_sizes=(),
             seed=0,
         )
     )

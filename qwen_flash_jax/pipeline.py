@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_flash_jax import checkpoint_io, convert
+from qwen_flash_jax.data import edit_images
+from qwen_flash_jax.diffusion import conditioning as conditioning_lib
 from qwen_flash_jax.diffusion import sampling
 from qwen_flash_jax.diffusion.sampling import Conditioning
 from qwen_flash_jax.diffusion.scheduler import FlowMatchScheduler
@@ -39,7 +40,6 @@ from qwen_flash_jax.errors import CheckpointError
 from qwen_flash_jax.loading import TransformerModel, from_params, load_transformer
 from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import ConfigError, read_config_json, read_json_object
-from qwen_flash_jax.models.layout import make_layout
 from qwen_flash_jax.models.vae_io import VAECodec, load_vae
 from qwen_flash_jax.safetensors_checkpoint import SafetensorsCheckpoint
 from qwen_flash_jax.text import prompts as prompts_lib
@@ -51,7 +51,7 @@ OUTPUT_TYPES = ("np", "pil", "latent")
 MODEL_INDEX = "model_index.json"
 COMPONENTS = ("transformer", "vae", "text_encoder", "scheduler")
 PIPELINE_CLASS = "QwenImage21Pipeline"
-SIZE_MULTIPLE = 32  # diffusers floors sizes to vae_scale_factor * 2 = 32 pixels
+SIZE_MULTIPLE = edit_images.SIZE_MULTIPLE
 
 
 @dataclasses.dataclass
@@ -111,42 +111,19 @@ class Pipeline:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         prompts = _prompt_list(prompt, "prompt")
         batch = len(prompts)
-        conditions = _condition_images(image)
-        if conditions:
-            last_h, last_w = conditions[-1].shape[:2]
-            auto_w, auto_h = _dimensions(output_resolution, last_w / last_h)
-            height, width = height or auto_h, width or auto_w
-        height, width = height or output_resolution, width or output_resolution
-        height, width = height // SIZE_MULTIPLE * SIZE_MULTIPLE, width // SIZE_MULTIPLE * SIZE_MULTIPLE
-        h, w, channels = self.vae.latent_shape(height, width)
-
-        # Condition images: one resize (about output_resolution**2 pixels at its own aspect ratio) feeds both the
-        # vision tower (alpha over white) and the VAE (RGBA).
-        resized = [_resize(img, *_dimensions(output_resolution, img.shape[1] / img.shape[0])) for img in conditions]
         do_cfg = true_cfg_scale > 1 and negative_prompt is not None
         negatives = _prompt_list(negative_prompt, "negative_prompt") if do_cfg else []
         if negatives and len(negatives) == 1 and batch > 1:
             negatives = negatives * batch
         if negatives and len(negatives) != batch:
             raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
-
         # All prompts (and negatives) padded to one length: one token layout, per-sample positions.
-        embeds, mask, slots = self.encode_prompt(prompts + negatives, resized)
-        target_tokens = h * w
-        shapes = [(1, *self.vae.latent_shape(*img.shape[:2])[:2]) for img in resized] + [(1, h, w)]
-        layout = make_layout(shapes, prompts_lib.append_target_slots(slots, target_tokens))
-        condition_latents = jnp.zeros((batch, 0, channels), jnp.float32)
-        if resized:
-            packed = [self.vae.pack(self.vae.encode(_rgba(img)[None])) for img in resized]
-            condition_latents = jnp.broadcast_to(
-                jnp.concatenate(packed, axis=1), (batch, sum(p.shape[1] for p in packed), channels)
-            )
-
-        def conditioning(rows):
-            return Conditioning(jnp.asarray(embeds[rows]), jnp.asarray(mask[rows]), condition_latents, layout)
-
-        cond = conditioning(slice(0, batch))
-        neg = conditioning(slice(batch, 2 * batch)) if do_cfg else None
+        both = self.conditioning(prompts + negatives, image, height, width, output_resolution)
+        cond = jax.tree.map(lambda x: x[:batch], both)
+        neg = jax.tree.map(lambda x: x[batch:], both) if do_cfg else None
+        h, w = cond.layout.img_shapes[-1][1:]
+        height, width = h * self.vae.scale_factor, w * self.vae.scale_factor
+        target_tokens, channels = h * w, self.vae.channels
 
         if latents is None:
             noise = jax.random.normal(jax.random.key(seed), (batch, target_tokens, channels), jnp.float32)
@@ -176,6 +153,36 @@ class Pipeline:
             images = [Image.fromarray(np.round(x * 255).astype(np.uint8), mode) for x in images]
         return PipelineOutput(images)
 
+    # --- conditioning -------------------------------------------------------------------------------------------
+    def conditioning(
+        self, prompts: list[str], image=None, height=None, width=None, output_resolution: int = 1024
+    ) -> Conditioning:
+        """What the transformer reads for `prompts` (one row each) and the shared condition images `image`: the
+        prompt states, the condition images' packed VAE latents and the token layout, the output's size from the
+        last image (or `height` x `width`), as `diffusion.conditioning.edit_spec` lays out a training edit."""
+        conditions = _condition_images(image)
+        if conditions:
+            auto_h, auto_w = edit_images.output_size(output_resolution, [img.shape[:2] for img in conditions])
+            height, width = height or auto_h, width or auto_w
+        height, width = height or output_resolution, width or output_resolution
+        height, width = height // SIZE_MULTIPLE * SIZE_MULTIPLE, width // SIZE_MULTIPLE * SIZE_MULTIPLE
+        h, w, channels = self.vae.latent_shape(height, width)
+        # Condition images: one resize (about output_resolution**2 pixels at its own aspect ratio) feeds both the
+        # vision tower (alpha over white) and the VAE (RGBA).
+        resized = []
+        for img in conditions:
+            size = edit_images.condition_size(output_resolution, *img.shape[:2])
+            resized.append(edit_images.resize(img, size[1], size[0]))
+        embeds, mask, slots = self.encode_prompt(prompts, resized)
+        condition_hw = [self.vae.latent_shape(*img.shape[:2])[:2] for img in resized]
+        layout = conditioning_lib.token_layout(slots, condition_hw, (h, w))
+        batch = len(prompts)
+        condition_latents = jnp.zeros((batch, 0, channels), jnp.float32)
+        if resized:
+            packed = edit_images.pack_condition_latents(self.vae, [edit_images.rgba(img)[None] for img in resized])
+            condition_latents = jnp.broadcast_to(jnp.asarray(packed), (batch,) + packed.shape[1:])
+        return Conditioning(jnp.asarray(embeds), jnp.asarray(mask), condition_latents, layout)
+
     # --- prompt encoding ----------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], images=()):
         """(prompt_embeds (B, L, D) float32, mask (B, L) bool, image-slot mask (B, L) bool) as diffusers'
@@ -192,7 +199,7 @@ class Pipeline:
         if not images:
             hidden = qwen3_vl.encode_features(te, ids, attn)
         else:
-            rgb = [_over_white(img) for img in images]
+            rgb = [edit_images.over_white(img) for img in images]
             patches = [vision_lib.image_patches(x[None], te.vision.config, backend="pil") for x in rgb]
             hidden = qwen3_vl.encode_features_multi(te, ids, attn, patches, [g for g, _ in grids])
         return prompts_lib.extract_prompt_embeds(
@@ -317,34 +324,3 @@ def _condition_images(image) -> list[np.ndarray]:
             raise ValueError(f"a condition image must be uint8 (H, W, 3 or 4), got {img.dtype} {img.shape}")
         out.append(img)
     return out
-
-
-def _dimensions(resolution: int, ratio: float) -> tuple[int, int]:
-    """(width, height) of about resolution**2 pixels at aspect `ratio` = width / height, multiples of 32."""
-    width = math.sqrt(resolution * resolution * ratio)
-    height = width / ratio
-    return round(width / 32) * 32, round(height / 32) * 32
-
-
-def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Lanczos resize of the RGBA image, as diffusers' VaeImageProcessor.resize does it (PIL)."""
-    from PIL import Image
-
-    pil = Image.fromarray(_rgba(img), "RGBA")
-    return np.asarray(pil.resize((width, height), resample=Image.LANCZOS))
-
-
-def _rgba(img: np.ndarray) -> np.ndarray:
-    if img.shape[-1] == 4:
-        return img
-    return np.concatenate([img, np.full(img.shape[:-1] + (1,), 255, np.uint8)], axis=-1)
-
-
-def _over_white(img: np.ndarray) -> np.ndarray:
-    """RGB for the vision tower: RGBA composited over white, as the pipeline pastes it with PIL."""
-    from PIL import Image
-
-    rgba = Image.fromarray(_rgba(img), "RGBA")
-    white = Image.new("RGB", rgba.size, (255, 255, 255))
-    white.paste(rgba, mask=rgba.getchannel("A"))
-    return np.asarray(white)

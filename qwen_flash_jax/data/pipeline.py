@@ -10,7 +10,9 @@ restored pipeline yields the identical stream.
 Fixed shapes: prompts are tokenized with Qwen-Image's template and RIGHT-padded to `max_prompt_tokens` (the text
 encoder is causal with mask-derived positions, so the valid tokens' states equal those of the diffusers pipeline's
 left-padded batch); dropping the system prefix is then a static slice. Images become packed latent tokens with the
-codec. A T2I batch and an edit batch therefore each have one static layout.
+codec. A T2I batch and an edit batch therefore each have one static layout. With `data.edit_condition_sizes` set,
+every edit example carries that many condition images (a record's "source" list, in order), each fitted to its
+size, and a target of the output size the last one gives (`data.edit_images`): one multi-image layout per run.
 
 Threads: grain's prefetch threads run `Preprocess` (tokenizing, numpy pixels) only; `EncodeImages` runs the codec
 once per batch in the thread that draws the batch, the one that dispatches the train steps. A VAE codec is a jitted
@@ -27,7 +29,7 @@ import grain
 import jax
 import numpy as np
 
-from qwen_flash_jax.data import mixing
+from qwen_flash_jax.data import edit_images, mixing
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.text import prompts as prompt_lib
@@ -88,9 +90,12 @@ class Preprocess:
     prompts: PromptEncoder
     codec: Any
     image_size: int
+    condition_sizes: tuple[tuple[int, int], ...] = ()  # edits: the condition images' sizes; () = one square source
 
     def __call__(self, record: dict) -> dict[str, np.ndarray]:
         category = np.int32(CATEGORIES[self.task].index(record["category"]))
+        if self.task == "edit" and self.condition_sizes:
+            return {**self._edit_with_layout(record), "category": category}
         if self.task == "t2i":
             input_ids, mask = self.prompts(record["caption"])
             out = {"target_pixels": self._pixels(record["image"])}
@@ -102,6 +107,26 @@ class Preprocess:
             out = {"source_pixels": source, "target_pixels": self._pixels(target)}
         return {**out, "input_ids": input_ids, "attention_mask": mask, "category": category}
 
+    def _edit_with_layout(self, record: dict) -> dict[str, np.ndarray]:
+        """The record's condition images fitted to `condition_sizes` (`source_pixels_<k>`), the target to the size
+        the last one gives the output."""
+        sources = record["source"]
+        sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+        if len(sources) != len(self.condition_sizes):
+            raise ValueError(
+                f"edit record {record.get('id')!r} has {len(sources)} condition images; data.edit_condition_sizes "
+                f"takes {len(self.condition_sizes)}"
+            )
+        out = {
+            f"source_pixels_{k}": edit_images.fit(image, *size)
+            for k, (image, size) in enumerate(zip(sources, self.condition_sizes))
+        }
+        slots = [h * w // 4 for h, w, _ in (self.codec.latent_shape(*size) for size in self.condition_sizes)]
+        input_ids, mask = self.prompts(record["instruction"], slots)
+        target = record["target"] if record["target"] is not None else sources[-1]
+        out["target_pixels"] = edit_images.fit(target, *edit_images.output_size(self.image_size, self.condition_sizes))
+        return {**out, "input_ids": input_ids, "attention_mask": mask}
+
     def _pixels(self, image) -> np.ndarray:
         if image is None:  # prompt-only records (real T2I prompt sets): DMD needs no target image; a black one
             return np.zeros((self.image_size, self.image_size, 3), np.uint8)
@@ -111,7 +136,9 @@ class Preprocess:
 @dataclasses.dataclass
 class EncodeImages:
     """Batch of pixels -> batch of packed latents: `target_pixels` -> `target_latents`, an edit's `source_pixels`
-    -> `condition_latents` (and `condition_pixels` too where the text encoder's vision tower reads them).
+    -> `condition_latents` (and `condition_pixels` too where the text encoder's vision tower reads them). Several
+    condition images (`source_pixels_<k>`) give their latents one after the other and their pixels flattened
+    (B, sum of H_k*W_k, 3), as `diffusion.conditioning` reads them.
 
     One codec call per batch, in the consumer's thread (see the module docstring). A batch that is all black (the
     prompt-only T2I sets) reuses one black image's latents instead of a VAE pass per step.
@@ -129,6 +156,12 @@ class EncodeImages:
             out["condition_latents"] = self._latents(source)
             if self.condition_pixels:
                 out["condition_pixels"] = np.asarray(source, np.uint8)
+        images = [out.pop(f"source_pixels_{k}") for k in range(sum(key.startswith("source_pixels_") for key in out))]
+        if images:
+            out["condition_latents"] = edit_images.pack_condition_latents(self.codec, images)
+            if self.condition_pixels:
+                flat = [np.asarray(x, np.uint8).reshape(x.shape[0], -1, x.shape[-1]) for x in images]
+                out["condition_pixels"] = np.concatenate(flat, axis=1)
         return out
 
     def _latents(self, pixels: np.ndarray) -> np.ndarray:
@@ -205,7 +238,8 @@ def build_pipeline(
         if share == 0:
             continue
         weights = dict(data_config[f"{task}_weights"])
-        preprocess = Preprocess(task, prompts, codec, int(data_config.image_size))
+        sizes = edit_condition_sizes(data_config) if task == "edit" else ()
+        preprocess = Preprocess(task, prompts, codec, int(data_config.image_size), sizes)
         streams[task] = task_stream(
             task,
             sources.get(task, {}),
@@ -218,6 +252,18 @@ def build_pipeline(
             process_count=process_count,
         )
     return mixing.TaskInterleaveIterDataset(streams, ratio, slot_batches)
+
+
+def edit_condition_sizes(data_config) -> tuple[tuple[int, int], ...]:
+    """`data.edit_condition_sizes` as ((height, width), ...) pixels; () when unset (one square source)."""
+    sizes = data_config.get("edit_condition_sizes", ()) or ()
+    try:
+        out = tuple((int(h), int(w)) for h, w in sizes)
+    except (TypeError, ValueError):
+        raise ConfigError(f"data.edit_condition_sizes must be a list of (height, width) pairs, got {sizes!r}") from None
+    if any(h <= 0 or w <= 0 for h, w in out):
+        raise ConfigError(f"data.edit_condition_sizes must be positive sizes, got {sizes!r}")
+    return out
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:

@@ -66,7 +66,7 @@ class Generator:
     def _run(self, params, task, texts, sources, num_steps, cfg_scale, seed, student, timesteps=None):
         """`timesteps`: the input times of a teacher's Euler steps (decreasing; 0 is appended); None = the shifted
         schedule of `num_steps` steps."""
-        spec = self.assets.tasks[task]
+        spec = self.assets.eval_tasks[task]
         codec = self.assets.codec
         h, w = spec.latent_hw
         outputs = []

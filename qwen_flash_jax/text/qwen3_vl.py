@@ -513,6 +513,12 @@ def _encode_with_images_multi(params: Qwen3VLParams, input_ids, attention_mask, 
 _encode_with_images_multi_jit = jax.jit(_encode_with_images_multi, static_argnames=("grids",))
 
 
+def encode_features_per_row(params: Qwen3VLParams, input_ids, attention_mask, patches, grids):
+    """`encode_features_multi` inside jit, each row with its own K images: `patches[k]` (B, h_k*w_k, patch_dim),
+    `grids` static. The caller guarantees every row's valid `<|image_pad|>` runs match the grids."""
+    return _encode_with_images_multi(params, input_ids, attention_mask, tuple(patches), grids)
+
+
 def encode_features_multi(params: Qwen3VLParams, input_ids, attention_mask, patches, grids):
     """`encode_features` for K condition images of any sizes shared by every row (as the pipeline passes them):
     `patches[k]` (1, h_k*w_k, patch_dim) from `image_patches`, `grids[k]` = (h_k, w_k) in patches; every row's

@@ -40,7 +40,12 @@ class Assets:
     text_encoder: Any  # TextEncoderParams (toy), or qwen3_vl.Qwen3VLParams
     codec: Any
     prompts: pipeline_lib.PromptEncoder
-    tasks: dict[str, TaskSpec]
+    tasks: dict[str, TaskSpec]  # what the training batches hold (an edit of `data.edit_condition_sizes` if set)
+    # What sampling and evaluation build from one square source image per edit (`eval.generate.Generator`).
+    eval_tasks: dict[str, TaskSpec] | None = None
+
+    def __post_init__(self):
+        self.eval_tasks = self.eval_tasks or self.tasks
 
     @property
     def condition_pixels(self) -> bool:
@@ -70,14 +75,23 @@ def build_assets(config, log: Callable[[str], None] = print) -> Assets:
     prompts = pipeline_lib.PromptEncoder.from_config(tokenizer, config.data)
     vision = getattr(te_params, "vision", None)
     try:
-        tasks = task_specs(prompts, codec, int(config.data.image_size), vision and vision.config)
+        eval_tasks = task_specs(prompts, codec, int(config.data.image_size), vision and vision.config)
     except ValueError as e:
         raise ConfigError(f"data.image_size={config.data.image_size}: {e}") from None
-    return Assets(sources, tokenizer, te_params, codec, prompts, tasks)
+    tasks = eval_tasks
+    sizes = pipeline_lib.edit_condition_sizes(config.data)
+    if sizes:
+        try:
+            tasks = task_specs(prompts, codec, int(config.data.image_size), vision and vision.config, sizes)
+        except ValueError as e:
+            raise ConfigError(f"data.edit_condition_sizes={[list(s) for s in sizes]}: {e}") from None
+    return Assets(sources, tokenizer, te_params, codec, prompts, tasks, eval_tasks)
 
 
 def _sources(config, log):
     d = config.data
+    if d.source == "toy_world" and pipeline_lib.edit_condition_sizes(d):
+        raise ConfigError("data.edit_condition_sizes needs data.source='jsonl' (the toy world has one source per edit)")
     if d.source == "toy_world":
         log(f"toy world data: {d.examples_per_category} records per category at {d.image_size}px")
         return sources_lib.toy_world_sources(
@@ -92,7 +106,9 @@ def _sources(config, log):
         if d.t2i_jsonl:
             parts.append(sources_lib.jsonl_t2i_sources(d.t2i_jsonl, **kw))
         if d.edit_jsonl:
-            parts.append(sources_lib.jsonl_edit_sources(d.edit_jsonl, **kw))
+            # Edits of a given layout read their images at their own sizes: the input pipeline fits each one.
+            layout = bool(pipeline_lib.edit_condition_sizes(d))
+            parts.append(sources_lib.jsonl_edit_sources(d.edit_jsonl, **(kw | dict(size=None) if layout else kw)))
         if not parts:
             raise ConfigError("data.source='jsonl' needs data.t2i_jsonl and/or data.edit_jsonl")
         return sources_lib.merge_sources(*parts)

@@ -164,6 +164,8 @@ def _sample_prompts(config, sources: dict, count: int):
             if i // len(cats) < len(source):
                 picked[task].append(source[i // len(cats)])
     captions = [r["caption"] for r in picked["t2i"]]
+    if pipeline_lib.edit_condition_sizes(config.data):
+        picked["edit"] = []  # the sample grids show one square source per edit; these edits have several images
     size = int(config.data.image_size)
     edits = [(_fit(r["source"], size), r["instruction"]) for r in picked["edit"]]
     return captions, edits

@@ -1,13 +1,16 @@
 """Real data as JSONL files: T2I prompts (optionally with images) and edit pairs pointing to image files.
 
 T2I line:  {"prompt": str, "category": one of T2I_CATEGORIES, "image": optional path, "id": optional}
-Edit line: {"instruction": str, "category": one of EDIT_CATEGORIES, "source": path, "target": optional path,
-            "id": optional}
+Edit line: {"instruction": str, "category": one of EDIT_CATEGORIES, "source": path or [path, ...],
+            "target": optional path, "id": optional}
+A list of sources is an edit's condition images in order (the last one sets the output's aspect ratio); its
+record's "source" is then a list of arrays.
 
 Relative paths resolve against ``image_root`` or else the JSONL file's folder. Opening parses and validates every
 line (JSON, fields, category, image files exist) but keeps only each good line's byte offset, so a source of a
 million lines is a few MB and pickles cheaply; ``__getitem__`` re-reads its line and decodes the images (PIL, RGB,
-EXIF orientation applied, resized to (size, size) with Lanczos; non-square images are stretched). A record's id is
+EXIF orientation applied, resized to (size, size) with Lanczos; non-square images are stretched; ``size=None``
+keeps every image's own size, for edits laid out by `data.edit_images`). A record's id is
 its "id" field, else ``<file name>:<line number>``.
 
 Bad records: ``on_bad_record="error"`` raises ``DataError("<file>:<line>: <problem>")`` for the first one;
@@ -47,9 +50,12 @@ class _Bad(Exception):
         self.reason = reason
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 RGB from an image file; raises whatever PIL raises for an unreadable one."""
+def load_image(path: str, size: int | None) -> np.ndarray:
+    """(size, size, 3) uint8 RGB from an image file (its own size if `size` is None); raises whatever PIL raises
+    for an unreadable one."""
     with Image.open(path) as im:
+        if size is None:
+            return np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
         if im.format == "JPEG":
             im.draft("RGB", (2 * size, 2 * size))  # DCT-domain downscale first: much faster for big JPEGs
         im = ImageOps.exif_transpose(im).convert("RGB")
@@ -63,12 +69,24 @@ class _Schema:
     """Which fields a task's lines have; `parse` validates a decoded line into (category, text, id, image paths)."""
 
     def __init__(
-        self, task: str, text: str, record_text: str, images: tuple[tuple[str, bool], ...], categories: tuple[str, ...]
+        self,
+        task: str,
+        text: str,
+        record_text: str,
+        images: tuple[tuple[str, bool], ...],
+        categories: tuple[str, ...],
+        lists: tuple[str, ...] = (),
     ):
         self.task, self.text, self.record_text = task, text, record_text  # JSONL field, record key
         self.images, self.categories = images, categories  # images: (field, required)
+        self.lists = lists  # image fields that may hold a non-empty list of paths
 
-    def parse(self, obj: Any, base: str, default_id: str) -> tuple[str, str, str, dict[str, str | None]]:
+    def _path(self, field: str, value: Any, base: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise _Bad("invalid_field", f"field {field!r} must be a non-empty path string, got {value!r}")
+        return os.path.normpath(os.path.join(base, os.path.expanduser(value.strip())))
+
+    def parse(self, obj: Any, base: str, default_id: str) -> tuple[str, str, str, dict[str, Any]]:
         if not isinstance(obj, dict):
             raise _Bad("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
         required = [self.text, "category"] + [f for f, req in self.images if req]
@@ -92,20 +110,24 @@ class _Schema:
         rid = obj.get("id", default_id)
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
             raise _Bad("invalid_field", f"field 'id' must be a non-empty string or an integer, got {rid!r}")
-        paths: dict[str, str | None] = {}
+        paths: dict[str, Any] = {}
         for field, _ in self.images:
             value = obj.get(field)
             if value is None:
                 paths[field] = None
-            elif not isinstance(value, str) or not value.strip():
-                raise _Bad("invalid_field", f"field {field!r} must be a non-empty path string, got {value!r}")
+            elif field in self.lists and isinstance(value, list):
+                if not value:
+                    raise _Bad("invalid_field", f"field {field!r} must be a path or a non-empty list of paths")
+                paths[field] = [self._path(field, v, base) for v in value]
             else:
-                paths[field] = os.path.normpath(os.path.join(base, os.path.expanduser(value.strip())))
+                paths[field] = self._path(field, value, base)
         return category, text, str(rid), paths
 
 
 T2I = _Schema("t2i", "prompt", "caption", (("image", False),), T2I_CATEGORIES)
-EDIT = _Schema("edit", "instruction", "instruction", (("source", True), ("target", False)), EDIT_CATEGORIES)
+EDIT = _Schema(
+    "edit", "instruction", "instruction", (("source", True), ("target", False)), EDIT_CATEGORIES, lists=("source",)
+)
 
 
 # ------------------------------------------------------------------------------------------------- the source
@@ -174,15 +196,18 @@ class JsonlSource:
         default_id = f"{os.path.basename(self.path)}:{lineno}"
         category, text, rid, paths = self.schema.parse(json.loads(line), self.base, default_id)
         images = {}
-        for field, path in paths.items():
-            try:
-                images[field] = None if path is None else load_image(path, self.size)
-            except Exception as e:  # noqa: BLE001 - any decoding failure makes the record unusable
-                raise _Bad(
-                    "unreadable_image",
-                    f"{self.path}:{lineno}: record {rid!r}: cannot read {field} image "
-                    f"{path!r}: {one_line(e) or type(e).__name__}",
-                ) from None
+        for field, value in paths.items():
+            images[field] = None
+            for path in [value] if isinstance(value, str) else value or []:
+                try:
+                    image = load_image(path, self.size)
+                except Exception as e:  # noqa: BLE001 - any decoding failure makes the record unusable
+                    raise _Bad(
+                        "unreadable_image",
+                        f"{self.path}:{lineno}: record {rid!r}: cannot read {field} image "
+                        f"{path!r}: {one_line(e) or type(e).__name__}",
+                    ) from None
+                images[field] = image if isinstance(value, str) else [*(images[field] or []), image]
         return {"id": rid, "category": category, self.schema.record_text: text, **images, "spec": ""}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -218,7 +243,7 @@ def _decode(raw: bytes) -> Any:
 def _open(
     schema: _Schema, path: str | os.PathLike, size: int, on_bad_record: str, image_root: str | os.PathLike | None
 ) -> TaskSources:
-    size = check_int("size", size, 1)
+    size = None if size is None else check_int("size", size, 1)
     on_bad_record = check_on_bad_record(on_bad_record)
     path = os.path.abspath(os.fspath(path))
     base = os.path.dirname(path) if image_root is None else os.path.abspath(os.fspath(image_root))
@@ -244,9 +269,10 @@ def _open(
             try:
                 obj = _decode(raw)
                 category, _, rid, paths = schema.parse(obj, base, f"{name}:{lineno}")
-                for field, p in paths.items():
-                    if p is not None and not os.path.isfile(p):
-                        raise _Bad("missing_file", f"record {rid!r}: {field} image file not found: {p!r}")
+                for field, value in paths.items():
+                    for p in [value] if isinstance(value, str) else value or []:
+                        if not os.path.isfile(p):
+                            raise _Bad("missing_file", f"record {rid!r}: {field} image file not found: {p!r}")
             except _Bad as bad:
                 if on_bad_record == "error":
                     raise DataError(f"{path}:{lineno}: {bad}") from None
@@ -286,7 +312,7 @@ def _open(
 def jsonl_t2i_sources(
     path: str | os.PathLike,
     *,
-    size: int = 32,
+    size: int | None = 32,
     on_bad_record: str = "error",
     image_root: str | os.PathLike | None = None,
 ) -> TaskSources:
@@ -297,9 +323,10 @@ def jsonl_t2i_sources(
 def jsonl_edit_sources(
     path: str | os.PathLike,
     *,
-    size: int = 32,
+    size: int | None = 32,
     on_bad_record: str = "error",
     image_root: str | os.PathLike | None = None,
 ) -> TaskSources:
-    """{"edit": {category: source}} from a JSONL of edit pairs; records without a target have ``target=None``."""
+    """{"edit": {category: source}} from a JSONL of edit pairs; records without a target have ``target=None``;
+    ``size=None`` keeps the images' own sizes."""
     return _open(EDIT, path, size, on_bad_record, image_root)
