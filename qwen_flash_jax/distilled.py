@@ -88,11 +88,12 @@ def student_schedule(config) -> StudentSchedule:
 
 @dataclasses.dataclass(frozen=True)
 class StudentCheckpoint:
-    """The latest complete checkpoint of a training workdir, and which of its weight trees to read."""
+    """The latest complete checkpoint of a training workdir, and which of its weight trees to read (the student's,
+    its EMA's, or the fake score's: all three are transformers of the run's config)."""
 
     state_dir: pathlib.Path
     step: int
-    which: str  # "student" or "ema"
+    which: str  # "student", "ema" or "fake" (the fake score)
     leaves: dict  # our param path -> (shape, dtype) of that leaf
 
     def read_leaf(self, path: tuple[str, ...]) -> np.ndarray:
@@ -133,6 +134,22 @@ class StudentCheckpoint:
 def open_student(workdir, *, ema: bool | None = False) -> StudentCheckpoint:
     """The student weights of the latest complete checkpoint in `workdir`. `ema`: True reads the EMA (an error
     when the run kept none), False the raw student, None the weights the run evaluates (the EMA if any)."""
+    state_dir, step, tree = _latest_state(workdir)
+    has_ema = bool(_flatten(tree.get("ema")))
+    if ema and not has_ema:
+        raise CheckpointError(f"the run in {workdir} kept no EMA of the student (student.ema_decay was 0)")
+    which = "ema" if (ema or (ema is None and has_ema)) else "student"
+    return _weights(state_dir, step, tree, which)
+
+
+def open_fake_score(workdir) -> StudentCheckpoint:
+    """The fake score's weights in the latest complete checkpoint of `workdir` (the network DMD compares with
+    the teachers; the same transformer as the student's)."""
+    return _weights(*_latest_state(workdir), "fake")
+
+
+def _latest_state(workdir) -> tuple[pathlib.Path, int, dict]:
+    """(state directory, step, metadata tree) of the latest complete distillation checkpoint in `workdir`."""
     workdir = pathlib.Path(workdir)
     if not workdir.is_dir():
         raise CheckpointError(f"workdir {workdir} does not exist or is not a directory")
@@ -149,12 +166,12 @@ def open_student(workdir, *, ema: bool | None = False) -> StudentCheckpoint:
         raise CheckpointError(f"{state_dir}: cannot read the checkpoint: {' '.join(str(e).split())}") from None
     if "student" not in tree:
         raise CheckpointError(f"{state_dir} is not a distillation checkpoint (it holds no student)")
-    has_ema = bool(_flatten(tree.get("ema")))
-    if ema and not has_ema:
-        raise CheckpointError(f"the run in {workdir} kept no EMA of the student (student.ema_decay was 0)")
-    which = "ema" if (ema or (ema is None and has_ema)) else "student"
+    return state_dir, steps[-1], tree
+
+
+def _weights(state_dir, step: int, tree, which: str) -> StudentCheckpoint:
     leaves = {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in _flatten(tree[which]).items()}
-    return StudentCheckpoint(state_dir, steps[-1], which, leaves)
+    return StudentCheckpoint(state_dir, step, which, leaves)
 
 
 def _flatten(tree, prefix=()) -> dict:

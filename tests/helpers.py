@@ -50,6 +50,18 @@ def tiny_distill_config(cache_dir):
     return config
 
 
+def config_overrides(config, base, prefix="") -> list[str]:
+    """`section.field=value` texts (as `--config.section.field=value` and `distilled.load_run_config` take them)
+    that turn the config `base` into `config`, e.g. a config file's toy config into `tiny_distill_config`."""
+    out = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out += config_overrides(value, base[key], f"{prefix}{key}.")
+        elif value != base[key] and not (isinstance(value, tuple) and tuple(base[key]) == value):
+            out.append(f"{prefix}{key}={value!r}")
+    return out
+
+
 def world_records(task, category, n, seed):
     """`n` toy-world records of one category, as a data source yields them."""
     rng = np.random.default_rng([seed, pipeline.CATEGORIES[task].index(category)])

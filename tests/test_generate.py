@@ -4,7 +4,6 @@ as one line, exit status 2 and no output folder."""
 import json
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,20 +13,9 @@ from qwen_flash_jax.loading import build_transformer
 from qwen_flash_jax.models.config import TransformerConfig
 from qwen_flash_jax.train import teacher
 from tests import qwen_image_folder as folder_lib
-from tests.helpers import tiny_distill_config
+from tests.helpers import config_overrides, tiny_distill_config
 
 TOY_PROMPTS = ["a bright landscape with a red sun", "a portrait of a woman with short hair"]
-
-
-def _overrides(config, base, prefix="") -> list[str]:
-    """`--config.a.b=value` arguments that turn the config file's `base` into `config`."""
-    out = []
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            out += _overrides(value, base[key], f"{prefix}{key}.")
-        elif value != base[key] and not (isinstance(value, tuple) and tuple(base[key]) == value):
-            out.append(f"--config.{prefix}{key}={value!r}")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +29,8 @@ def toy_run(toy_cache, tmp_path_factory):
     base = jax.device_get(teacher.ensure_teacher(config, "base", log=lambda *_: None))
     workdir = tmp_path_factory.mktemp("toy_run") / "run"
     folder_lib.training_workdir(workdir, folder_lib.perturbed(base, 1, 0.01), folder_lib.perturbed(base, 2, 0.01))
-    args = ["--config=configs/teacher.py:toy", *_overrides(config, config_lib.load_config("configs/teacher.py:toy"))]
+    overrides = config_overrides(config, config_lib.load_config("configs/teacher.py:toy"))
+    args = ["--config=configs/teacher.py:toy", *(f"--config.{o}" for o in overrides)]
     return workdir, args, int(config.data.image_size)
 
 
