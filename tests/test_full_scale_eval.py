@@ -177,7 +177,9 @@ def test_a_full_scale_sweep_writes_its_vlm_table(tiny_checkpoints, tmp_path, mon
     """Two rows scored by the VLM judges: the table that `--variant=full` once crashed building, after every row
     had trained (unscored rows: tests/test_sweep.py)."""
     monkeypatch.setitem(
-        sweep.SUITES, "pair", (("first", "configs/t2i_only.py:{variant}"), ("second", "configs/t2i_only.py:{variant}"))
+        sweep.SUITES,
+        "pair",
+        (("first", "configs/t2i_only.py:{variant}", ()), ("second", "configs/t2i_only.py:{variant}", ())),
     )
     workdir = tmp_path / "sweep"
     with FakeJudgeServer(default=script) as server:
