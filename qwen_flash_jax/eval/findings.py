@@ -268,9 +268,13 @@ def measure(a: Side, b: Side, task: str, category: str | None, sign: int) -> Dif
     def paired(x, y):
         return paired_difference({"a": restrict(x), "b": restrict(y)}, "a", "b", task)
 
-    means = [seed_mean([x.at(s) for s in (x.seeds() or [None])]) for x in (a, b)]
-    diff.pooled = paired(*means)
+    # Two student rows pool only the seeds both have finished: a row's second seed must not be compared with
+    # the other's first alone.
     seeds = sorted(a.seeds() & b.seeds()) if a.seeds() and b.seeds() else sorted(a.seeds() | b.seeds())
+    if not seeds and (a.seeds() or b.seeds()):
+        return diff
+    means = [seed_mean([x.at(s) for s in (seeds or [None])]) for x in (a, b)]
+    diff.pooled = paired(*means)
     diff.per_seed = {s: paired(a.at(s), b.at(s)) for s in seeds}
     return diff
 
