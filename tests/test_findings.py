@@ -193,6 +193,18 @@ def test_pairs_on_the_seed_mean_and_per_seed(tmp_path):
     assert {s: v[0] for s, v in d.per_seed.items()} == pytest.approx({0: 1.0, 1: 0.0})
 
 
+def test_two_student_rows_pool_only_the_seeds_both_have_finished():
+    """A row with a second seed against a row with only its first: seed 1 must not enter the pooled difference."""
+    a = findings.Side(
+        "a", {0: _entry(4, {"x": [3.0, 3.0]}, {"y": [1.0]}), 1: _entry(4, {"x": [1.0, 1.0]}, {"y": [1.0]})}
+    )
+    b = findings.Side("b", {0: _entry(4, {"x": [2.0, 2.0]}, {"y": [1.0]})})
+    d = findings.measure(a, b, "t2i", None, 1)
+    assert d.pooled == pytest.approx((1.0, 1.0, 1.0)) and list(d.per_seed) == [0]
+    c = findings.Side("c", {1: _entry(4, {"x": [2.0, 2.0]}, {"y": [1.0]})})
+    assert findings.measure(b, c, "t2i", None, 1).pooled is None  # no seed in common: not measured
+
+
 def test_probe_events_are_read_without_tensorflow_and_a_truncated_tail_is_skipped(tmp_path):
     _write_events(tmp_path, {0: 2.0, 100: 2.5})
     (event_file,) = tmp_path.glob("events.out.tfevents.*")
