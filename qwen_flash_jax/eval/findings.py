@@ -21,26 +21,34 @@ import json
 import os
 import pathlib
 import platform
-import re
-import struct
 import subprocess
 
-import numpy as np
 from absl import app, flags
-from tensorboard.compat.proto import event_pb2  # the protobuf alone: reading events needs no TensorFlow
 
 from qwen_flash_jax import atomic
 from qwen_flash_jax.errors import command_line_errors
-from qwen_flash_jax.eval import compare, plots
+from qwen_flash_jax.eval import plots
+from qwen_flash_jax.eval.paper_numbers import PAPER, PAPER_EDIT_CATEGORIES, PAPER_T2I_CATEGORIES  # noqa: F401
 from qwen_flash_jax.eval.report import paired_difference
-
-# The paper suite's rows (sweep.PAPER_ROWS, which tests/test_findings.py checks against), in the sweep's order, and
-# its distillation seeds per row (sweep.DEFAULT_SEEDS["paper"]).
-ROW_LABELS = ("5:5", "T2I only", "single", "single + first-step FM", "9:1", "7:3", "E1", "E2", "E3", "E4", "E5")
-SEEDS = 2
-STEPWISE = "T2I only"  # F3's step-wise multi-teacher row is the T2I-only student (configs/t2i_only.py)
-DOC = "paper_findings.md"
-PLOT_DIR = "paper_findings"
+from qwen_flash_jax.eval.sweep_rows import (  # noqa: F401  (re-exported: the sweep and tests use findings.X)
+    DOC,
+    PLOT_DIR,
+    ROW_LABELS,
+    SEEDS,
+    STEPWISE,
+    FindingsError,
+    Row,
+    Timing,
+    events,
+    load_rows,
+    only_category,
+    probe_curves,
+    read_scalars,
+    row_dirname,
+    row_times,
+    seed_label,
+    seed_mean,
+)
 
 REPRODUCES, CONTRADICTS, INCONCLUSIVE, NOT_MEASURED = (
     "reproduces",
@@ -52,160 +60,6 @@ REPRODUCES, CONTRADICTS, INCONCLUSIVE, NOT_MEASURED = (
 # two rows is not told apart. Probe scores are category means without per-sample scores, so there is no bootstrap;
 # 0.05 on the 1-5 scale is about the half-width of the final scores' paired intervals in the toy.
 DROP_MARGIN = 0.05
-
-
-class FindingsError(ValueError):
-    """The sweep directory cannot give findings (no such directory, rows without toy scores)."""
-
-
-def row_dirname(label: str) -> str:
-    """A row's directory under the sweep's workdir (the sweep names them with this too)."""
-    return "".join(c if c.isalnum() else "_" for c in label)
-
-
-def seed_label(label: str, seed: int) -> str:
-    """The sweep's label of a row's seed-th distillation: seed 0 is the row itself."""
-    return label if seed == 0 else f"{label}, seed {seed}"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The paper's numbers, quoted from /work/shared/paper/qwen-image-flash.md (arXiv 2606.03746): per row the
-# (Gemini 3.1 Pro, GPT 5.5) scores, in the tables' column order; tests/test_findings.py checks each against the text.
-
-PAPER_T2I_CATEGORIES = ("landscape", "portrait", "text-centric", "average")
-PAPER_EDIT_CATEGORIES = ("scene", "enhance", "object", "text", "identity", "style", "average")
-PAPER = {
-    "Table 1": {  # T2I-Bench, 4-NFE students by training data; rank column: E2 1, E4 2, E1 3, E5 4, E3 5
-        "E1": ((3.53, 3.37, 3.01, 3.30), (4.30, 4.31, 3.77, 4.13)),
-        "E2": ((3.56, 3.57, 3.12, 3.42), (4.35, 4.34, 3.76, 4.15)),
-        "E3": ((2.55, 3.38, 1.97, 2.63), (3.34, 3.88, 2.64, 3.29)),
-        "E4": ((3.61, 3.54, 3.04, 3.40), (4.24, 4.33, 3.62, 4.06)),
-        "E5": ((3.53, 3.47, 2.05, 3.02), (4.08, 4.23, 2.54, 3.62)),
-    },
-    "Table 2": {  # T2I-Bench
-        "Qwen-Image-2.0-Base (80 NFE)": ((3.52, 3.64, 3.08, 3.41), (4.24, 4.30, 3.73, 4.09)),
-        "Qwen-Image-2.0-Task-Specialized (80 NFE)": ((3.98, 3.82, 3.41, 3.74), (4.34, 4.47, 3.88, 4.26)),
-        "Qwen-Image-Flash-T2I (4 NFE)": ((3.88, 3.81, 3.00, 3.56), (4.30, 4.41, 3.75, 4.15)),
-    },
-    "Table 3": {  # Editing-Bench
-        "Teacher": ((2.52, 2.75, 2.33, 3.25, 3.16, 2.62, 2.77), (3.61, 3.22, 3.05, 3.69, 3.53, 3.56, 3.44)),
-        "Zero-shot (T2I only)": (
-            (2.78, 2.81, 2.25, 2.84, 3.16, 2.78, 2.77),
-            (3.57, 3.03, 3.01, 3.11, 3.41, 3.52, 3.28),
-        ),
-        "9:1": ((2.43, 2.25, 2.09, 2.83, 3.12, 2.75, 2.58), (3.48, 3.21, 2.87, 3.25, 3.53, 3.50, 3.31)),
-        "7:3": ((2.49, 2.80, 2.34, 3.35, 3.18, 3.05, 2.87), (3.46, 2.87, 3.08, 3.58, 3.52, 3.63, 3.36)),
-        "5:5": ((2.86, 2.25, 2.68, 3.18, 3.19, 3.68, 2.97), (3.66, 3.06, 3.20, 3.13, 3.47, 3.92, 3.41)),
-    },
-    "Table 4": {  # T2I-Bench
-        "Task-Specialized teacher": ((3.98, 3.82, 3.41, 3.74), (4.34, 4.47, 3.88, 4.26)),
-        "Zero-shot (T2I only)": ((3.88, 3.81, 3.00, 3.56), (4.30, 4.41, 3.75, 4.15)),
-        "9:1": ((4.04, 3.58, 3.17, 3.60), (4.39, 4.37, 3.77, 4.18)),
-        "7:3": ((3.81, 3.77, 3.21, 3.60), (4.35, 4.40, 3.84, 4.20)),
-        "5:5": ((3.95, 3.85, 3.14, 3.65), (4.34, 4.37, 3.76, 4.16)),
-    },
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading the sweep
-
-
-@dataclasses.dataclass
-class Row:
-    label: str
-    results: dict  # seed -> that seed's results.json, finished seeds only
-    status: dict  # seed -> "done" | "started, not finished" | "not run yet"
-    curves: dict  # seed -> {"t2i": {step: score}, "edit": {step: score}} from the probes' TensorBoard scalars
-
-    @property
-    def done(self) -> bool:
-        return bool(self.results)
-
-    def student(self, seed: int) -> dict:
-        results = self.results[seed]
-        return results[compare.resolve(results, "student")]
-
-
-def load_rows(workdir, labels=ROW_LABELS, seeds: int = SEEDS) -> dict[str, Row]:
-    workdir = pathlib.Path(workdir)
-    if not workdir.is_dir():
-        raise FindingsError(f"{workdir}: no such sweep directory")
-    rows = {}
-    for label in labels:
-        row = Row(label, {}, {}, {})
-        for seed in range(seeds):
-            row_dir = workdir / row_dirname(seed_label(label, seed))
-            if (row_dir / "results.json").is_file():
-                try:
-                    results = compare.load_results(row_dir)
-                except compare.CompareError as e:
-                    raise FindingsError(str(e)) from None
-                if not all("t2i_scores" in r for r in results.values()):
-                    raise FindingsError(f"{row_dir}: results.json without per-sample toy scores (a full-scale row?)")
-                row.results[seed], row.status[seed] = results, "done"
-            else:
-                row.status[seed] = "started, not finished" if row_dir.is_dir() else "not run yet"
-            if row_dir.is_dir():
-                row.curves[seed] = probe_curves(row_dir / "logs")
-        rows[label] = row
-    return rows
-
-
-def events(path):
-    """The Event protos of one TensorBoard event file, read from its TFRecord framing (length, its CRC, the proto,
-    its CRC) so that no TensorFlow is loaded; a record a running job is still writing (a truncated tail) is skipped."""
-    data, pos = pathlib.Path(path).read_bytes(), 0
-    while pos + 12 <= len(data):
-        (length,) = struct.unpack_from("<Q", data, pos)
-        start, end = pos + 12, pos + 12 + length
-        if end + 4 > len(data):
-            return
-        pos = end + 4
-        yield event_pb2.Event.FromString(data[start:end])
-
-
-def read_scalars(logdir, prefix: str = "") -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of the scalars in `logdir`'s TensorBoard event files (tags starting with `prefix`).
-    Later files win a step written twice (a resumed run)."""
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
-        for event in events(path):
-            for value in event.summary.value:
-                if not value.tag.startswith(prefix):
-                    continue
-                if value.HasField("tensor"):  # clu writes scalars as rank-0 tensors
-                    tensor = value.tensor
-                    number = tensor.float_val[0] if tensor.float_val else np.frombuffer(tensor.tensor_content, "<f4")[0]
-                else:
-                    number = value.simple_value
-                out.setdefault(value.tag, {})[int(event.step)] = float(number)
-    return out
-
-
-def probe_curves(logdir) -> dict[str, dict[int, float]]:
-    """The probe's T2I and edit averages by training step (distill_job writes them as probe/*_average)."""
-    scalars = read_scalars(logdir, "probe/")
-    return {task: dict(sorted(scalars.get(f"probe/{task}_average", {}).items())) for task in ("t2i", "edit")}
-
-
-def seed_mean(entries: list[dict]) -> dict:
-    """One results entry whose per-sample scores are the mean over `entries` (the same samples in each), with its
-    category means and averages recomputed from them."""
-    out = {}
-    for task in ("t2i", "edit"):
-        scores = {
-            c: list(np.mean([e[f"{task}_scores"][c] for e in entries], axis=0)) for c in entries[0][f"{task}_scores"]
-        }
-        out[f"{task}_scores"] = scores
-        out[task] = {c: float(np.mean(s)) for c, s in scores.items()}
-        out[f"{task}_average"] = float(np.mean(list(out[task].values())))
-    return out
-
-
-def only_category(entry: dict, task: str, category: str) -> dict:
-    """`entry` restricted to one category of `task`: its paired difference is that category's."""
-    return {f"{task}_scores": {category: entry[f"{task}_scores"][category]}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -533,60 +387,6 @@ def _score_table(rows: dict[str, Row], s: dict[str, Side], labels, task: str) ->
         cells = " | ".join(f"{mean[task][c]:.3f}" for c in cats)
         lines.append(f"| {label} | {n} | {cells} | {mean[f'{task}_average']:.3f} | {per_seed} |")
     return lines + [""]
-
-
-@dataclasses.dataclass
-class Timing:
-    seconds: dict  # sweep label -> seconds
-    source: dict  # sweep label -> where the number came from
-
-
-def row_times(workdir, labels, seeds: int, sweep_log=None) -> Timing:
-    """Each finished row's wall time: the sweep's own "row ... finished in Ns" line when its log is given; else from
-    the row's logs (`_logged_span`). The first row's includes training the shared teachers, and a row resumed after a
-    stop counts the gap."""
-    workdir = pathlib.Path(workdir)
-    logged = {}
-    if sweep_log is not None and pathlib.Path(sweep_log).is_file():
-        for m in re.finditer(r"row (['\"])(.+?)\1 finished in (\d+)s", pathlib.Path(sweep_log).read_text()):
-            logged[m.group(2)] = float(m.group(3))
-    timing = Timing({}, {})
-    for label in labels:
-        for seed in range(seeds):
-            name = seed_label(label, seed)
-            row_dir = workdir / row_dirname(name)
-            if not (row_dir / "results.json").is_file():
-                continue
-            if name in logged:
-                timing.seconds[name], timing.source[name] = logged[name], "sweep log"
-                continue
-            span = _logged_span(row_dir / "logs")
-            if span is not None:
-                timing.seconds[name], timing.source[name] = span[1] - span[0], "row logs"
-    return timing
-
-
-def _logged_span(logdir) -> tuple[float, float] | None:
-    """(start, end) unix times of a row's logs: from the earliest creation time in a TensorBoard event file's or an
-    absl log's name to the last event or log line. Without an absl log (the sweep sends those to its own), the end is
-    the last event: the final evaluation after the last probe is not counted."""
-    starts, ends = [], []
-    for path in pathlib.Path(logdir).glob("events.out.tfevents.*"):
-        if m := re.match(r"events\.out\.tfevents\.(\d+)\.", path.name):
-            starts.append(float(m.group(1)))
-        ends += [event.wall_time for event in events(path)][-1:]
-    for path in pathlib.Path(logdir).glob("*.log.INFO.*"):
-        if not (m := re.search(r"\.log\.INFO\.(\d{4})(\d{4}-\d{6})\.", path.name)):
-            continue
-        year = m.group(1)
-        # absl names its logs and stamps its lines in local time; a line reads "I1204 14:02:15.129437 ...".
-        starts.append(datetime.datetime.strptime(year + m.group(2), "%Y%m%d-%H%M%S").timestamp())
-        stamps = re.findall(r"^[IWEF](\d{4} \d\d:\d\d:\d\d)", path.read_text(errors="replace")[-20000:], re.M)
-        if stamps:
-            ends.append(datetime.datetime.strptime(year + stamps[-1], "%Y%m%d %H:%M:%S").timestamp())
-    if not starts or not ends:
-        return None
-    return min(starts), max(max(ends), min(starts))
 
 
 def _provenance() -> list[str]:
