@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 
 from absl import app, flags
@@ -507,6 +508,8 @@ def _table_rows(claim: Claim) -> list[str]:
 
 def _run_section(workdir, rows: dict[str, Row], timing: Timing, seeds: int) -> list[str]:
     total = sum(timing.seconds.values())
+    median = statistics.median(timing.seconds.values()) if timing.seconds else 0.0
+    runs = sum(len(row.status) for row in rows.values())
     sources = sorted(set(timing.source.values()))
     lines = [
         "## The sweep: command, time, how to run it faster",
@@ -517,6 +520,8 @@ def _run_section(workdir, rows: dict[str, Row], timing: Timing, seeds: int) -> l
         f"- Run time: {total / 3600:.2f} h for the {len(timing.seconds)} finished row runs "
         f"(sum of per-row wall times, from the {' and '.join(sources) or 'rows'}; the first row's includes training "
         "the shared toy teachers).",
+        f"- A row takes {median / 60:.1f} min (median), so the whole sweep about {median * runs / 3600:.1f} h on the "
+        "machine below; a row whose wall time is far above the median also counts the time its process was paused.",
         "- Faster: run rows in parallel processes, each with its own `--workdir` and the same `--set=cache_dir=...` "
         "(teachers are trained once, by whichever row gets there first, then read by all); fewer updates with "
         "`--set=train.steps=N`; one seed with `--seeds=1` (halves the time; per-seed agreement is then not shown).",
