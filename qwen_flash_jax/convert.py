@@ -5,6 +5,10 @@
 Output (read it back with `qwen_flash_jax.checkpoint_io`):
     <dst>/config.json   TransformerConfig JSON, `param_dtype` set to the converted dtype
     <dst>/params/       orbax checkpoint of the nested param tree laid out as `hf_keys.param_shapes(config)`
+    <dst>/scheduler/    the pipeline's `scheduler/scheduler_config.json`, when the source directory sits in a
+                        diffusers pipeline folder that has one: a job whose teacher is `<dst>` then samples on the
+                        pipeline's own schedule (`train.teacher.schedule_folder`), not on the config's `sampling`
+                        constants
 
 Memory: the model is never held whole. Output leaves are built one at a time: allocate the leaf in the target
 dtype (for per-layer tensors the stacked `(num_layers, ...)` array), fill it reading one source tensor at a time
@@ -44,6 +48,7 @@ import numpy as np
 
 from qwen_flash_jax import atomic
 from qwen_flash_jax.checkpoint_io import CONFIG_FILE, PARAMS_DIR
+from qwen_flash_jax.diffusion.scheduler import SCHEDULER_CONFIG, FlowMatchScheduler
 from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, command_line_errors, some_of
 from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import ConfigError, TransformerConfig
@@ -128,6 +133,7 @@ def convert(
     config = load_source_config(src)
     if dst.exists():
         raise CheckpointError(f"destination {dst} already exists; remove it or choose another --dst")
+    scheduler = pipeline_scheduler(src)
     with SafetensorsCheckpoint(src) as ckpt:  # parses and validates every shard header
         check_checkpoint(ckpt, config)
         config = config.replace(param_dtype=dtype)
@@ -135,11 +141,24 @@ def convert(
             tmp.mkdir()
             _write_params(ckpt, config, tmp / PARAMS_DIR, np.dtype(_np_dtype(dtype)), progress)
             (tmp / CONFIG_FILE).write_text(config.to_json())
+            if scheduler is not None:
+                (tmp / SCHEDULER_CONFIG).parent.mkdir()
+                (tmp / SCHEDULER_CONFIG).write_bytes(scheduler.read_bytes())  # as diffusers wrote it
             if dst.exists():  # appeared while we were converting; never replace it
                 raise CheckpointError(f"destination {dst} appeared during conversion; not replacing it")
     if progress:
-        _log(f"wrote {dst}")
+        _log(f"wrote {dst}" + (f" with the pipeline's {SCHEDULER_CONFIG}" if scheduler is not None else ""))
     return config
+
+
+def pipeline_scheduler(src: str | os.PathLike) -> Path | None:
+    """The scheduler config of the pipeline folder that holds the transformer directory `src` (None: `src` is not
+    in one, or it has no scheduler), checked to be one this project can sample on before anything is written."""
+    folder = Path(src).absolute().parent
+    if not (folder / SCHEDULER_CONFIG).is_file():
+        return None
+    FlowMatchScheduler.from_pretrained(folder)  # ConfigError, naming the file, for a bad one
+    return folder / SCHEDULER_CONFIG
 
 
 def _write_params(

@@ -18,10 +18,12 @@ import pytest
 from safetensors.numpy import save_file
 
 from qwen_flash_jax import checkpoint_io, convert
+from qwen_flash_jax.diffusion.scheduler import SCHEDULER_CONFIG, FlowMatchScheduler
 from qwen_flash_jax.errors import CheckpointError
 from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import TransformerConfig
 from qwen_flash_jax.safetensors_checkpoint import INDEX_FILES, SafetensorsCheckpoint
+from tests import qwen_image_folder
 from tests.torch_reference import TINY
 
 pytestmark = pytest.mark.parity  # converts a random diffusers checkpoint
@@ -140,6 +142,28 @@ def test_convert_bfloat16_cli_and_sharded_restore(diffusers_model, tmp_path, cap
     # A target leaf without sharding goes to the default device.
     plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), want)
     assert_trees_equal(checkpoint_io.restore_params(dst, plain), want, ml_dtypes.bfloat16)
+
+
+def test_the_pipelines_scheduler_goes_with_the_converted_transformer(diffusers_model, tmp_path, capsys):
+    """A transformer converted from inside a pipeline folder carries that pipeline's scheduler config, byte for byte,
+    so a job whose teacher it is samples on the pipeline's schedule; one outside a pipeline folder carries none; a
+    scheduler this project cannot sample on is one error line before anything is written."""
+    src = diffusers_model[0]
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(src, pipeline / "transformer")
+    (pipeline / "scheduler").mkdir()
+    (pipeline / SCHEDULER_CONFIG).write_text(json.dumps(qwen_image_folder.SCHEDULER, indent=1))
+    convert.convert(pipeline / "transformer", tmp_path / "out", dtype="float32", progress=False)
+    assert (tmp_path / "out" / SCHEDULER_CONFIG).read_bytes() == (pipeline / SCHEDULER_CONFIG).read_bytes()
+    assert FlowMatchScheduler.from_pretrained(tmp_path / "out") == FlowMatchScheduler.from_pretrained(pipeline)
+    convert.convert(src, tmp_path / "alone", dtype="float32", progress=False)
+    assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == ["config.json", "params"]
+
+    (pipeline / SCHEDULER_CONFIG).write_text(json.dumps({**qwen_image_folder.SCHEDULER, "use_karras_sigmas": True}))
+    code, err = run_main(["--src", pipeline / "transformer", "--dst", tmp_path / "bad", "--quiet"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: ") and "scheduler_config.json" in err and "use_karras_sigmas" in err, err
+    assert no_leftovers(tmp_path / "bad")
 
 
 def test_convert_single_bf16_file_to_float32(diffusers_model, tmp_path):
