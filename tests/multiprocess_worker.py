@@ -44,6 +44,7 @@ from qwen_flash_jax.train import distill_job
 from tests.helpers import SIZE, pipeline_config, tiny_distill_config, world_records
 
 PROCESSES = 2
+DISTILL_STEPS = 4  # a checkpoint every 2: killed after update 3, a run resumes from 2 and repeats 3 and 4
 
 
 def shared_batch():
@@ -146,7 +147,9 @@ class _BothShards:
 
 
 def _distill(cache, workdir, history):
-    distill_job.distill(tiny_distill_config(cache), workdir, history=history, log=lambda *_: None, evaluate=False)
+    config = tiny_distill_config(cache)
+    config.train.steps = DISTILL_STEPS
+    distill_job.distill(config, workdir, history=history, log=lambda *_: None, evaluate=False)
     print(json.dumps(history), flush=True)
 
 
