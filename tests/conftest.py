@@ -195,9 +195,10 @@ class ShardedBatch:
         return self._outcomes
 
     def _run(self):
-        if self.xdist and self.needs_toy_cache:
+        if os.environ.get("PYTEST_XDIST_WORKER") and self.needs_toy_cache:
             # The scheduler hands this group out first (the largest), before any toy asset exists: built here on one
-            # device, rather than by the child on 8 emulated ones, several times slower.
+            # device, rather than by the child on 8 emulated ones, several times slower. (In one process the
+            # `sharded` tests run last, after the other tests built the assets.)
             _build_toy_cache(pathlib.Path(os.environ[TOY_CACHE_ENV]))
         tmp = tempfile.mkdtemp(prefix="qf-sharded-")
         _OWN_TEMPORARIES.append(tmp)
