@@ -250,6 +250,10 @@ def pytest_collection_modifyitems(session, config, items):
         ShardedRun.from_parent(item.parent, name=item.name, original=item, batch=batch) for item in sharded
     ]
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller schedules by the nodeids' `@group`
+        # xdist hands out the groups largest first, then single tests in collection order: the `job` tests (whole
+        # runs, up to minutes each) go before the quick ones, so that the session does not end on one worker
+        # finishing a long run while the other has nothing left.
+        items.sort(key=lambda item: item.get_closest_marker("job") is None)
         for item in items:
             group = _worker_group(item)
             if group:

@@ -149,6 +149,7 @@ class _BothShards:
 def _distill(cache, workdir, history):
     config = tiny_distill_config(cache)
     config.train.steps = DISTILL_STEPS
+    config.data.task_ratio = "1:0"  # one task: half the compilations in each of the five processes
     distill_job.distill(config, workdir, history=history, log=lambda *_: None, evaluate=False)
     print(json.dumps(history), flush=True)
 

@@ -25,8 +25,8 @@ QUIET = dict(log=lambda *_: None, evaluate=False)
 def _interrupted_copy(finished, workdir, last_step):
     """`workdir` as a run of `finished`'s config interrupted after its checkpoint at `last_step` leaves it: a copy of
     the finished run without the later checkpoints. The state at a checkpoint does not depend on the steps after
-    it, so this replaces running the first steps a second time (a real interruption: the `sharded` resume test, a
-    real kill: the kill-during-a-save test)."""
+    it, so this replaces running the first steps a second time (real kills: the kill-during-a-save test here and
+    tests/test_multiprocess.py; `stop_at`: tests/test_training_loop.py and tests/test_teacher.py)."""
     shutil.copytree(finished, workdir)
     checkpoints = workdir / "checkpoints"
     later = [p for p in checkpoints.iterdir() if p.name.isdigit() and int(p.name) > last_step]
@@ -45,16 +45,17 @@ def straight_run(toy_cache, tmp_path_factory):
 
 @pytest.mark.sharded  # the toy mesh is data parallel: the batch splits over the 8 devices
 def test_resumed_distillation_reproduces_the_uninterrupted_losses_exactly(cache, tmp_path):
-    """A run stopped after step 3 (a real interruption: its checkpoint at step 2 is the last one) and resumed repeats
-    the uninterrupted run's losses bit for bit. 4 steps (not the module's 6-step `straight_run`): this test runs in
-    the child with 8 devices, where every step and every compilation is several times slower."""
+    """A run interrupted after its checkpoint at step 2 and resumed on the 8-device mesh repeats the uninterrupted
+    run's losses bit for bit: the checkpoint is restored into the mesh's shardings. 4 steps of one task (not the
+    module's 6-step `straight_run`), and the interrupted run is the finished one's copy without its later
+    checkpoints (`_interrupted_copy`): in this child every step and every compilation is several times slower."""
     config = tiny_distill_config(cache)
     config.train.steps = 4
-    straight, interrupted, resumed = [], [], []
+    config.data.task_ratio = "1:0"  # half the compilations (the task slots resume in the one-device tests below)
+    straight, resumed = [], []
     distill_job.distill(config, tmp_path / "a", history=straight, **QUIET)
     assert len(straight) == 4 and all(m["skipped"] == 0 for _, m in straight)
-    distill_job.distill(config, tmp_path / "b", history=interrupted, stop_at=3, **QUIET)
-    assert [s for s, _ in interrupted] == [1, 2, 3] and interrupted == straight[:3]
+    _interrupted_copy(tmp_path / "a", tmp_path / "b", last_step=2)
     distill_job.distill(config, tmp_path / "b", history=resumed, **QUIET)
     assert resumed[0][0] == 3  # the last complete checkpoint was step 2
     assert [m for s, m in straight if s > 2] == [m for _, m in resumed]

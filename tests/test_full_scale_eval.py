@@ -133,30 +133,6 @@ def _check_vlm_table(run_dir, entry, bench, models):
     return table, records
 
 
-def test_the_full_scale_job_scores_its_models_with_the_vlm_judges(tiny_checkpoints, tmp_path):
-    run_dir = tmp_path / "run"
-    with FakeJudgeServer(default=script) as server:
-        config = config_with(
-            *overrides(tiny_checkpoints, tmp_path / "cache"), *vlm_overrides(server, tmp_path / "bench")
-        )
-        jobs.run(config, run_dir)
-        asked = sum(server.counts.values())
-        jobs.run(config, run_dir)  # finished: a rerun evaluates again from the kept images and scores
-        assert sum(server.counts.values()) == asked
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["scored"] is True and [m["name"] for m in results["models"]] == MODELS
-    assert set(results["vlm"]) == {"t2i", "edit"}
-    t2i, records = _check_vlm_table(run_dir, results["vlm"]["t2i"], "t2i", MODELS)
-    edit, _ = _check_vlm_table(run_dir, results["vlm"]["edit"], "edit", MODELS)
-    assert t2i["categories"] == ["landscape", "portrait", "text"] and edit["categories"] == ["scene", "style"]
-    assert {r["category"] for r in records} == set(vlm_rubrics.CATEGORIES["t2i"])
-    assert any(r["score"] is None for r in records)  # the script's failures are counted, not scored
-    md = (run_dir / "results.md").read_text()
-    assert "## T2I-Bench (vlm_eval/t2i/table.md)" in md and "## Editing-Bench (vlm_eval/edit/table.md)" in md
-    assert (run_dir / "vlm_eval" / "t2i" / "table.md").read_text() in md
-    assert np.asarray(Image.open(run_dir / "grid_t2i.png")).std() > 0
-
-
 def test_bench_prompts_longer_than_the_jobs_prompts_are_one_line_before_any_work(tiny_checkpoints, tmp_path):
     """The example set's A.2 prompts (2,235 and 2,818 characters) do not fit the tiny config's 64 prompt tokens."""
     judge = "eval.vlm_judges=('j=m@http://127.0.0.1:9/v1,key_env=FAKE_JUDGE_KEY',)"
@@ -173,9 +149,13 @@ def test_bench_prompts_longer_than_the_jobs_prompts_are_one_line_before_any_work
         jobs.validate(config)
 
 
-def test_a_full_scale_sweep_writes_its_vlm_table(tiny_checkpoints, tmp_path, monkeypatch):
-    """Two rows scored by the VLM judges: the table that `--variant=full` once crashed building, after every row
-    had trained (unscored rows: tests/test_sweep.py)."""
+def test_a_full_scale_sweep_and_its_jobs_score_their_models_with_the_vlm_judges(
+    tiny_checkpoints, tmp_path, monkeypatch
+):
+    """Two rows, each the full-scale main job scored by the VLM judges, and the sweep's table of them (the table that
+    `--variant=full` once crashed building, after every row had trained; unscored rows: tests/test_sweep.py). A row
+    is checked as the job's own result; rerunning the finished sweep, or the job on a finished row's workdir,
+    evaluates again from the kept images and scores without asking the judges again."""
     monkeypatch.setitem(
         sweep.SUITES,
         "pair",
@@ -187,7 +167,23 @@ def test_a_full_scale_sweep_writes_its_vlm_table(tiny_checkpoints, tmp_path, mon
         table = sweep.run_suite("pair", workdir, "full", sets, log=lambda *_: None)
         asked = sum(server.counts.values())
         assert sweep.run_suite("pair", workdir, "full", sets, log=lambda *_: None) == table  # finished rows
+        jobs.run(config_with(*sets), workdir / "first")  # the row's own job, finished: it evaluates again
         assert sum(server.counts.values()) == asked
+
+    run_dir = workdir / "first"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["scored"] is True and [m["name"] for m in results["models"]] == MODELS
+    assert set(results["vlm"]) == {"t2i", "edit"}
+    t2i, records = _check_vlm_table(run_dir, results["vlm"]["t2i"], "t2i", MODELS)
+    edit, _ = _check_vlm_table(run_dir, results["vlm"]["edit"], "edit", MODELS)
+    assert t2i["categories"] == ["landscape", "portrait", "text"] and edit["categories"] == ["scene", "style"]
+    assert {r["category"] for r in records} == set(vlm_rubrics.CATEGORIES["t2i"])
+    assert any(r["score"] is None for r in records)  # the script's failures are counted, not scored
+    md = (run_dir / "results.md").read_text()
+    assert "## T2I-Bench (vlm_eval/t2i/table.md)" in md and "## Editing-Bench (vlm_eval/edit/table.md)" in md
+    assert (run_dir / "vlm_eval" / "t2i" / "table.md").read_text() in md
+    assert np.asarray(Image.open(run_dir / "grid_t2i.png")).std() > 0
+
     assert [row["label"] for row in table["rows"]] == ["first", "second"]
     assert [m["name"] for m in table["rows"][1]["models"]] == MODELS and table["rows"][1]["grids"] == [
         "second/grid_t2i.png"

@@ -1,7 +1,8 @@
-"""Every notebook in notebooks/ executed through a Jupyter kernel (nbclient), on the tiny toy world, so that none can
-rot: its parameters cell (tagged "parameters") is overridden by a cell inserted after it, as papermill does, and a
-cell that raises fails the test. The kernel is a separate process: it runs JAX on one CPU device, and shares this
-session's toy cache and compilation cache through the environment (tests/conftest.py)."""
+"""Every notebook in notebooks/ executed through a Jupyter kernel (nbclient), on the tiny toy world or tiny random
+pipeline folders (tests/qwen_image_folder.py), so that none can rot: its parameters cell (tagged "parameters") is
+overridden by a cell inserted after it, as papermill does, and a cell that raises fails the test. The kernel is a
+separate process: it runs JAX on one CPU device, and shares this session's toy cache and compilation cache through
+the environment (tests/conftest.py)."""
 
 import os
 import pathlib
@@ -11,7 +12,7 @@ import nbclient
 import nbformat
 import pytest
 
-from qwen_flash_jax import config_lib
+from qwen_flash_jax import config_lib, distilled, export
 from qwen_flash_jax.train import teacher
 from tests import qwen_image_folder as folder_lib
 from tests.helpers import config_overrides, tiny_distill_config
@@ -118,10 +119,48 @@ def test_pipeline_notebook_on_a_training_workdir(tiny_run, tmp_path):
     assert len(images(nb)) == 3
 
 
-# Each notebook and the test that executes it: a notebook added to notebooks/ must be added here (and tested).
+@pytest.mark.job
+def test_pipeline_notebook_on_pipeline_folders(tmp_path):
+    pytest.importorskip("diffusers")
+    base = folder_lib.pipeline_folder(tmp_path / "qwen_image_21")
+    params = folder_lib.perturbed(folder_lib.transformer_params(base), 1)
+    workdir = folder_lib.training_workdir(tmp_path / "run", params)
+    export.export(workdir, base, tmp_path / "student", config=distilled.load_run_config("configs/5to5.py"))
+    parameters = dict(
+        WORKDIR=None,
+        PIPELINE=str(base),
+        STUDENT_PIPELINE=str(tmp_path / "student"),
+        DTYPE="float32",
+        PROMPTS=["a red house by a lake"],
+        EDIT_INSTRUCTION="make the sky green",
+        # Square: the edit's source is resized to about 1024**2 pixels at its own aspect ratio (diffusers'
+        # output_resolution), which only at 1:1 stays within the tiny processor's largest image.
+        SIZE=(32, 32),
+        TEACHER_STEPS=2,
+        OUT=str(tmp_path / "out"),
+    )
+    nb = execute("pipeline.ipynb", parameters, tmp_path)
+    check_ran_cleanly(nb)
+    text = printed(nb)
+    assert "teacher: qwen_image_21\nstudent: student\n" in text, text
+    # The teacher in the 2 steps asked, the student in the 4 its folder's sample_sigmas name, both at SIZE.
+    assert "1 image(s) with qwen_image_21, 2 steps, 32x32" in text, text
+    assert "2 image(s) with student, 4 steps, 32x32" in text, text
+    # RGBA: the 2.1 VAE decodes an alpha channel, and the pipeline passes it on.
+    assert "teacher {'00000': (32, 32, 4), 'edit': (32, 32, 4)}" in text, text
+    assert "student {'00000': (32, 32, 4), 'edit': (32, 32, 4)}" in text, text
+    (run,) = (tmp_path / "out").iterdir()
+    assert sorted(p.name for p in run.iterdir()) == ["student", "teacher", "teacher_edit"]
+    assert [len(list((run / name).glob("*.png"))) for name in ("teacher", "teacher_edit", "student")] == [1, 1, 2]
+    # A pipeline folder holds no fake score: the score fields say so and draw nothing, only the side-by-side figure.
+    assert "the score fields need WORKDIR: a pipeline folder holds no fake score" in text, text
+    assert len(images(nb)) == 1
+
+
+# Each notebook and the tests that execute it: a notebook added to notebooks/ must be added here (and tested).
 EXECUTED = {
-    "score_fields.ipynb": test_score_fields_notebook,
-    "pipeline.ipynb": test_pipeline_notebook_on_a_training_workdir,
+    "score_fields.ipynb": (test_score_fields_notebook,),
+    "pipeline.ipynb": (test_pipeline_notebook_on_a_training_workdir, test_pipeline_notebook_on_pipeline_folders),
 }
 
 
