@@ -101,7 +101,7 @@ class StepReport:
     aliased: int  # outputs written into donated arguments
     temporaries: int
     flops: float  # per device
-    seconds: float  # XLA's estimate, 0 when it gives none
+    seconds: float  # XLA's estimate, 0 when it gives none (not valid unless positive)
     out_of_memory: bool = False  # XLA refused the program: `temporaries` is what it said they need, the rest unknown
 
     @property
@@ -362,12 +362,14 @@ def format_report(report: StepReport, slice_: topologies.Slice) -> str:
             f"{report.name:16s} out of memory: XLA's HLO temporaries alone need {report.temporaries / GIB:.2f} GiB "
             f"per device of {slice_.chip.hbm_gib:g} GiB"
         )
-    mfu = report.flops / (report.seconds * slice_.peak_flops) if report.seconds else 0.0
+    if report.seconds > 0:
+        timing = f"est {report.seconds:8.3f} s  MFU {100 * report.flops / (report.seconds * slice_.peak_flops):5.1f}%"
+    else:  # libtpu's cost model gives no time, or a negative one (v6e, libtpu 0.0.42): no MFU either
+        timing = f"est none (XLA's estimate: {report.seconds:.4g} s)"
     return (
         f"{report.name:16s} args {report.arguments / GIB:7.2f}  out {report.outputs / GIB:7.2f}  "
         f"(donated {report.aliased / GIB:6.2f})  temp {report.temporaries / GIB:7.2f}  "
-        f"peak {report.peak / GIB:7.2f} / {slice_.chip.hbm_gib:.0f} GiB  "
-        f"{report.flops / 1e12:9.1f} TFLOP  est {report.seconds:8.3f} s  MFU {100 * mfu:5.1f}%"
+        f"peak {report.peak / GIB:7.2f} / {slice_.chip.hbm_gib:.0f} GiB  {report.flops / 1e12:9.1f} TFLOP  {timing}"
     )
 
 
@@ -412,9 +414,12 @@ def summarise(reports, slice_: topologies.Slice, ratio: int, tasks) -> bool:
         if critic.out_of_memory or generator.out_of_memory:
             print(f"iteration/{task}: no estimate (a step is out of memory)")
             continue
+        if critic.seconds <= 0 or generator.seconds <= 0:
+            print(f"iteration/{task}: no estimate (XLA gives no valid time for a step)")
+            continue
         seconds = ratio * critic.seconds + generator.seconds
         flops = ratio * critic.flops + generator.flops
-        mfu = flops / (seconds * slice_.peak_flops) if seconds else 0.0
+        mfu = flops / (seconds * slice_.peak_flops)
         print(
             f"iteration/{task}: {ratio} critic + 1 generator updates: est {seconds:.2f} s, "
             f"{flops / 1e15:.3f} PFLOP per device, MFU {100 * mfu:.1f}%"

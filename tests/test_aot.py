@@ -88,6 +88,21 @@ def test_a_slice_too_small_does_not_fit(reports, capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith("does not fit: largest per-device peak")
 
 
+def test_an_invalid_time_estimate_gives_no_time_and_no_mfu(capsys):
+    """libtpu's cost model gives v6e programs a negative `optimal_seconds`: shown as no estimate, not as a time."""
+    gib = 2**30
+    reports = [
+        aot.StepReport(f"{step}/edit", 4 * gib, 2 * gib, 2 * gib, 10 * gib, 9e13, seconds)
+        for step, seconds in (("critic", 0.5), ("generator", -110.7))
+    ]
+    assert aot.summarise(reports, topologies.get("v6e-16"), 5, ("edit",))
+    critic, generator, iteration, verdict = capsys.readouterr().out.splitlines()
+    assert "est    0.500 s  MFU" in critic
+    assert generator.endswith("est none (XLA's estimate: -110.7 s)") and "MFU" not in generator
+    assert iteration == "iteration/edit: no estimate (XLA gives no valid time for a step)"
+    assert verdict == "fits: largest per-device peak 14.00 GiB (critic/edit) of 32 GiB"
+
+
 def test_bad_input_is_one_line():
     with pytest.raises(ConfigError, match="unknown TPU slice 'v9-8'"):
         topologies.get("v9-8")
