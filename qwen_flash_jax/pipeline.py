@@ -193,7 +193,13 @@ class Pipeline:
         if images:
             if te.vision is None:
                 raise ConfigError("the text encoder has no vision tower (model.visual.*): it cannot read images")
-            grids = [vision_lib.image_grid(*img.shape[:2], te.vision.config) for img in images]
+            for k, img in enumerate(images):
+                try:
+                    grids.append(vision_lib.image_grid(*img.shape[:2], te.vision.config))
+                except ValueError as e:
+                    # Only a processor whose pixel range excludes the ~output_resolution**2 inputs gets here (the
+                    # published one takes 65,536 to 16.8M pixels); its second resize is not reproduced.
+                    raise ConfigError(f"condition image {k + 1}, resized for the pipeline: {e}") from None
         tokens = prompts_lib.tokenize_prompts(self.tokenizer, prompts, [n for _, n in grids])
         ids, attn = tokens["input_ids"], tokens["attention_mask"]
         if not images:

@@ -189,3 +189,10 @@ def test_an_exported_students_pipeline_folder_makes_pngs_of_the_asked_size(tmp_p
     assert [x["prompt"] for x in lines] == ["a red house", "a dark forest"] and {x["steps"] for x in lines} == {4}
     for line in lines:
         assert np.asarray(Image.open(tmp_path / "out" / line["image"])).shape[:2] == (64, 96)
+    # A 1:2 source resized to about 1024**2 pixels (736x1440) is more than the tiny processor's 1024**2 largest.
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "wide.png")
+    (tmp_path / "edits.jsonl").write_text(json.dumps({"instruction": "add a hat", "source": "wide.png"}) + "\n")
+    code, err = _run([*argv, str(tmp_path / "out_edit"), "--jsonl", str(tmp_path / "edits.jsonl")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: condition image 1, resized for the pipeline: image of 736x1440") and "1048576" in err
+    assert not (tmp_path / "out_edit").exists()
