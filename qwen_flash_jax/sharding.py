@@ -17,6 +17,7 @@ from typing import Sequence
 
 import jax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -26,10 +27,18 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
     """Mesh from (name, size) pairs; one size may be -1 to take the remaining devices.
 
     `jax.make_mesh` orders the devices by the chips' topology on TPU and GPU (on CPU it keeps jax.devices()'
-    order). The axes are `Auto`: the compiler propagates shardings from the annotated parameters and batches."""
+    order), splitting a physical axis where a mesh axis needs it. The axes are `Auto`: the compiler propagates
+    shardings from the annotated parameters and batches."""
     devices = list(jax.devices() if devices is None else devices)
     names, sizes = axis_sizes(axes, len(devices))
-    return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+    axis_types = (AxisType.Auto,) * len(names)
+    try:
+        return jax.make_mesh(sizes, names, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # A mesh axis that is no product of the slice's physical axes (fsdp 64 x tensor 4 on v6e-256's 16x16 torus):
+        # split physical axes into contiguous groups, as MaxText's `allow_split_physical_axes` does, not refuse.
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        return Mesh(grid, names, axis_types=axis_types)
 
 
 def axis_sizes(axes: Sequence[tuple[str, int]], device_count: int) -> tuple[tuple[str, ...], tuple[int, ...]]:

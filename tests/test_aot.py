@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="libtpu describes TPU slices (pip install 'qwen_flash_jax[tpu]')")
 
-from qwen_flash_jax import aot, config_lib, topologies  # noqa: E402
+from qwen_flash_jax import aot, config_lib, sharding, topologies  # noqa: E402
 from qwen_flash_jax.models.config import ConfigError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +101,17 @@ def test_an_invalid_time_estimate_gives_no_time_and_no_mfu(capsys):
     assert generator.endswith("est none (XLA's estimate: -110.7 s)") and "MFU" not in generator
     assert iteration == "iteration/edit: no estimate (XLA gives no valid time for a step)"
     assert verdict == "fits: largest per-device peak 14.00 GiB (critic/edit) of 32 GiB"
+
+
+def test_a_mesh_axis_that_is_no_product_of_physical_axes_splits_one():
+    """fsdp 64 x tensor 4 on v6e-256's 16x16 torus (jax.make_mesh refuses it): each tensor group is 4 neighbouring
+    chips of one row of the torus, and the fsdp axis runs over the rest."""
+    mesh = sharding.make_mesh((("data", 1), ("fsdp", 64), ("tensor", 4)), topologies.devices(topologies.get("v6e-256")))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 64, "tensor": 4}
+    assert len({d.id for d in mesh.devices.flat}) == 256
+    for group in mesh.devices[0]:
+        xs, ys = zip(*[d.coords[:2] for d in group])
+        assert len(set(ys)) == 1 and sorted(xs) == list(range(min(xs), min(xs) + 4)), [d.coords for d in group]
 
 
 def test_bad_input_is_one_line():
