@@ -24,10 +24,13 @@ class Chip:
     kind: str
     hbm_gib: float
     bf16_tflops: float
+    # libtpu's `chip_config_name` for one device per chip: v4's two TensorCores are one (megacore) device, as JAX
+    # runs v4; libtpu's default describes each core (32 devices for v4-32). v5p is megacore by default.
+    chip_config: str = ""
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", 32.0, 275.0),
+    "v4": Chip("TPU v4", 32.0, 275.0, chip_config="megacore"),
     "v5p": Chip("TPU v5p", 95.0, 459.0),
     "v5e": Chip("TPU v5e", 16.0, 197.0),
     "v6e": Chip("TPU v6e", 32.0, 918.0),
@@ -98,7 +101,8 @@ def devices(slice_: Slice) -> list:
     from jax.experimental import topologies as jax_topologies
 
     try:
-        description = jax_topologies.get_topology_desc(topology_name=slice_.topology, platform="tpu")
+        options = {"chip_config_name": slice_.chip.chip_config} if slice_.chip.chip_config else {}
+        description = jax_topologies.get_topology_desc(topology_name=slice_.topology, platform="tpu", **options)
     except Exception as e:  # libtpu's own message names what it rejected
         raise ConfigError(f"libtpu cannot describe TPU slice {slice_.topology!r}: {' '.join(str(e).split())}") from None
     found = list(description.devices)

@@ -103,6 +103,12 @@ def test_an_invalid_time_estimate_gives_no_time_and_no_mfu(capsys):
     assert verdict == "fits: largest per-device peak 14.00 GiB (critic/edit) of 32 GiB"
 
 
+@pytest.mark.parametrize("name, chips", [("v4-32", 16), ("v5p-16", 8), ("v5e-16", 16), ("v6e-256", 256)])
+def test_a_named_slice_has_one_device_per_chip(name, chips):
+    """v4 and v5p names count TensorCores, two per chip, and JAX runs each chip as one device."""
+    assert len(topologies.devices(topologies.get(name))) == topologies.get(name).chips == chips
+
+
 def test_a_mesh_axis_that_is_no_product_of_physical_axes_splits_one():
     """fsdp 64 x tensor 4 on v6e-256's 16x16 torus (jax.make_mesh refuses it): each tensor group is 4 neighbouring
     chips of one row of the torus, and the fsdp axis runs over the rest."""
