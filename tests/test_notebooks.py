@@ -1,7 +1,7 @@
 """Every notebook in notebooks/ executed through a Jupyter kernel (nbclient), on the tiny toy world or tiny random
 pipeline folders (tests/qwen_image_folder.py), so that none can rot: its parameters cell (tagged "parameters") is
 overridden by a cell inserted after it, as papermill does, and a cell that raises fails the test. The kernel is a
-separate process: it runs JAX on one CPU device, and shares this session's toy cache and compilation cache through
+separate process: it runs JAX on one CPU device, and shares this test run's toy cache and compilation cache through
 the environment (tests/conftest.py)."""
 
 import os
