@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_flash_jax import config_lib
+from qwen_flash_jax import config_lib, distilled, export
 from qwen_flash_jax.distill import steps as steps_lib
 from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import TransformerConfig
@@ -258,3 +258,15 @@ def training_workdir(workdir, student, ema=None, step=5):
 def config_args(**student):
     """The `--config` arguments of a full-scale run (configs/5to5.py) with `student` fields overridden."""
     return ["--config=configs/5to5.py"] + [f"--config.student.{k}={v!r}" for k, v in student.items()]
+
+
+def exported_student(root, perturb_seed=None):
+    """(a tiny pipeline folder, the student folder `export` writes from it): the student is the folder's own
+    transformer, or a perturbed copy with `perturb_seed`, exported as the main job's config exports it."""
+    base = pipeline_folder(root / "qwen_image_21")
+    params = transformer_params(base)
+    if perturb_seed is not None:
+        params = perturbed(params, perturb_seed)
+    workdir = training_workdir(root / "run", params)
+    export.export(workdir, base, root / "student", config=distilled.load_run_config("configs/5to5.py"))
+    return base, root / "student"

@@ -176,13 +176,8 @@ def test_a_configs_teacher_samples_its_steps_with_cfg(toy_run, tmp_path, capsys)
 @pytest.mark.job
 def test_an_exported_students_pipeline_folder_makes_pngs_of_the_asked_size(tmp_path, capsys):
     pytest.importorskip("diffusers")
-    from qwen_flash_jax import distilled, export
-
-    base = folder_lib.pipeline_folder(tmp_path / "base")
-    workdir = folder_lib.training_workdir(tmp_path / "run", folder_lib.transformer_params(base))
-    config = distilled.load_run_config("configs/5to5.py")
-    export.export(workdir, base, tmp_path / "student", config=config)
-    argv = ["--pipeline", str(tmp_path / "student"), "--dtype", "float32", "--size", "64x96", "--out"]
+    _, student = folder_lib.exported_student(tmp_path)
+    argv = ["--pipeline", str(student), "--dtype", "float32", "--size", "64x96", "--out"]
     code, err = _run([*argv, str(tmp_path / "out"), "--prompt", "a red house", "--prompt", "a dark forest"], capsys)
     assert code == 0, err
     lines = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]

@@ -12,7 +12,7 @@ import nbclient
 import nbformat
 import pytest
 
-from qwen_flash_jax import config_lib, distilled, export
+from qwen_flash_jax import config_lib
 from qwen_flash_jax.train import teacher
 from tests import qwen_image_folder as folder_lib
 from tests.helpers import config_overrides, tiny_distill_config
@@ -122,14 +122,11 @@ def test_pipeline_notebook_on_a_training_workdir(tiny_run, tmp_path):
 @pytest.mark.job
 def test_pipeline_notebook_on_pipeline_folders(tmp_path):
     pytest.importorskip("diffusers")
-    base = folder_lib.pipeline_folder(tmp_path / "qwen_image_21")
-    params = folder_lib.perturbed(folder_lib.transformer_params(base), 1)
-    workdir = folder_lib.training_workdir(tmp_path / "run", params)
-    export.export(workdir, base, tmp_path / "student", config=distilled.load_run_config("configs/5to5.py"))
+    base, student = folder_lib.exported_student(tmp_path, perturb_seed=1)
     parameters = dict(
         WORKDIR=None,
         PIPELINE=str(base),
-        STUDENT_PIPELINE=str(tmp_path / "student"),
+        STUDENT_PIPELINE=str(student),
         DTYPE="float32",
         PROMPTS=["a red house by a lake"],
         EDIT_INSTRUCTION="make the sky green",
