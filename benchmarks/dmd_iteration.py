@@ -40,13 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from jax.extend import core as jax_core
 from ml_collections import config_flags
 
 from qwen_flash_jax import config_lib, sharding
 from qwen_flash_jax.data import pipeline
 from qwen_flash_jax.data.world import T2I_CATEGORIES
 from qwen_flash_jax.diffusion import conditioning, sampling
+from qwen_flash_jax.distill.costs import matmul_flops, update_costs
 from qwen_flash_jax.loading import build_transformer
 from qwen_flash_jax.models.codec import SpaceToDepthCodec
 from qwen_flash_jax.models.config import ConfigError
@@ -92,67 +92,6 @@ def _calls(fn, repeats):
 
 def _time(fn, repeats):
     return statistics.median(_calls(fn, repeats)[1])
-
-
-def _matmul_flops(fn, *args):
-    """2 * M * N * K summed over the matmuls (dot_general) of fn's jaxpr, scans counted `length` times.
-
-    Counted from the traced program (`args` may be abstract), so the number is the same on every backend (a GPU's
-    compiled cost analysis counts library matmuls as zero, XLA's counts a loop body once); elementwise work is left
-    out.
-    """
-
-    def count(jaxpr):
-        total = 0.0
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                lhs, rhs = (v.aval.shape for v in eqn.invars)
-                (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
-                rhs_free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
-                total += 2.0 * np.prod(lhs) * np.prod(rhs_free)
-                continue
-            inner = 0.0
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if isinstance(sub, jax_core.ClosedJaxpr):
-                        sub_flops = count(sub.jaxpr)
-                        inner = max(inner, sub_flops) if eqn.primitive.name == "cond" else inner + sub_flops
-                    elif isinstance(sub, jax_core.Jaxpr):
-                        inner += count(sub)
-            total += inner * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
-        return total
-
-    return count(jax.make_jaxpr(fn)(*args).jaxpr)
-
-
-def update_costs(setup, passes: dict, categories, gan: bool) -> tuple[float, float]:
-    """(critic update, generator update): the cost of the passes each runs at its expected student step k,
-    weighting `passes` ({"fwd", "cached", "fwd2", "fb"}: times or FLOPs of one forward, one forward on the cached
-    prefix, one CFG forward on the doubled batch, one forward+backward) by how often each runs.
-
-    `categories`: the batch's condition indices into the guidance table (a teacher runs only at the k where one of
-    them weights it above 0)."""
-    fwd, cached, fwd2, fb = (passes[k] for k in ("fwd", "cached", "fwd2", "fb"))
-    num_steps = len(setup.timesteps)
-    causal = setup.model.config.causal_condition and num_steps > 1
-    # Critic: the student's sample at k (steps 0..k-1 and its x0 at k); with the prefix cache step 0 runs in full
-    # and the k later calls on the cache.
-    probs = setup.critic_step_probs or (1.0 / num_steps,) * num_steps  # () = uniform
-    critic_k = float(np.dot(np.arange(num_steps), probs))
-    critic_sim = fwd + critic_k * cached if causal else (critic_k + 1) * fwd
-    critic = critic_sim + (2 if gan else 1) * fb  # the fake score's loss (and the GAN term's on real samples)
-    # Generator, k uniform: steps 0..k-1 only (none at k = 0), then the student's forward+backward at k.
-    ks = np.arange(num_steps)
-    gen_sim = np.mean([(k > 0) * fwd + max(k - 1, 0) * cached for k in ks]) if causal else np.mean(ks) * fwd
-    guided = fwd2 if setup.cfg_scale != 1.0 else fwd
-    # Decoupled: the conditional teachers (CFG 1) for the comparison, then both halves for the CFG term.
-    per_teacher = fwd + (fwd2 if setup.cfg_scale != 1.0 else 0.0) if setup.schedule == "decoupled" else guided
-    weights = np.asarray(setup.guidance)[:, np.asarray(categories)]  # (K, batch, M)
-    active_teachers = np.mean(np.sum(np.any(weights > 0, axis=1), axis=-1))
-    generator = gen_sim + fb + active_teachers * per_teacher + (fb if gan else fwd)  # + the fake score
-    if setup.first_step_fm_weight:
-        generator += guided  # the base teacher's guided velocity at the noise
-    return critic, generator
 
 
 def _random_components(config):
@@ -282,10 +221,10 @@ def main(argv):
     latents2 = jnp.concatenate([latents, latents])
     abstract_prefix = jax.eval_shape(extract, params, latents)
     flops = {
-        "fwd": _matmul_flops(fwd, params, latents),
-        "cached": _matmul_flops(fwd_cached, params, latents, abstract_prefix),
-        "fwd2": _matmul_flops(fwd2, params, latents2),
-        "fb": _matmul_flops(fwd_bwd, params, latents),
+        "fwd": matmul_flops(fwd, params, latents),
+        "cached": matmul_flops(fwd_cached, params, latents, abstract_prefix),
+        "fwd2": matmul_flops(fwd2, params, latents2),
+        "fb": matmul_flops(fwd_bwd, params, latents),
     }
     gan = bool(setup.gan_weight) and "t2i" in setup.gan_tasks
     categories = np.asarray(jax.device_get(batch["category"])) + t2i_offset

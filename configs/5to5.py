@@ -93,6 +93,9 @@ def get_config(arg=None):
             # The condition images' (height, width) pixels of every edit, in order (the last sets the output's
             # aspect ratio), each a size the pipeline keeps at image_size; () = one square source of the target size.
             edit_condition_sizes=(),
+            # True: every record's prompt is encoded once before training and the DMD steps read the stored states
+            # (no text encoder in the step programs); the store lives in cache_dir/text_states.
+            precompute_text=False,
             seed=0,
         )
     )

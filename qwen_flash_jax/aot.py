@@ -8,10 +8,13 @@ No weights and no data: every parameter, optimizer state, text-encoder weight an
 with its `NamedSharding` on a mesh over the slice's devices (libtpu describes them; no TPU is needed). The critic
 and generator steps are built by the same code the distillation job runs (`train.components`, `distill.steps`)
 and compiled with `jax.jit(...).lower(...).compile()` for T2I and edit batches at the config's sizes. Per step it
-prints XLA's per-device memory (arguments, outputs, temporaries, peak) against the chip's HBM, the step's FLOPs and
-XLA's estimated time, and the projected MFU against the chip's bf16 peak. The last line says `fits` or
-`does not fit` with the largest per-device peak; the exit status is 0 only if every step fits (1 if one does not,
-2 for a bad argument).
+prints XLA's per-device memory (arguments, outputs, temporaries, peak) against the chip's HBM, the update's model
+FLOPs per device (its matmuls at the expected student step, counted from the traced passes: `distill.costs`), the
+projected MFU (XLA's cost model: the FLOP rate it projects for the program, over the chip's bf16 peak) and the
+estimated time (the model FLOPs at that rate). XLA's own FLOPs and time are printed beside them but are not the
+step's: its cost analysis counts each loop body once (the 32 scanned layers, the backward simulation's loop). The
+last line says `fits` or `does not fit` with the largest per-device peak; the exit status is 0 only if every step
+fits (1 if one does not, 2 for a bad argument).
 
 The Qwen3-VL text encoder's sizes come from `text_encoder.path`'s config.json when it is set (no weights are read),
 else from the published Qwen3-VL-8B (`QWEN3_VL_8B`). Prompts are laid out by the project's template with a
@@ -28,6 +31,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -35,8 +39,9 @@ from ml_collections import config_flags
 
 from qwen_flash_jax import config_lib, sharding, topologies
 from qwen_flash_jax.data import pipeline as pipeline_lib
+from qwen_flash_jax.diffusion import conditioning
 from qwen_flash_jax.diffusion.conditioning import task_specs
-from qwen_flash_jax.distill import gan
+from qwen_flash_jax.distill import costs, gan
 from qwen_flash_jax.distill import steps as steps_lib
 from qwen_flash_jax.loading import build_transformer
 from qwen_flash_jax.models.config import ConfigError
@@ -46,7 +51,7 @@ from qwen_flash_jax.text import qwen3_vl
 from qwen_flash_jax.text import qwen3_vl_vision as vision_lib
 from qwen_flash_jax.text.tokenizer import train_tokenizer
 from qwen_flash_jax.train import assets as assets_lib
-from qwen_flash_jax.train import components, jobs, teacher
+from qwen_flash_jax.train import components, jobs, teacher, text_states
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/5to5.py", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, f"TPU slice: {', '.join(topologies.SLICES)}, or e.g. v5p:2x2x1")
@@ -100,13 +105,27 @@ class StepReport:
     outputs: int
     aliased: int  # outputs written into donated arguments
     temporaries: int
-    flops: float  # per device
-    seconds: float  # XLA's estimate, 0 when it gives none (not valid unless positive)
+    flops: float  # per device, XLA's count: each loop body once
+    seconds: float  # XLA's estimate of that program, 0 when it gives none (not valid unless positive)
     out_of_memory: bool = False  # XLA refused the program: `temporaries` is what it said they need, the rest unknown
+    model_flops: float = 0.0  # per device: the update's matmul FLOPs at the expected k (`distill.costs`)
 
     @property
     def peak(self) -> int:
         return self.arguments + self.outputs - self.aliased + self.temporaries
+
+    @property
+    def utilisation(self) -> float | None:
+        """XLA's projected FLOP rate over the chip's peak for the program it costs (None without a valid time)."""
+        return self.flops / self.seconds if self.seconds > 0 and self.flops > 0 else None
+
+    @property
+    def estimate(self) -> float | None:
+        """Seconds for the whole update: its model FLOPs at the FLOP rate XLA projects for what it counts. XLA
+        counts each loop body once (the scanned layers, the backward simulation), so its own seconds fall short by
+        about the layer count; the rate is what carries over."""
+        rate = self.utilisation
+        return self.model_flops / rate if rate and self.model_flops else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +223,11 @@ def _abstract_module_params(module_fn, mesh, rules, dtype):
     return state
 
 
+def _encoder_dtype(config):
+    """The text encoder's dtype as the job stores it (train.assets): the transformer's compute dtype."""
+    return jnp.dtype("bfloat16" if config.model.dtype == "bfloat16" else "float32")
+
+
 def abstract_text_encoder(config, mesh, rules, image_pad_id: int):
     """The frozen Qwen3-VL encoder's parameters, abstract, stored in the job's frozen dtype and sharded by the rules."""
     if config.text_encoder.kind != "qwen3_vl":
@@ -216,8 +240,7 @@ def abstract_text_encoder(config, mesh, rules, image_pad_id: int):
         )
     # The stand-in tokenizer's <|image_pad|> id, so that the encoder finds the template's image slots.
     text_config = dataclasses.replace(text_config, image_pad_id=image_pad_id)
-    # Stored as the job stores it (train.assets): in the transformer's compute dtype.
-    dtype = jnp.dtype("bfloat16" if config.model.dtype == "bfloat16" else "float32")
+    dtype = _encoder_dtype(config)
     text = _abstract_module_params(lambda: text_encoder.TextEncoder(text_config, rngs=nnx.Rngs(0)), mesh, rules, dtype)
     vision = _abstract_module_params(
         lambda: vision_lib.VisionTower(vision_config, rngs=nnx.Rngs(0)), mesh, rules, dtype
@@ -236,7 +259,8 @@ def stand_in_prompts(config):
     return pipeline_lib.PromptEncoder.from_config(tokenizer, config.data)
 
 
-def abstract_batch(config, spec, mesh, rules, with_pixels: bool):
+def abstract_batch(config, spec, mesh, rules, with_pixels: bool, states_dtype=None):
+    """The batch the job's pipeline gives the steps; with `states_dtype`, precomputed text states too (in it)."""
     batch_size = int(config.data.batch_size)
     shard = sharding.batch_sharding(mesh, rules)
     length = len(spec.empty_ids)
@@ -251,6 +275,11 @@ def abstract_batch(config, spec, mesh, rules, with_pixels: bool):
         "target_latents": sds((tokens, channels), jnp.float32),
         "category": sds((), jnp.int32),
     }
+    if states_dtype is not None:
+        width = int(config.model.context_in_dim)
+        for prefix in ("", "negative_"):
+            batch[f"{prefix}prompt_embeds"] = sds((length - spec.drop_idx, width), states_dtype)
+            batch[f"{prefix}prompt_embeds_mask"] = sds((length - spec.drop_idx,), jnp.int32)
     if spec.task == "edit":
         batch["condition_latents"] = sds((tokens, channels), jnp.float32)
         if with_pixels:
@@ -259,16 +288,16 @@ def abstract_batch(config, spec, mesh, rules, with_pixels: bool):
     return batch
 
 
-def _compile(name, lowered) -> StepReport:
+def _compile(name, lowered, model_flops: float) -> StepReport:
     """Compiles for the slice; a program whose temporaries alone exceed HBM is refused by XLA, and reported so."""
     try:
-        return _report(name, lowered.compile())
+        return dataclasses.replace(_report(name, lowered.compile()), model_flops=model_flops)
     except jax.errors.JaxRuntimeError as e:
         needed = re.search(r"HLO temporaries \(([0-9.]+)([KMGT])\)", str(e))
         if "RESOURCE_EXHAUSTED" not in str(e) or needed is None:
             raise
         temporaries = int(float(needed.group(1)) * 2 ** (10 * "KMGT".index(needed.group(2)) + 10))
-        return StepReport(name, 0, 0, 0, temporaries, 0.0, 0.0, out_of_memory=True)
+        return StepReport(name, 0, 0, 0, temporaries, 0.0, 0.0, out_of_memory=True, model_flops=model_flops)
 
 
 def _report(name, compiled) -> StepReport:
@@ -311,6 +340,11 @@ def compile_steps(
     state = abstract_state(config, setup, student, mesh)
     prompts = stand_in_prompts(config)
     te_params = abstract_text_encoder(config, mesh, rules, prompts.image_pad_id)
+    # With precomputed text states the steps take the states in the batch and no text encoder (the job's
+    # `data.precompute_text`); the encoder's sizes still lay out the tasks.
+    precomputed = text_states.enabled(config)
+    step_encoder = None if precomputed else te_params
+    states_dtype = _encoder_dtype(config) if precomputed else None  # the states come out in the encoder's dtype
     scale = assets_lib.latent_scale(config)
     try:
         specs = task_specs(
@@ -341,19 +375,42 @@ def compile_steps(
         if task not in specs:
             raise ConfigError(f"--tasks: unknown task {task!r}; one of {sorted(specs)}")
         spec = specs[task]
-        batch = abstract_batch(config, spec, mesh, rules, with_pixels=True)
+        batch = abstract_batch(config, spec, mesh, rules, with_pixels=not precomputed, states_dtype=states_dtype)
+        critic_flops, generator_flops = (
+            f / len(devices) for f in update_flops(config, setup, step_encoder, spec, batch, mesh, rules)
+        )
         if "critic" in steps:
             log(f"compiling critic/{task} ({spec.layout.seq_len} tokens) ...")
-            reports.append(_compile(f"critic/{task}", critic.lower(state, te_params, batch, spec=spec)))
+            lowered = critic.lower(state, step_encoder, batch, spec=spec)
+            reports.append(_compile(f"critic/{task}", lowered, critic_flops))
             log(format_report(reports[-1], slice_))
         if "generator" in steps:
             log(f"compiling generator/{task} ({spec.layout.seq_len} tokens) ...")
             lowered = generator.lower(
-                state, te_params, teachers, batch, spec=spec, condition_offset=components.CONDITION_OFFSET[task]
+                state, step_encoder, teachers, batch, spec=spec, condition_offset=components.CONDITION_OFFSET[task]
             )
-            reports.append(_compile(f"generator/{task}", lowered))
+            reports.append(_compile(f"generator/{task}", lowered, generator_flops))
             log(format_report(reports[-1], slice_))
     return reports
+
+
+def update_flops(config, setup, step_encoder, spec, batch, mesh, rules) -> tuple[float, float]:
+    """(critic, generator) update's matmul FLOPs over the global batch at the expected student step k, the text
+    encoder's passes included when the steps run it (once in the critic, twice in the generator: prompt and CFG's
+    empty prompt). Traced, not compiled. Attention is counted as the dense path computes it (every query against
+    every key): a Pallas kernel's traced body is one tile of its grid."""
+    dense, params = abstract_params(setup.model.config.replace(attention="dense"), mesh, rules)
+    states = abstract_batch(config, spec, mesh, rules, with_pixels=False, states_dtype=_encoder_dtype(config))
+    cond = jax.eval_shape(lambda b: conditioning.batch_conditioning(None, spec, b), states)
+    passes = costs.pass_flops(dense, params, cond, batch["target_latents"])
+    offset = components.CONDITION_OFFSET[spec.task]
+    categories = offset + np.arange(len(pipeline_lib.CATEGORIES[spec.task]))
+    gan = bool(setup.gan_weight) and spec.task in setup.gan_tasks
+    critic, generator = costs.update_costs(setup, passes, categories, gan)
+    if step_encoder is not None:
+        encode = costs.matmul_flops(lambda te, b: conditioning.batch_conditioning(te, spec, b), step_encoder, batch)
+        critic, generator = critic + encode, generator + 2 * encode
+    return critic, generator
 
 
 def format_report(report: StepReport, slice_: topologies.Slice) -> str:
@@ -362,14 +419,15 @@ def format_report(report: StepReport, slice_: topologies.Slice) -> str:
             f"{report.name:16s} out of memory: XLA's HLO temporaries alone need {report.temporaries / GIB:.2f} GiB "
             f"per device of {slice_.chip.hbm_gib:g} GiB"
         )
-    if report.seconds > 0:
-        timing = f"est {report.seconds:8.3f} s  MFU {100 * report.flops / (report.seconds * slice_.peak_flops):5.1f}%"
+    if report.estimate is not None:
+        timing = f"est {report.estimate:8.3f} s  MFU {100 * report.utilisation / slice_.peak_flops:5.1f}%"
     else:  # libtpu's cost model gives no time, or a negative one (v6e, libtpu 0.0.42): no MFU either
         timing = f"est none (XLA's estimate: {report.seconds:.4g} s)"
     return (
         f"{report.name:16s} args {report.arguments / GIB:7.2f}  out {report.outputs / GIB:7.2f}  "
         f"(donated {report.aliased / GIB:6.2f})  temp {report.temporaries / GIB:7.2f}  "
-        f"peak {report.peak / GIB:7.2f} / {slice_.chip.hbm_gib:.0f} GiB  {report.flops / 1e12:9.1f} TFLOP  {timing}"
+        f"peak {report.peak / GIB:7.2f} / {slice_.chip.hbm_gib:.0f} GiB  {report.model_flops / 1e12:9.1f} TFLOP  "
+        f"{timing}  (XLA: {report.flops / 1e12:.1f} TFLOP, {report.seconds:.3g} s, loop bodies once)"
     )
 
 
@@ -386,7 +444,8 @@ def run(config, topology: str, mesh_text: str, teacher_dtype: str, tasks, attent
         f"{slice_.name} ({slice_.topology}, {slice_.chips} x {slice_.chip.kind}, {slice_.chip.hbm_gib:.0f} GiB HBM, "
         f"{slice_.chip.bf16_tflops:.0f} TFLOP/s bf16); mesh {dict(axes)}; remat {model.remat_policy}; attention "
         f"{model.attention}; teachers {teacher_dtype or config_lib.frozen_dtype(config)}; "
-        f"global batch {config.data.batch_size}"
+        f"global batch {config.data.batch_size}; text "
+        f"{'precomputed states' if text_states.enabled(config) else 'encoder in the steps'}"
     )
     reports = compile_steps(
         config,
@@ -414,11 +473,11 @@ def summarise(reports, slice_: topologies.Slice, ratio: int, tasks) -> bool:
         if critic.out_of_memory or generator.out_of_memory:
             print(f"iteration/{task}: no estimate (a step is out of memory)")
             continue
-        if critic.seconds <= 0 or generator.seconds <= 0:
+        if critic.estimate is None or generator.estimate is None:
             print(f"iteration/{task}: no estimate (XLA gives no valid time for a step)")
             continue
-        seconds = ratio * critic.seconds + generator.seconds
-        flops = ratio * critic.flops + generator.flops
+        seconds = ratio * critic.estimate + generator.estimate
+        flops = ratio * critic.model_flops + generator.model_flops
         mfu = flops / (seconds * slice_.peak_flops)
         print(
             f"iteration/{task}: {ratio} critic + 1 generator updates: est {seconds:.2f} s, "

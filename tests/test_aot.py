@@ -71,10 +71,10 @@ def reports(tmp_path_factory):
 def test_tiny_config_compiles_for_a_v5p_slice(reports, capsys):
     assert [r.name for r in reports] == ["critic/edit", "generator/edit"]
     for report in reports:
-        assert report.arguments > 0 and report.temporaries > 0 and report.flops > 0
+        assert report.arguments > 0 and report.temporaries > 0 and report.flops > 0 and report.model_flops > 0
         assert report.aliased > 0  # the state is donated: its new value is written over the old
     # The generator also runs the teachers and the fake score.
-    assert reports[1].flops > reports[0].flops
+    assert reports[1].flops > reports[0].flops and reports[1].model_flops > reports[0].model_flops
     assert aot.summarise(reports, topologies.get("v5p:2x2x1"), 5, ("edit",))
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out[:3]] == ["critic/edit", "generator/edit", "iteration/edit:"]
@@ -88,17 +88,34 @@ def test_a_slice_too_small_does_not_fit(reports, capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith("does not fit: largest per-device peak")
 
 
+@pytest.mark.job
+def test_with_precomputed_text_states_the_generator_step_runs_no_text_encoder(reports, tmp_path):
+    """`data.precompute_text`: the encoder's weights leave the step's arguments and its forward (the vision tower's
+    too) the step's FLOPs; the batch's states come in instead."""
+    config = tiny_config(tmp_path)
+    config.data.precompute_text = True
+    slice_ = topologies.get("v5p:2x2x1")
+    (report,) = aot.compile_steps(
+        config, slice_, (("fsdp", 2), ("tensor", 2)), "bfloat16", ("edit",), log=print, steps=("generator",)
+    )
+    encoding = reports[1]
+    assert report.name == encoding.name == "generator/edit"
+    assert 0 < report.flops < encoding.flops and 0 < report.model_flops < encoding.model_flops
+    assert 0 < report.arguments < encoding.arguments
+
+
 def test_an_invalid_time_estimate_gives_no_time_and_no_mfu(capsys):
-    """libtpu's cost model gives v6e programs a negative `optimal_seconds`: shown as no estimate, not as a time."""
+    """libtpu's cost model gives v6e programs a negative `optimal_seconds`: shown as no estimate, not as a time.
+    A valid one times the update's model FLOPs at XLA's projected rate (XLA counts each loop body once)."""
     gib = 2**30
     reports = [
-        aot.StepReport(f"{step}/edit", 4 * gib, 2 * gib, 2 * gib, 10 * gib, 9e13, seconds)
+        aot.StepReport(f"{step}/edit", 4 * gib, 2 * gib, 2 * gib, 10 * gib, 9e13, seconds, model_flops=3.6e14)
         for step, seconds in (("critic", 0.5), ("generator", -110.7))
     ]
     assert aot.summarise(reports, topologies.get("v6e-16"), 5, ("edit",))
     critic, generator, iteration, verdict = capsys.readouterr().out.splitlines()
-    assert "est    0.500 s  MFU" in critic
-    assert generator.endswith("est none (XLA's estimate: -110.7 s)") and "MFU" not in generator
+    assert "  360.0 TFLOP  est    2.000 s  MFU  19.6%" in critic  # 9e13 FLOP in 0.5 s: 19.6% of 918 TFLOP/s
+    assert "est none (XLA's estimate: -110.7 s)" in generator and "MFU" not in generator
     assert iteration == "iteration/edit: no estimate (XLA gives no valid time for a step)"
     assert verdict == "fits: largest per-device peak 14.00 GiB (critic/edit) of 32 GiB"
 

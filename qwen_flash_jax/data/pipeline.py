@@ -14,6 +14,9 @@ codec. A T2I batch and an edit batch therefore each have one static layout. With
 every edit example carries that many condition images (a record's "source" list, in order), each fitted to its
 size, and a target of the output size the last one gives (`data.edit_images`): one multi-image layout per run.
 
+With `data.precompute_text` each category's source is wrapped to hand out its records' stored text states
+(`data.text_states`), and the examples carry them padded to the prompt's length (`text_states.FIELDS`).
+
 Threads: grain's prefetch threads run `Preprocess` (tokenizing, numpy pixels) only; `EncodeImages` runs the codec
 once per batch in the thread that draws the batch, the one that dispatches the train steps. A VAE codec is a jitted
 program: one call per batch instead of one per image, and no JAX dispatch from 16 threads at once (which once
@@ -23,6 +26,7 @@ aborted a CI run).
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any
 
 import grain
@@ -30,6 +34,7 @@ import jax
 import numpy as np
 
 from qwen_flash_jax.data import edit_images, mixing
+from qwen_flash_jax.data import text_states as text_states_lib
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.text import prompts as prompt_lib
@@ -95,7 +100,32 @@ class Preprocess:
     def __call__(self, record: dict) -> dict[str, np.ndarray]:
         category = np.int32(CATEGORIES[self.task].index(record["category"]))
         if self.task == "edit" and self.condition_sizes:
-            return {**self._edit_with_layout(record), "category": category}
+            out = self._edit_with_layout(record)
+        else:
+            out = self._example(record)
+        if "prompt_states" in record:
+            out.update(self._stored_states(record, out["attention_mask"]))
+        return {**out, "category": category}
+
+    def _stored_states(self, record: dict, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The record's precomputed states (`data.text_states`) padded to the prompt's length after its prefix."""
+        length = len(attention_mask) - self.prompts.drop_idx
+        valid = int(attention_mask[self.prompts.drop_idx :].sum())
+        if len(record["prompt_states"]) != valid:
+            raise ConfigError(
+                f"record {record.get('id')!r}: its stored text states hold {len(record['prompt_states'])} tokens, "
+                f"its prompt {valid}: the text-state store was made with another tokenizer or template"
+            )
+        states, mask = text_states_lib.pad(record["prompt_states"], length)
+        negative, negative_mask = text_states_lib.pad(record["negative_states"], length)
+        return {
+            "prompt_embeds": states,
+            "prompt_embeds_mask": mask,
+            "negative_prompt_embeds": negative,
+            "negative_prompt_embeds_mask": negative_mask,
+        }
+
+    def _example(self, record: dict) -> dict[str, np.ndarray]:
         if self.task == "t2i":
             input_ids, mask = self.prompts(record["caption"])
             out = {"target_pixels": self._pixels(record["image"])}
@@ -105,7 +135,7 @@ class Preprocess:
             input_ids, mask = self.prompts(record["instruction"], [h * w // 4])  # one slot per 2x2 latent patch
             target = record["target"] if record["target"] is not None else record["source"]
             out = {"source_pixels": source, "target_pixels": self._pixels(target)}
-        return {**out, "input_ids": input_ids, "attention_mask": mask, "category": category}
+        return {**out, "input_ids": input_ids, "attention_mask": mask}
 
     def _edit_with_layout(self, record: dict) -> dict[str, np.ndarray]:
         """The record's condition images fitted to `condition_sizes` (`source_pixels_<k>`), the target to the size
@@ -150,7 +180,8 @@ class EncodeImages:
 
     def __call__(self, batch: dict) -> dict:
         out = dict(batch)
-        out["target_latents"] = self._latents(out.pop("target_pixels"))
+        if "target_pixels" in out:  # (precomputing text states reads the condition images only)
+            out["target_latents"] = self._latents(out.pop("target_pixels"))
         if "source_pixels" in out:
             source = out.pop("source_pixels")
             out["condition_latents"] = self._latents(source)
@@ -189,16 +220,29 @@ def task_stream(
     seed: int,
     process_index: int,
     process_count: int,
+    text_states=None,
 ) -> grain.IterDataset:
-    """One task's batches: per-category shuffled repeats mixed by weight, this process's shard, batched, encoded."""
+    """One task's batches: per-category shuffled repeats mixed by weight, this process's shard, batched, encoded.
+    `text_states`: a store of the records' precomputed text states (`data.text_states`), which the batches carry."""
     weights = mixing.normalise_weights(weights, CATEGORIES[task], f"{task} category")
     missing = [c for c in weights if c not in sources or len(sources[c]) == 0]
     if missing:
         raise ConfigError(f"{task} categories {missing} have weight > 0 but no data")
     names = sorted(weights, key=CATEGORIES[task].index)
+
+    def source(category):
+        if text_states is None:
+            return sources[category]
+        folder = pathlib.Path(text_states) / task / category
+        if not text_states_lib.is_complete(folder):
+            raise ConfigError(f"the text-state store has no {task}/{category} states ({folder})")
+        try:
+            return text_states_lib.WithTextStates(sources[category], text_states_lib.CategoryStates(folder))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     parts = [
-        grain.MapDataset.source(sources[c]).shuffle(seed=seed + 7919 * CATEGORIES[task].index(c)).repeat()
-        for c in names
+        grain.MapDataset.source(source(c)).shuffle(seed=seed + 7919 * CATEGORIES[task].index(c)).repeat() for c in names
     ]
     mixed = grain.MapDataset.mix(parts, [weights[c] for c in names]) if len(parts) > 1 else parts[0]
     local = mixed[process_index::process_count]
@@ -223,10 +267,12 @@ def build_pipeline(
     process_count: int | None = None,
     condition_pixels: bool = False,
     slot_batches: int = 1,
+    text_states=None,
 ) -> grain.IterDataset:
     """The interleaved T2I/edit batch stream of this process (per-process batch = global batch / processes).
     `condition_pixels`: edit examples also carry the condition image (for a text encoder with a vision tower).
-    `slot_batches`: consecutive batches per task slot (`mixing.TaskInterleaveIterDataset`)."""
+    `slot_batches`: consecutive batches per task slot (`mixing.TaskInterleaveIterDataset`). `text_states`: the
+    folder of the records' precomputed text states; the batches then carry them (`data.text_states.FIELDS`)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     ratio = mixing.parse_ratio(data_config.task_ratio)
@@ -250,6 +296,7 @@ def build_pipeline(
             seed=int(data_config.seed),
             process_index=process_index,
             process_count=process_count,
+            text_states=text_states,
         )
     return mixing.TaskInterleaveIterDataset(streams, ratio, slot_batches)
 

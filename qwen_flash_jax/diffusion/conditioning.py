@@ -1,7 +1,9 @@
 """From a data batch to the transformer's conditioning, inside jit.
 
 The frozen text encoder runs on device as part of each step (at scale it is sharded like the transformer); only
-token ids, latents and (for Qwen3-VL edits) the condition image's uint8 pixels cross the host boundary. The token
+token ids, latents and (for Qwen3-VL edits) the condition image's uint8 pixels cross the host boundary. With
+`data.precompute_text` the batch carries the prompts' states instead, encoded once before training by this same
+code (`batch_conditioning`, `train.text_states`), and the steps take no encoder. The token
 layout of each task is static and derived once from the prompt template, since the system prefix and the image
 slots sit at fixed positions of every right-padded prompt.
 
@@ -191,6 +193,29 @@ def encode(
         condition_latents=condition_latents,
         layout=spec.layout,
     )
+
+
+def batch_conditioning(te_params, spec: TaskSpec, batch: dict, negative: bool = False) -> Conditioning:
+    """A training batch's conditioning (call inside jit), or with `negative` CFG's: the empty prompt with the batch's
+    images. A batch with precomputed text states (`data.text_states.FIELDS`) is read as it is, and `te_params` may
+    be None; otherwise the text encoder runs."""
+    if "prompt_embeds" in batch:
+        prefix = "negative_" if negative else ""
+        latents = batch.get("condition_latents")
+        if latents is None:
+            latents = jnp.zeros((batch["prompt_embeds"].shape[0], 0, 1), jnp.float32)
+        return Conditioning(
+            encoder_hidden_states=batch[f"{prefix}prompt_embeds"],
+            encoder_hidden_states_mask=batch[f"{prefix}prompt_embeds_mask"].astype(bool),
+            condition_latents=latents,
+            layout=spec.layout,
+        )
+    if te_params is None:
+        raise ValueError("a batch without precomputed text states needs the text encoder's parameters")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if negative:
+        ids, mask = empty_prompt(spec, ids.shape[0])
+    return encode(te_params, spec, ids, mask, **image_inputs(batch))
 
 
 def empty_prompt(spec: TaskSpec, batch: int):

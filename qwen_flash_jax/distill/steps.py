@@ -144,9 +144,7 @@ def _guarded(state, new_state, ok):
 
 def critic_step(setup: DistillSetup, state: DistillState, te_params, batch, spec):
     rng, (k_noise, k_k, k_sim, k_loss, _) = _split(state)
-    cond = conditioning.encode(
-        te_params, spec, batch["input_ids"], batch["attention_mask"], **conditioning.image_inputs(batch)
-    )
+    cond = conditioning.batch_conditioning(te_params, spec, batch)
     shape = batch["target_latents"].shape
     k, noise, _ = _student_step(setup, shape[0], shape, k_noise, k_k, setup.critic_step_probs)
     _, x = dmd.student_sample(setup.model, state.student, cond, noise, k, setup.timesteps, k_sim, setup.renoise)
@@ -176,11 +174,8 @@ def generator_step(
     setup: DistillSetup, state: DistillState, te_params, teachers: dict, batch, spec, condition_offset: int, pairs=None
 ):
     rng, (k_noise, k_k, k_sim, k_t, k_xi) = _split(state)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    images = conditioning.image_inputs(batch)
-    cond = conditioning.encode(te_params, spec, ids, mask, **images)
-    neg_ids, neg_mask = conditioning.empty_prompt(spec, ids.shape[0])
-    neg = conditioning.encode(te_params, spec, neg_ids, neg_mask, **images)
+    cond = conditioning.batch_conditioning(te_params, spec, batch)
+    neg = conditioning.batch_conditioning(te_params, spec, batch, negative=True)
     shape = batch["target_latents"].shape
     # DMD2's backward simulation: the input z of step k comes from the student's own earlier steps, without
     # gradients; the generator's gradient reaches only step k's network call.
@@ -248,9 +243,7 @@ def generator_step(
     if setup.regression_weight and pairs is not None:
         # DMD1's regression onto teacher ODE pairs, at the same student step k along the student's own
         # (predicted-noise) trajectory from the pair's noise (pairs.py says why the target is the same at every k).
-        cond_p = conditioning.encode(
-            te_params, spec, pairs["input_ids"], pairs["attention_mask"], **conditioning.image_inputs(pairs)
-        )
+        cond_p = conditioning.batch_conditioning(te_params, spec, pairs)
         z_p = dmd.backward_simulation(
             setup.model, state.student, cond_p, pairs["noise"], k, setup.timesteps, k_sim, setup.renoise
         )

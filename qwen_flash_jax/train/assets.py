@@ -68,10 +68,7 @@ def build_assets(config, log: Callable[[str], None] = print) -> Assets:
     if channels != config.model.in_channels:
         raise ConfigError(f"codec gives {channels} latent channels but model.in_channels={config.model.in_channels}")
     sources = _sources(config, log)
-    if config.text_encoder.kind == "toy":
-        tokenizer, te_params = _toy_text_encoder(config, log)
-    else:
-        tokenizer, te_params = _qwen3_vl_text_encoder(config, log)
+    tokenizer, te_params = load_text_encoder(config, log)
     prompts = pipeline_lib.PromptEncoder.from_config(tokenizer, config.data)
     vision = getattr(te_params, "vision", None)
     try:
@@ -86,6 +83,13 @@ def build_assets(config, log: Callable[[str], None] = print) -> Assets:
         except ValueError as e:
             raise ConfigError(f"data.edit_condition_sizes={[list(s) for s in sizes]}: {e}") from None
     return Assets(sources, tokenizer, te_params, codec, prompts, tasks, eval_tasks)
+
+
+def load_text_encoder(config, log: Callable[[str], None] = print):
+    """(tokenizer, frozen text encoder parameters) of the config's encoder (the toy one built on first use)."""
+    if config.text_encoder.kind == "toy":
+        return _toy_text_encoder(config, log)
+    return _qwen3_vl_text_encoder(config, log)
 
 
 def _sources(config, log):

@@ -27,6 +27,7 @@ from qwen_flash_jax.eval.generate import Generator
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.train import assets as assets_lib
 from qwen_flash_jax.train import components, teacher
+from qwen_flash_jax.train import text_states as text_states_lib
 from qwen_flash_jax.train.checkpoint import open_and_resume
 from qwen_flash_jax.train.components import CONDITION_OFFSET, CONDITIONS
 from qwen_flash_jax.training_loop import NonFiniteError
@@ -50,6 +51,15 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
     steps = view.train.steps
     ratio = view.fake_score.updates_per_student
     warmup = view.fake_score.warmup_updates
+    # With precomputed text states the batches carry the prompts' states and the steps run no text encoder; the
+    # job holds the encoder only while it samples (probes, the evaluation).
+    text_states = text_states_lib.ensure_store(config, assets, log) if text_states_lib.enabled(config) else None
+    if text_states is not None:
+        log(f"distill: the steps read precomputed text states from {text_states}")
+        text_states_lib.release_encoder(assets)
+
+    def sampling_encoder():
+        return text_states_lib.encoder_for_sampling(config, assets, log)
 
     # One student update takes `ratio` critic batches and one generator batch, all of one task: the T2I:Edit
     # pattern steps once per update, so the generator and the critic both see the configured ratio.
@@ -61,6 +71,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
             assets.codec,
             condition_pixels=assets.condition_pixels,
             slot_batches=ratio + 1,
+            text_states=text_states,
         )
     )
     ckpt, state = open_and_resume(workdir / "checkpoints", view.train, state, iterator, label="distill", log=log)
@@ -137,7 +148,7 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         history=history,
         sums=("skipped",),  # steps whose update was skipped for non-finite values, counted
         nonfinite=training_loop.NonFiniteGuard(lambda state: state.nonfinite_run, view.nonfinite_limit),
-        probe=_make_probe(config, workdir, gen, writer, log),
+        probe=_make_probe(config, workdir, gen, writer, log, sampling_encoder),
         probe_every=view.train.sample_every,
         checkpointer=ckpt,
         data_iterator=iterator,
@@ -147,7 +158,8 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
         return None
     # The reference teacher is the one the student starts from, guiding or not (a single-specialist run has
     # only the specialist in `teachers`).
-    results = run_evaluation(config, workdir, gen, state, base, log)
+    with sampling_encoder():
+        results = run_evaluation(config, workdir, gen, state, base, log)
     writer.flush()
     return results
 
@@ -182,6 +194,7 @@ def check_config(config) -> config_lib.DistillView:
     """Everything a user can get wrong, checked before any work starts (one clear ConfigError); returns the
     distillation's typed view of `config`, which the job reads."""
     pipeline_lib.check_data_config(config.data)
+    text_states_lib.enabled(config)
     check_batch_fits_mesh(config)
     judge = config.eval.get("judge", "toy")
     if judge not in ("toy", "none", "vlm"):
@@ -216,6 +229,11 @@ def check_config(config) -> config_lib.DistillView:
     if student.regression_weight < 0:
         raise ConfigError(f"student.regression_weight must be >= 0 (0 turns it off), got {student.regression_weight}")
     if student.regression_weight > 0:
+        if text_states_lib.enabled(config):
+            raise ConfigError(
+                "student.regression_weight > 0 needs the text encoder in the step (its teacher pairs are encoded "
+                "there); it does not combine with data.precompute_text=True"
+            )
         if student.renoise != "predicted":
             raise ConfigError(
                 "student.regression_weight > 0 needs student.renoise='predicted': with fresh noise "
@@ -266,7 +284,7 @@ def check_batch_fits_mesh(config) -> None:
         )
 
 
-def _make_probe(config, workdir, gen, writer, log):
+def _make_probe(config, workdir, gen, writer, log, sampling_encoder):
     """Every `train.sample_every` student updates: 4-NFE sample grids in workdir/samples/step_N and toy-judge
     scores on a small validation set (eval.seed + 1, disjoint from the final evaluation's seeds), logged as
     `probe/*` scalars. None when sampling is off."""
@@ -279,6 +297,10 @@ def _make_probe(config, workdir, gen, writer, log):
     )
 
     def probe(step, state):
+        with sampling_encoder():
+            _probe(step, state)
+
+    def _probe(step, state):
         params = state.evaluated_student()
         # At step 0 the student is still its initial teacher weights, shared by every run from that teacher.
         key = _images_key(config, gen, cache.params_fingerprint(params), student=True) if step == 0 else None
