@@ -329,6 +329,22 @@ def test_the_teacher_sampled_on_given_timesteps(cache):
     assert np.abs(other.astype(int) - default.astype(int)).mean() > 1.0
 
 
+def test_a_distillation_on_precomputed_text_states_repeats_the_one_that_encodes_in_its_steps(
+    cache, straight_run, tmp_path
+):
+    """`data.precompute_text`: the steps read the stored states and get no text encoder (the job releases it), and
+    the losses are the uninterrupted run's (float32; the states were encoded in other batches than the steps', so
+    equal up to rounding)."""
+    config = tiny_distill_config(cache)
+    config.data.precompute_text = True
+    stored = []
+    distill_job.distill(config, tmp_path, history=stored, **QUIET)
+    assert [s for s, _ in stored] == [s for s, _ in straight_run]
+    for (_, a), (_, b) in zip(straight_run, stored):
+        for key in ("dmd_loss", "fake_loss", "grad_norm"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=key)
+
+
 def test_a_replicate_seed_changes_the_distillation_but_not_the_teachers(cache, straight_run, tmp_path):
     """`train.seed` draws other noise, steps and batches (the losses differ from the first update on) while the
     teachers' cache key, and so the teachers, stay the same."""

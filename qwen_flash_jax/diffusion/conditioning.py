@@ -197,8 +197,8 @@ def encode(
 
 def batch_conditioning(te_params, spec: TaskSpec, batch: dict, negative: bool = False) -> Conditioning:
     """A training batch's conditioning (call inside jit), or with `negative` CFG's: the empty prompt with the batch's
-    images. A batch with precomputed text states (`data.text_states.FIELDS`) is read as it is, and `te_params` may
-    be None; otherwise the text encoder runs."""
+    images. A batch with precomputed text states (`data.text_states.FIELDS`) is read as it is (`te_params` unused,
+    None in the job); otherwise the text encoder runs."""
     if "prompt_embeds" in batch:
         prefix = "negative_" if negative else ""
         latents = batch.get("condition_latents")
@@ -210,8 +210,6 @@ def batch_conditioning(te_params, spec: TaskSpec, batch: dict, negative: bool = 
             condition_latents=latents,
             layout=spec.layout,
         )
-    if te_params is None:
-        raise ValueError("a batch without precomputed text states needs the text encoder's parameters")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if negative:
         ids, mask = empty_prompt(spec, ids.shape[0])
