@@ -89,17 +89,17 @@ def test_a_slice_too_small_does_not_fit(reports, capsys):
 
 
 @pytest.mark.job
-def test_with_precomputed_text_states_the_generator_step_runs_no_text_encoder(reports, tmp_path):
+def test_with_precomputed_text_states_the_steps_run_no_text_encoder(reports, tmp_path):
     """`data.precompute_text`: the encoder's weights leave the step's arguments and its forward (the vision tower's
-    too) the step's FLOPs; the batch's states come in instead."""
+    too) the step's FLOPs; the batch's states come in instead. The critic (one encoder pass in the other program)."""
     config = tiny_config(tmp_path)
     config.data.precompute_text = True
     slice_ = topologies.get("v5p:2x2x1")
     (report,) = aot.compile_steps(
-        config, slice_, (("fsdp", 2), ("tensor", 2)), "bfloat16", ("edit",), log=print, steps=("generator",)
+        config, slice_, (("fsdp", 2), ("tensor", 2)), "bfloat16", ("edit",), log=print, steps=("critic",)
     )
-    encoding = reports[1]
-    assert report.name == encoding.name == "generator/edit"
+    encoding = reports[0]
+    assert report.name == encoding.name == "critic/edit"
     assert 0 < report.flops < encoding.flops and 0 < report.model_flops < encoding.model_flops
     assert 0 < report.arguments < encoding.arguments
 

@@ -334,7 +334,7 @@ def test_a_distillation_on_precomputed_text_states_repeats_the_one_that_encodes_
 ):
     """`data.precompute_text`: the steps read the stored states and get no text encoder (the job releases it), and
     the losses are the uninterrupted run's (float32; the states were encoded in other batches than the steps', so
-    equal up to rounding)."""
+    equal up to rounding: relative differences of 1e-7 to 7e-7 were seen)."""
     config = tiny_distill_config(cache)
     config.data.precompute_text = True
     stored = []
@@ -342,7 +342,7 @@ def test_a_distillation_on_precomputed_text_states_repeats_the_one_that_encodes_
     assert [s for s, _ in stored] == [s for s, _ in straight_run]
     for (_, a), (_, b) in zip(straight_run, stored):
         for key in ("dmd_loss", "fake_loss", "grad_norm"):
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=key)
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
 
 
 def test_a_replicate_seed_changes_the_distillation_but_not_the_teachers(cache, straight_run, tmp_path):
