@@ -116,14 +116,11 @@ class Preprocess:
                 f"record {record.get('id')!r}: its stored text states hold {len(record['prompt_states'])} tokens, "
                 f"its prompt {valid}: the text-state store was made with another tokenizer or template"
             )
-        states, mask = text_states_lib.pad(record["prompt_states"], length)
-        negative, negative_mask = text_states_lib.pad(record["negative_states"], length)
-        return {
-            "prompt_embeds": states,
-            "prompt_embeds_mask": mask,
-            "negative_prompt_embeds": negative,
-            "negative_prompt_embeds_mask": negative_mask,
-        }
+        padded = (
+            *text_states_lib.pad(record["prompt_states"], length),
+            *text_states_lib.pad(record["negative_states"], length),
+        )
+        return dict(zip(text_states_lib.FIELDS, padded))
 
     def _example(self, record: dict) -> dict[str, np.ndarray]:
         if self.task == "t2i":
