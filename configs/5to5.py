@@ -90,9 +90,10 @@ def get_config(arg=None):
             max_prompt_tokens=512,
             # Edit prompts also hold the condition image's slots (one per 2x2 latents: 1024 at 1024 px); 0 = as T2I.
             edit_prompt_tokens=1536,
-            # The condition images' (height, width) pixels of every edit, in order (the last sets the output's
-            # aspect ratio), each a size the pipeline keeps at image_size; () = one square source of the target size.
-            edit_condition_sizes=(),
+            # Edit layouts: each a list of the condition images' (height, width) pixels, in order (the last sets the
+            # output's aspect ratio), each a size the pipeline keeps at image_size. A record takes the layout of its
+            # image count and nearest aspect ratios (data/edit_layouts.py); () = one square source of the target size.
+            edit_layouts=(),
             # True: every record's prompt is encoded once before training and the DMD steps read the stored states
             # (no text encoder in the step programs); the store lives in cache_dir/text_states.
             precompute_text=False,

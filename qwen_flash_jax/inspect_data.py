@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import sys
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -41,15 +42,17 @@ def inspect(config, batches: int, out: str, log=print) -> dict:
     log(f"ratio {config.data.task_ratio}, global batch {config.data.batch_size}")
     for i in range(batches):
         batch = next(iterator)
-        task = batch["task"]
+        key = batch["task"]  # the task, or an edit layout's key (data.edit_layouts)
+        task = assets.tasks[key].task
         names = pipeline.CATEGORIES[task]
         counts = collections.Counter(names[c] for c in batch["category"].tolist())
-        totals.update({task: 1})
+        totals.update({task: 1, **({key: 1} if key != task else {})})
         totals.update({f"{task}/{k}": v for k, v in counts.items()})
-        log(f"batch {i:4d}  {task:4s}  " + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        log(f"batch {i:4d}  {key:6s}  " + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
         if i == 0:
             save_png(contact_sheet(_images(batch, assets), cols=8, scale=3), out)
-    log(f"batches: t2i={totals['t2i']} edit={totals['edit']}")
+    layouts = "".join(f" {k}={v}" for k, v in sorted(totals.items()) if k.startswith("edit:"))
+    log(f"batches: t2i={totals['t2i']} edit={totals['edit']}" + (f" (of which{layouts})" if layouts else ""))
     for key in sorted(k for k in totals if "/" in k):
         log(f"  {key}: {totals[key]} examples")
     log(f"contact sheet of batch 0 -> {out}")
@@ -57,17 +60,26 @@ def inspect(config, batches: int, out: str, log=print) -> dict:
 
 
 def _images(batch, assets):
-    codec = assets.codec
-    h, w = assets.tasks[batch["task"]].latent_hw
+    """Per example its target, or for an edit its condition images and its target side by side."""
+    codec, spec = assets.codec, assets.tasks[batch["task"]]
 
-    def decode(tokens):
-        return codec.to_uint8(codec.decode(codec.unpack(tokens, h, w)))
+    def decode(tokens, hw):
+        return codec.to_uint8(codec.decode(codec.unpack(tokens, *hw)))
 
-    targets = decode(batch["target_latents"])
-    if batch["task"] == "edit":
-        sources = decode(batch["condition_latents"])
-        return [side_by_side(s, t) for s, t in zip(sources, targets)]
-    return list(targets)
+    targets = decode(batch["target_latents"], spec.latent_hw)
+    if spec.task != "edit":
+        return list(targets)
+    conditions, start = [], 0
+    for h, w in spec.condition_shapes:  # their latents one after the other (several with data.edit_layouts)
+        conditions.append(decode(batch["condition_latents"][:, start : start + h * w], (h, w)))
+        start += h * w
+    return [side_by_side(*_top_aligned([c[i] for c in conditions] + [targets[i]])) for i in range(len(targets))]
+
+
+def _top_aligned(images):
+    """The images padded with white at the bottom to the tallest one's height."""
+    height = max(im.shape[0] for im in images)
+    return [np.pad(im, ((0, height - im.shape[0]), (0, 0), (0, 0)), constant_values=255) for im in images]
 
 
 def main(argv):

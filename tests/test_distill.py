@@ -156,24 +156,20 @@ def test_with_the_gan_term_a_resumed_run_reproduces_the_uninterrupted_one(cache,
     assert [m for s, m in straight if s > 2] == [m for _, m in resumed]
 
 
-def test_the_gan_term_reaches_only_the_tasks_in_gan_tasks(cache, tmp_path):
-    """At 1:2 the updates run edit, T2I, edit. A GAN term kept to T2I leaves the first (edit) update bit-identical to
-    pure DMD, critic updates included, and reaches the second; kept to edits it reaches the first and third only. A
-    GAN term whose tasks are never trained at the configured ratio is a config error, not a silent no-op."""
+def test_the_gan_term_reaches_only_the_tasks_in_gan_tasks(cache, straight_run, tmp_path):
+    """At 1:1 the updates run T2I, edit, T2I, edit. A GAN term kept to edits leaves the first (T2I) update
+    bit-identical to pure DMD (`straight_run`), critic updates included, and reaches the edit updates only (the
+    odd-warm-up test below shows a term kept to T2I at the T2I updates). A GAN term whose tasks are never trained at
+    the configured ratio is a config error, not a silent no-op."""
     config = tiny_distill_config(cache)
-    config.train.steps = 3
-    config.data.task_ratio = "1:2"
-    plain, t2i_only, on_edits = [], [], []
-    distill_job.distill(config, tmp_path / "plain", history=plain, **QUIET)
+    config.train.steps = 4
     config.student.gan_weight = 10.0
-    config.student.gan_tasks = ("t2i",)
-    distill_job.distill(config, tmp_path / "t2i_only", history=t2i_only, **QUIET)
-    assert t2i_only[0] == plain[0] and "gan_loss" not in plain[0][1]
-    assert ["gan_loss" in m for _, m in t2i_only] == [False, True, False]
     config.student.gan_tasks = ("edit",)
+    on_edits = []
     distill_job.distill(config, tmp_path / "on_edits", history=on_edits, **QUIET)
-    assert ["gan_loss" in m for _, m in on_edits] == [True, False, True]
-    assert on_edits[2][1]["gan_grad_ratio"] > 0  # the head starts at zero: the first GAN update has no gradient
+    assert "gan_loss" not in straight_run[0][1] and on_edits[0] == straight_run[0]
+    assert ["gan_loss" in m for _, m in on_edits] == [False, True, False, True]
+    assert on_edits[3][1]["gan_grad_ratio"] > 0  # the head starts at zero: the first GAN update has no gradient
     config.student.gan_tasks = ("t2i", "video")
     with pytest.raises(distill_job.ConfigError, match=r"student.gan_tasks names unknown tasks \['video'\]"):
         distill_job.check_config(config)
@@ -187,7 +183,7 @@ def test_the_gan_term_reaches_only_the_tasks_in_gan_tasks(cache, tmp_path):
 def test_generator_updates_follow_the_task_ratio_after_an_odd_critic_warmup(cache, tmp_path):
     """At 1:1 half the generator updates are T2I, seen through a GAN term kept to T2I: its loss is logged exactly at
     the T2I updates, which alternate with the edit updates, also after an odd number of critic warm-up updates (the
-    warm-up batches must not shift the task slots). Without warm-up, the GAN-tasks test above shows the same at 1:2."""
+    warm-up batches must not shift the task slots). The GAN-tasks test above shows a term kept to edits."""
     config = tiny_distill_config(cache)
     config.train.steps = 4
     config.student.gan_weight = 10.0

@@ -1,7 +1,8 @@
 """Edits with several condition images of different sizes, in training as `qwen_flash_jax.Pipeline` samples them,
-on the tiny random Qwen-Image 2.1 pipeline (tests/qwen_image_folder.py): `data.edit_condition_sizes` lays every
-edit out as the pipeline lays out the same images (one implementation: `diffusion.conditioning.token_layout` and
-`data.edit_images`), and the full-scale distillation trains on such edits."""
+on the tiny random Qwen-Image 2.1 pipeline (tests/qwen_image_folder.py): `data.edit_layouts` lays every edit out as
+the pipeline lays out the same images (one implementation: `diffusion.conditioning.token_layout` and
+`data.edit_images`), edits of several layouts share one run (one layout per batch), and the full-scale distillation
+trains on them."""
 
 import json
 
@@ -28,6 +29,7 @@ from tests import qwen_image_folder as folder_lib  # noqa: E402
 
 IMAGE_SIZE = 64  # data.image_size: the output resolution, as the pipeline's output_resolution
 SIZES = ((64, 64), (32, 96))  # two condition images the pipeline keeps at 64px; the output takes 32x96
+LAYOUTS = (SIZES, ((64, 64),))  # the two-image edits, and the one-image ones
 INSTRUCTIONS = ["make the sky green", "put the hat on the man", "turn it into a sketch"]
 NATIVE = [(64, 64), (45, 140), (80, 80), (30, 100), (50, 150), (70, 60)]  # the files' own sizes (h, w)
 
@@ -48,13 +50,15 @@ def world(tmp_path_factory):
         {"instruction": INSTRUCTIONS[0], "category": "scene", "source": ["0.png", "1.png"], "target": "4.png"},
         {"instruction": INSTRUCTIONS[1], "category": "object", "source": ["2.png", "3.png"]},
         {"instruction": INSTRUCTIONS[2], "category": "scene", "source": ["5.png", "4.png"], "target": "1.png"},
+        {"instruction": INSTRUCTIONS[1], "category": "scene", "source": "2.png"},  # one image: the second layout
+        {"instruction": INSTRUCTIONS[0], "category": "object", "source": ["5.png"], "target": "2.png"},
     ]
     (root / "edit.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return dict(folder=folder, teacher=root / "teacher", edit=root / "edit.jsonl")
 
 
-def _config(world, cache_dir, sizes=SIZES):
-    """configs/5to5.py at full scale on the tiny pipeline, edits only, every edit of `sizes`."""
+def _config(world, cache_dir, layouts=LAYOUTS):
+    """configs/5to5.py at full scale on the tiny pipeline, edits only, in `layouts`."""
     config = config_lib.load_config("configs/5to5.py")
     config.cache_dir = str(cache_dir)
     config.model.update(
@@ -73,7 +77,7 @@ def _config(world, cache_dir, sizes=SIZES):
         max_prompt_tokens=64,
         edit_prompt_tokens=80,
         task_ratio="0:1",
-        edit_condition_sizes=sizes,
+        edit_layouts=layouts,
     )
     config.data.edit_weights = dict(scene=1.0, enhance=0.0, object=1.0, text_edit=0.0, identity=0.0, style=0.0)
     config.train.update(steps=2, log_every=1, checkpoint_every=2)
@@ -147,7 +151,7 @@ def test_a_training_edit_is_conditioned_as_the_pipeline_conditions_the_same_imag
 
 def test_one_layout_of_the_single_square_source_is_the_default_edit(world, tmp_path):
     """`edit_spec` with the one square source of the target size gives the default edit's layout."""
-    assets = assets_lib.build_assets(_config(world, tmp_path / "cache", sizes=()), log=lambda *_: None)
+    assets = assets_lib.build_assets(_config(world, tmp_path / "cache", layouts=()), log=lambda *_: None)
     vision = assets.text_encoder.vision.config
     spec = conditioning.edit_spec(assets.prompts, assets.codec, IMAGE_SIZE, [(IMAGE_SIZE, IMAGE_SIZE)], vision)
     default = assets.tasks["edit"]
@@ -158,13 +162,13 @@ def test_one_layout_of_the_single_square_source_is_the_default_edit(world, tmp_p
 @pytest.mark.parametrize(
     "sizes, message",
     [
-        (((64, 64), (48, 48)), "a 48x48 condition image is resized to 64x64 at 64px"),
-        (((64, 64), (0, 32)), "must be positive sizes"),
+        (((64, 64), (48, 48)), "layout .*: a 48x48 condition image is resized to 64x64 at 64px"),
+        (((64, 64), (0, 32)), "must hold positive sizes"),
     ],
 )
 def test_a_size_the_pipeline_would_change_is_one_line(world, tmp_path, sizes, message):
     with pytest.raises(ConfigError, match=message) as error:
-        assets_lib.build_assets(_config(world, tmp_path / "cache", sizes=sizes), log=lambda *_: None)
+        assets_lib.build_assets(_config(world, tmp_path / "cache", layouts=(sizes,)), log=lambda *_: None)
     assert "\n" not in str(error.value)
 
 
@@ -178,13 +182,128 @@ def test_fit_crops_to_the_aspect_ratio_and_keeps_a_fitting_image():
     assert edit_images.output_size(IMAGE_SIZE, SIZES) == (32, 96)
 
 
+def _batches(config, assets, **kwargs):
+    return iter(
+        pipeline_lib.build_pipeline(
+            config.data, assets.sources, assets.tokenizer, assets.codec, condition_pixels=True, **kwargs
+        )
+    )
+
+
+def test_the_edit_batches_hold_one_layout_each_in_proportion_to_its_records_and_resume(world, tmp_path):
+    """Two-image records take the first layout, one-image records the second; each batch holds one layout, shaped
+    as its TaskSpec says, and the layouts share the batches as the records do per category (scene 2 of 3 in the first,
+    object 1 of 2, equal weights: 7/12 of the batches). A restored iterator continues the same stream."""
+    config = _config(world, tmp_path / "cache")
+    assets = assets_lib.build_assets(config, log=lambda *_: None)
+    second = assets.tasks["edit:1"]
+    assert second.condition_sizes == ((64, 64),) and second.latent_hw == (4, 4) and second.task == "edit"
+    batches = _batches(config, assets)
+    keys = []
+    for _ in range(12):
+        batch = next(batches)
+        spec = assets.tasks[batch["task"]]
+        keys.append(batch["task"])
+        assert batch["condition_latents"].shape[1] == sum(h * w for h, w in spec.condition_shapes)
+        assert batch["target_latents"].shape[1] == spec.target_tokens
+        assert batch["condition_pixels"].shape[1] == sum(h * w for h, w in spec.condition_sizes)
+    assert keys.count("edit") == 7 and keys.count("edit:1") == 5, keys
+    state = batches.get_state()
+    expected = [next(batches) for _ in range(3)]
+    restored = _batches(config, assets)
+    restored.set_state(state)
+    for want in expected:
+        got = next(restored)
+        assert got["task"] == want["task"]
+        for k in ("input_ids", "condition_latents", "target_latents"):
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_inspect_counts_the_layouts_and_draws_each_condition_image(world, tmp_path):
+    from qwen_flash_jax import inspect_data
+
+    config = _config(world, tmp_path / "cache")
+    lines = []
+    totals = inspect_data.inspect(config, batches=4, out=str(tmp_path / "sheet.png"), log=lines.append)
+    assert totals["edit"] == 4 and 0 < totals["edit:1"] < 4, totals
+    assert any("(of which edit:1=" in line for line in lines), lines
+    # Batch 0 is of the first layout: per example its 64x64 and 32x96 condition images and its 32x96 target, side by
+    # side (3 columns of 1-pixel gaps), in a contact sheet scaled 3x.
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png"))
+    assert sheet.shape[0] >= 3 * 64 and sheet.shape[1] >= 3 * (64 + 96 + 96 + 2) and sheet.std() > 0
+
+
+def test_a_record_no_layout_takes_is_one_line_or_left_out(world, tmp_path):
+    config = _config(world, tmp_path / "cache", layouts=(SIZES,))
+    assets = assets_lib.build_assets(config, log=lambda *_: None)
+    with pytest.raises(
+        ConfigError, match=r"takes \(layouts of \[2\] images\): scene 1 record of 1 image, object 1 record of 1 image"
+    ) as e:
+        _batches(config, assets)
+    assert "\n" not in str(e.value)
+    config.data.on_bad_record = "skip"
+    batches = _batches(config, assets)
+    assert {next(batches)["task"] for _ in range(4)} == {"edit"}
+
+
+def test_precomputed_states_are_stored_per_layout_and_reach_the_batches(world, tmp_path):
+    """With `data.precompute_text` each category's records are encoded in their own layout, into one folder per
+    layout, and the batches of each layout carry their records' states."""
+    from qwen_flash_jax.data import text_states as store_lib
+    from qwen_flash_jax.train import text_states
+
+    config = _config(world, tmp_path / "cache")
+    config.data.precompute_text = True
+    assets = assets_lib.build_assets(config, log=lambda *_: None)
+    folder = text_states.ensure_store(config, assets, log=lambda *_: None)
+    parts = sorted(str(p.relative_to(folder)) for p in folder.glob("edit/*/*") if store_lib.is_complete(p))
+    assert parts == ["edit/object/layout0", "edit/object/layout1", "edit/scene/layout0", "edit/scene/layout1"]
+    stored = store_lib.CategoryStates(folder / "edit" / "scene" / "layout1")
+    assert len(stored) == 1  # the one-image scene record, the category's third
+    record = assets.sources["edit"]["scene"][2]
+    example = pipeline_lib.Preprocess("edit", assets.prompts, assets.codec, IMAGE_SIZE, LAYOUTS[1])(record)
+    batch = pipeline_lib.EncodeImages(assets.codec, condition_pixels=True)({k: v[None] for k, v in example.items()})
+    cond = conditioning.batch_conditioning(assets.text_encoder, assets.tasks["edit:1"], batch)
+    mask = np.asarray(cond.encoder_hidden_states_mask)[0].astype(bool)
+    np.testing.assert_allclose(stored.states(0), np.asarray(cond.encoder_hidden_states)[0][mask], atol=1e-5)
+
+    batches = _batches(config, assets, text_states=folder)
+    batch = next(b for b in (next(batches) for _ in range(6)) if b["task"] == "edit:1")
+    for states, valid, ids in zip(batch["prompt_embeds"], batch["prompt_embeds_mask"], batch["input_ids"]):
+        # Each row holds the states of the record its prompt is (scene's one record, or object's).
+        category = "scene" if np.array_equal(ids, example["input_ids"]) else "object"
+        np.testing.assert_array_equal(
+            states[valid.astype(bool)], store_lib.CategoryStates(folder / "edit" / category / "layout1").states(0)
+        )
+
+
 @pytest.mark.job
-def test_full_scale_distillation_on_edits_with_two_condition_images(world, tmp_path):
-    """Two student updates (critic and generator steps) on edits of two condition images of different sizes,
-    fitted from image files of other sizes."""
+def test_full_scale_distillation_on_edits_of_two_layouts(world, tmp_path, monkeypatch):
+    """Two student updates (critic and generator steps) on edits of two layouts: two condition images of different
+    sizes, and one, fitted from image files of other sizes; both layouts' steps run."""
+    from qwen_flash_jax.train import components
+
+    seen = []
+    jitted = components.jitted_steps
+
+    def recording(*args, **kwargs):
+        critic, generator = jitted(*args, **kwargs)
+
+        def critic_seen(*a, spec, **k):
+            seen.append(spec.condition_sizes)
+            return critic(*a, spec=spec, **k)
+
+        def generator_seen(*a, spec, **k):
+            seen.append(spec.condition_sizes)
+            return generator(*a, spec=spec, **k)
+
+        return critic_seen, generator_seen
+
+    monkeypatch.setattr(components, "jitted_steps", recording)
     config = _config(world, tmp_path / "cache")
     history = []
     distill_job.distill(config, tmp_path / "run", history=history, log=lambda *_: None, evaluate=False)
     assert [step for step, _ in history] == [1, 2]
     assert all(np.isfinite(m["dmd_loss"]) and np.isfinite(m["fake_loss"]) and m["skipped"] == 0 for _, m in history)
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    assert set(seen) == set(LAYOUTS), seen

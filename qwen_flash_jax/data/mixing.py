@@ -59,7 +59,8 @@ def normalise_weights(weights: Mapping[str, float], valid: tuple[str, ...], what
 
 
 class TaskInterleaveIterDataset(grain.IterDataset):
-    """Interleaves per-task batch streams by `task_pattern`, tagging each batch with its task.
+    """Interleaves per-task batch streams by `task_pattern`, tagging each batch with its task (unless its stream
+    tagged it with the key of its edit layout).
 
     Each pattern slot yields `slot_batches` consecutive batches of its task: a consumer that takes that many batches
     per step (the distillation's critic updates and generator update) then sees the exact ratio in every role,
@@ -101,7 +102,7 @@ class _TaskInterleaveIterator(grain.DatasetIterator):
         task = self._pattern[(self._position // self._slot_batches) % len(self._pattern)]
         batch = next(self._iterators[task])
         self._position += 1
-        return {**batch, "task": task}
+        return {"task": task, **batch}  # a stream's own tag wins: an edit layout's key (`data.edit_layouts`)
 
     def get_state(self) -> dict[str, Any]:
         return {"position": self._position, **{t: it.get_state() for t, it in self._iterators.items()}}

@@ -10,9 +10,12 @@ restored pipeline yields the identical stream.
 Fixed shapes: prompts are tokenized with Qwen-Image's template and RIGHT-padded to `max_prompt_tokens` (the text
 encoder is causal with mask-derived positions, so the valid tokens' states equal those of the diffusers pipeline's
 left-padded batch); dropping the system prefix is then a static slice. Images become packed latent tokens with the
-codec. A T2I batch and an edit batch therefore each have one static layout. With `data.edit_condition_sizes` set,
-every edit example carries that many condition images (a record's "source" list, in order), each fitted to its
-size, and a target of the output size the last one gives (`data.edit_images`): one multi-image layout per run.
+codec. A T2I batch and an edit batch therefore each have one static layout. With `data.edit_layouts` set, edits
+come in several layouts, one per batch (`data.edit_layouts`): each record takes the layout of its number of
+condition images (a record's "source" list, in order) and nearest aspect ratios, its images fitted to the layout's
+sizes and its target to the output size the last one gives (`data.edit_images`). Each layout has its own batch
+stream, tagged with its `edit_layouts.task_key`, and the edit batches mix the streams in proportion to the records
+each layout holds, per category.
 
 With `data.precompute_text` each category's source is wrapped to hand out its records' stored text states
 (`data.text_states`), and the examples carry them padded to the prompt's length (`text_states.FIELDS`).
@@ -33,7 +36,7 @@ import grain
 import jax
 import numpy as np
 
-from qwen_flash_jax.data import edit_images, mixing
+from qwen_flash_jax.data import edit_images, edit_layouts, mixing
 from qwen_flash_jax.data import text_states as text_states_lib
 from qwen_flash_jax.data.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from qwen_flash_jax.models.config import ConfigError
@@ -141,8 +144,8 @@ class Preprocess:
         sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
         if len(sources) != len(self.condition_sizes):
             raise ValueError(
-                f"edit record {record.get('id')!r} has {len(sources)} condition images; data.edit_condition_sizes "
-                f"takes {len(self.condition_sizes)}"
+                f"edit record {record.get('id')!r} has {len(sources)} condition images; its layout takes "
+                f"{len(self.condition_sizes)}"
             )
         out = {
             f"source_pixels_{k}": edit_images.fit(image, *size)
@@ -206,6 +209,16 @@ class EncodeImages:
         return np.asarray(self.codec.pack(self.codec.encode(pixels)), np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tag:
+    """Marks a batch with the key of its `TaskSpec` (an edit layout's `edit_layouts.task_key`)."""
+
+    key: str
+
+    def __call__(self, batch: dict) -> dict:
+        return {**batch, "task": self.key}
+
+
 def task_stream(
     task: str,
     sources: dict,
@@ -218,32 +231,106 @@ def task_stream(
     process_index: int,
     process_count: int,
     text_states=None,
+    layouts: tuple[edit_layouts.Layout, ...] = (),
+    skip_unmatched: bool = False,
 ) -> grain.IterDataset:
     """One task's batches: per-category shuffled repeats mixed by weight, this process's shard, batched, encoded.
-    `text_states`: a store of the records' precomputed text states (`data.text_states`), which the batches carry."""
+    `text_states`: a store of the records' precomputed text states (`data.text_states`), which the batches carry.
+    `layouts` (edits): one such stream per layout, of the records it takes, mixed batch by batch; a record no layout
+    takes is a ConfigError, or is left out with `skip_unmatched`."""
     weights = mixing.normalise_weights(weights, CATEGORIES[task], f"{task} category")
     missing = [c for c in weights if c not in sources or len(sources[c]) == 0]
     if missing:
         raise ConfigError(f"{task} categories {missing} have weight > 0 but no data")
     names = sorted(weights, key=CATEGORIES[task].index)
+    if not layouts:
+        parts = {c: (sources[c], states_folder(text_states, task, c)) for c in names}
+        return _stream(
+            {c: (p, weights[c]) for c, p in parts.items()},
+            preprocess,
+            encode,
+            batch_size,
+            seed,
+            task,
+            process_index,
+            process_count,
+        )
+    splits = layout_splits(sources, names, layouts, skip_unmatched)
+    streams, stream_weights = {}, {}
+    for index, layout in enumerate(layouts):
+        # A category keeps its weight: it is spread over the layouts in proportion to the records each takes.
+        parts = {
+            c: (
+                (edit_layouts.Subset(sources[c], splits[c].indices[index]), states_folder(text_states, task, c, index)),
+                weights[c] * splits[c].counts()[index] / sum(splits[c].counts()),
+            )
+            for c in names
+            if splits[c].counts()[index]
+        }
+        if not parts:
+            continue
+        key = edit_layouts.task_key(index)
+        layout_preprocess = dataclasses.replace(preprocess, condition_sizes=layout)
+        stream = _stream(
+            parts, layout_preprocess, encode, batch_size, seed + 104729 * index, task, process_index, process_count
+        )
+        streams[key], stream_weights[key] = stream.map(_Tag(key)), sum(w for _, w in parts.values())
+    if len(streams) == 1:
+        return next(iter(streams.values()))
+    # Deterministic: every process draws its batches' layouts in the same order, so a global batch has one layout.
+    return grain.IterDataset.mix(streams, stream_weights)
 
-    def source(category):
-        if text_states is None:
-            return sources[category]
-        folder = pathlib.Path(text_states) / task / category
+
+def _stream(parts, preprocess, encode, batch_size, seed, task, process_index, process_count) -> grain.IterDataset:
+    """parts: category -> ((record source, its text-state folder or None), weight)."""
+
+    def source(category, records, folder):
+        if folder is None:
+            return records
         if not text_states_lib.is_complete(folder):
             raise ConfigError(f"the text-state store has no {task}/{category} states ({folder})")
         try:
-            return text_states_lib.WithTextStates(sources[category], text_states_lib.CategoryStates(folder))
+            return text_states_lib.WithTextStates(records, text_states_lib.CategoryStates(folder))
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
-    parts = [
-        grain.MapDataset.source(source(c)).shuffle(seed=seed + 7919 * CATEGORIES[task].index(c)).repeat() for c in names
+    names = list(parts)
+    datasets = [
+        grain.MapDataset.source(source(c, *parts[c][0])).shuffle(seed=seed + 7919 * CATEGORIES[task].index(c)).repeat()
+        for c in names
     ]
-    mixed = grain.MapDataset.mix(parts, [weights[c] for c in names]) if len(parts) > 1 else parts[0]
+    mixed = grain.MapDataset.mix(datasets, [parts[c][1] for c in names]) if len(datasets) > 1 else datasets[0]
     local = mixed[process_index::process_count]
     return local.map(preprocess).to_iter_dataset().batch(batch_size, drop_remainder=True).map(encode)
+
+
+def states_folder(text_states, task: str, category: str, layout: int | None = None) -> pathlib.Path | None:
+    """Where a category's stored text states are (per layout for edits in layouts); None without a store."""
+    if text_states is None:
+        return None
+    folder = pathlib.Path(text_states) / task / category
+    return folder if layout is None else folder / f"layout{layout}"
+
+
+def layout_splits(sources: dict, categories, layouts, skip_unmatched: bool) -> dict[str, edit_layouts.Split]:
+    """Per edit category, its records' layouts (`edit_layouts.split`); records no layout takes are a ConfigError
+    unless `skip_unmatched`."""
+    splits = {c: edit_layouts.split(sources[c], layouts) for c in categories}
+    unmatched = {c: s.unmatched for c, s in splits.items() if s.unmatched}
+    if unmatched and not skip_unmatched:
+        counts = sorted({len(layout) for layout in layouts})
+
+        def some(n, what):
+            return f"{n} {what}{'s' if n != 1 else ''}"
+
+        found = ", ".join(
+            f"{c} {some(n, 'record')} of {some(k, 'image')}" for c, u in unmatched.items() for k, n in sorted(u.items())
+        )
+        raise ConfigError(
+            f"edit records with a number of condition images no layout of data.edit_layouts takes (layouts of "
+            f"{counts} images): {found} (data.on_bad_record='skip' leaves them out)"
+        )
+    return splits
 
 
 def check_data_config(data_config) -> None:
@@ -252,6 +339,7 @@ def check_data_config(data_config) -> None:
     for task, share in zip(mixing.TASKS, ratio):
         if share:
             mixing.normalise_weights(dict(data_config[f"{task}_weights"]), CATEGORIES[task], f"{task} category")
+    edit_layouts.from_config(data_config)
 
 
 def build_pipeline(
@@ -281,8 +369,7 @@ def build_pipeline(
         if share == 0:
             continue
         weights = dict(data_config[f"{task}_weights"])
-        sizes = edit_condition_sizes(data_config) if task == "edit" else ()
-        preprocess = Preprocess(task, prompts, codec, int(data_config.image_size), sizes)
+        preprocess = Preprocess(task, prompts, codec, int(data_config.image_size))
         streams[task] = task_stream(
             task,
             sources.get(task, {}),
@@ -294,20 +381,10 @@ def build_pipeline(
             process_index=process_index,
             process_count=process_count,
             text_states=text_states,
+            layouts=edit_layouts.from_config(data_config) if task == "edit" else (),
+            skip_unmatched=data_config.get("on_bad_record", "error") == "skip",
         )
     return mixing.TaskInterleaveIterDataset(streams, ratio, slot_batches)
-
-
-def edit_condition_sizes(data_config) -> tuple[tuple[int, int], ...]:
-    """`data.edit_condition_sizes` as ((height, width), ...) pixels; () when unset (one square source)."""
-    sizes = data_config.get("edit_condition_sizes", ()) or ()
-    try:
-        out = tuple((int(h), int(w)) for h, w in sizes)
-    except (TypeError, ValueError):
-        raise ConfigError(f"data.edit_condition_sizes must be a list of (height, width) pairs, got {sizes!r}") from None
-    if any(h <= 0 or w <= 0 for h, w in out):
-        raise ConfigError(f"data.edit_condition_sizes must be positive sizes, got {sizes!r}")
-    return out
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:

@@ -19,10 +19,10 @@ import transformers
 
 from qwen_flash_jax import config_lib
 from qwen_flash_jax.cache import cache_category, cache_root, config_hash
+from qwen_flash_jax.data import edit_layouts, world
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.data import sources as sources_lib
-from qwen_flash_jax.data import world
-from qwen_flash_jax.diffusion.conditioning import TaskSpec, task_specs
+from qwen_flash_jax.diffusion.conditioning import TaskSpec, edit_spec, task_specs
 from qwen_flash_jax.models.codec import SpaceToDepthCodec
 from qwen_flash_jax.models.config import ConfigError
 from qwen_flash_jax.models.vae_io import VAECodec, load_vae
@@ -40,7 +40,9 @@ class Assets:
     text_encoder: Any  # TextEncoderParams (toy), or qwen3_vl.Qwen3VLParams
     codec: Any
     prompts: pipeline_lib.PromptEncoder
-    tasks: dict[str, TaskSpec]  # what the training batches hold (an edit of `data.edit_condition_sizes` if set)
+    # What the training batches hold, by their key: "t2i", "edit", and with `data.edit_layouts` one edit per layout
+    # (`edit_layouts.task_key`: "edit" is the first layout).
+    tasks: dict[str, TaskSpec]
     # What sampling and evaluation build from one square source image per edit (`eval.generate.Generator`).
     eval_tasks: dict[str, TaskSpec] | None = None
 
@@ -75,13 +77,14 @@ def build_assets(config, log: Callable[[str], None] = print) -> Assets:
         eval_tasks = task_specs(prompts, codec, int(config.data.image_size), vision and vision.config)
     except ValueError as e:
         raise ConfigError(f"data.image_size={config.data.image_size}: {e}") from None
-    tasks = eval_tasks
-    sizes = pipeline_lib.edit_condition_sizes(config.data)
-    if sizes:
+    layouts = edit_layouts.from_config(config.data)
+    tasks = dict(eval_tasks) if layouts else eval_tasks
+    for index, layout in enumerate(layouts):
         try:
-            tasks = task_specs(prompts, codec, int(config.data.image_size), vision and vision.config, sizes)
+            spec = edit_spec(prompts, codec, int(config.data.image_size), layout, vision and vision.config)
         except ValueError as e:
-            raise ConfigError(f"data.edit_condition_sizes={[list(s) for s in sizes]}: {e}") from None
+            raise ConfigError(f"data.edit_layouts, layout {[list(s) for s in layout]}: {e}") from None
+        tasks[edit_layouts.task_key(index)] = spec
     return Assets(sources, tokenizer, te_params, codec, prompts, tasks, eval_tasks)
 
 
@@ -94,8 +97,8 @@ def load_text_encoder(config, log: Callable[[str], None] = print):
 
 def _sources(config, log):
     d = config.data
-    if d.source == "toy_world" and pipeline_lib.edit_condition_sizes(d):
-        raise ConfigError("data.edit_condition_sizes needs data.source='jsonl' (the toy world has one source per edit)")
+    if d.source == "toy_world" and edit_layouts.from_config(d):
+        raise ConfigError("data.edit_layouts needs data.source='jsonl' (the toy world has one source per edit)")
     if d.source == "toy_world":
         log(f"toy world data: {d.examples_per_category} records per category at {d.image_size}px")
         return sources_lib.toy_world_sources(
@@ -111,7 +114,7 @@ def _sources(config, log):
             parts.append(sources_lib.jsonl_t2i_sources(d.t2i_jsonl, **kw))
         if d.edit_jsonl:
             # Edits of a given layout read their images at their own sizes: the input pipeline fits each one.
-            layout = bool(pipeline_lib.edit_condition_sizes(d))
+            layout = bool(edit_layouts.from_config(d))
             parts.append(sources_lib.jsonl_edit_sources(d.edit_jsonl, **(kw | dict(size=None) if layout else kw)))
         if not parts:
             raise ConfigError("data.source='jsonl' needs data.t2i_jsonl and/or data.edit_jsonl")

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from qwen_flash_jax import cache, config_lib, sharding, training_loop
-from qwen_flash_jax.data import mixing
+from qwen_flash_jax.data import edit_layouts, mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.diffusion import sampling
 from qwen_flash_jax.distill import dmd
@@ -123,13 +123,14 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
             task, batch = next(batches)
             state, m_critic = critic(state, assets.text_encoder, batch, spec=assets.tasks[task])
         task, batch = next(batches)
+        spec = assets.tasks[task]  # `task` is the batch's key: an edit layout's (`data.edit_layouts`) or its task
         state, m_gen = generator(
             state,
             assets.text_encoder,
             teachers,
             batch,
-            spec=assets.tasks[task],
-            condition_offset=CONDITION_OFFSET[task],
+            spec=spec,
+            condition_offset=CONDITION_OFFSET[spec.task],
             pairs=pairs_lib.bank_batch(bank, task, step),
         )
         return state, {**m_gen, **{k: v for k, v in m_critic.items() if k != "skipped"}}
@@ -176,7 +177,7 @@ def _sample_prompts(config, sources: dict, count: int):
             if i // len(cats) < len(source):
                 picked[task].append(source[i // len(cats)])
     captions = [r["caption"] for r in picked["t2i"]]
-    if pipeline_lib.edit_condition_sizes(config.data):
+    if edit_layouts.from_config(config.data):
         picked["edit"] = []  # the sample grids show one square source per edit; these edits have several images
     size = int(config.data.image_size)
     edits = [(_fit(r["source"], size), r["instruction"]) for r in picked["edit"]]
@@ -241,6 +242,11 @@ def check_config(config) -> config_lib.DistillView:
             )
         if student.regression_batches < 1:
             raise ConfigError(f"student.regression_batches must be >= 1, got {student.regression_batches}")
+        if len(edit_layouts.from_config(config.data)) > 1:
+            raise ConfigError(
+                "student.regression_weight > 0 takes one edit layout (its teacher pairs are conditioned with the "
+                "generator batch's layout); data.edit_layouts has several"
+            )
     if fake.warmup_updates < 0:
         raise ConfigError(f"fake_score.warmup_updates must be >= 0, got {fake.warmup_updates}")
     for field, weight in (("student.gan_weight", student.gan_weight), ("fake_score.gan_weight", fake.gan_weight)):

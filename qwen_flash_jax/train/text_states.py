@@ -2,8 +2,9 @@
 
 The store (`data.text_states` describes its files) sits in `cache_dir/text_states/<key>`, the key naming what the
 states depend on: the text encoder (the toy encoder's weights; a checkpoint by its path), the codec, the data and
-the prompt lengths. One category at a time is encoded and published whole, so a killed precompute resumes at the
-category it was on, and runs of other category weights or task ratios share one store.
+the prompt lengths. One category at a time (with `data.edit_layouts`, one edit category's layout at a time) is
+encoded and published whole, so a killed precompute resumes at the part it was on, and runs of other category
+weights or task ratios share one store.
 
 Each record is encoded as the steps would encode it (`conditioning.batch_conditioning`, the same `Preprocess` and
 `EncodeImages` as the input pipeline), its images included, and so is CFG's negative (the empty prompt with the
@@ -17,6 +18,7 @@ and then present in every host's cache_dir (or one shared file system).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import pathlib
 import time
@@ -26,7 +28,7 @@ import jax
 import numpy as np
 
 from qwen_flash_jax import atomic, cache
-from qwen_flash_jax.data import mixing
+from qwen_flash_jax.data import edit_layouts, mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.data import text_states as store_lib
 from qwen_flash_jax.diffusion import conditioning
@@ -64,7 +66,7 @@ def store_folder(config, text_encoder) -> pathlib.Path:
         config.text_encoder,
         config.codec,
         [d.source, d.t2i_jsonl, d.edit_jsonl, d.image_root, d.on_bad_record, d.image_size, d.examples_per_category],
-        [d.seed, d.max_prompt_tokens, d.get("edit_prompt_tokens", 0), pipeline_lib.edit_condition_sizes(d)],
+        [d.seed, d.max_prompt_tokens, d.get("edit_prompt_tokens", 0), edit_layouts.from_config(d)],
         store_lib.FORMAT,
     )
     return cache.cache_root(config) / CATEGORY / key
@@ -73,15 +75,53 @@ def store_folder(config, text_encoder) -> pathlib.Path:
 def ensure_store(config, assets, log: Callable[[str], None] = print) -> pathlib.Path:
     """The run's store, encoding the categories it lacks (the single-process case: see the module docstring)."""
     folder = store_folder(config, assets.text_encoder)
-    missing = [(t, c) for t, c in needed(config) if not store_lib.is_complete(folder / t / c)]
+    missing = [part for part in _parts(config, assets) if not store_lib.is_complete(part.folder(folder))]
     if missing and jax.process_count() > 1:
         raise ConfigError(
-            f"data.precompute_text: {folder} lacks {[f'{t}/{c}' for t, c in missing]}; make the store first on one "
+            f"data.precompute_text: {folder} lacks {[part.name for part in missing]}; make the store first on one "
             "host (python -m qwen_flash_jax.precompute_text --config=...) and give every host its copy"
         )
-    for task, category in missing:
-        encode_category(config, assets, task, category, folder / task / category, log)
+    for part in missing:
+        encode_part(config, assets, part, part.folder(folder), log)
     return folder
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """What one store folder holds: a category's records, or (edits in layouts) those of one layout."""
+
+    task: str
+    category: str
+    records: object  # a record source
+    layout: int | None = None  # index into data.edit_layouts
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.category}" + ("" if self.layout is None else f"/layout{self.layout}")
+
+    def folder(self, store: pathlib.Path) -> pathlib.Path:
+        return pipeline_lib.states_folder(store, self.task, self.category, self.layout)
+
+
+def _parts(config, assets) -> list[Part]:
+    """The store's parts the run reads, each with the records the input pipeline reads from its folder."""
+    layouts = edit_layouts.from_config(config.data)
+    skip = config.data.get("on_bad_record", "error") == "skip"
+    parts = []
+    for task, category in needed(config):
+        source = assets.sources.get(task, {}).get(category)
+        if source is None or len(source) == 0:
+            raise ConfigError(f"{task} category {category!r} has weight > 0 but no data")
+        if task != "edit" or not layouts:
+            parts.append(Part(task, category, source))
+            continue
+        split = pipeline_lib.layout_splits({category: source}, [category], layouts, skip)[category]
+        parts += [
+            Part(task, category, edit_layouts.Subset(source, indices), index)
+            for index, indices in enumerate(split.indices)
+            if len(indices)
+        ]
+    return parts
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "negative"))
@@ -90,15 +130,15 @@ def _encode(te_params, batch, spec, negative):
     return cond.encoder_hidden_states, cond.encoder_hidden_states_mask
 
 
-def encode_category(config, assets, task: str, category: str, dest: pathlib.Path, log=print) -> None:
-    """Encodes one category's records in index order, `data.batch_size` at a time, and publishes its folder."""
-    source = assets.sources[task][category]
-    sizes = pipeline_lib.edit_condition_sizes(config.data) if task == "edit" else ()
+def encode_part(config, assets, part: Part, dest: pathlib.Path, log=print) -> None:
+    """Encodes one part's records in index order, `data.batch_size` at a time, and publishes its folder."""
+    task, source = part.task, part.records
+    layouts = edit_layouts.from_config(config.data)
+    sizes = layouts[part.layout] if part.layout is not None else ()
     preprocess = pipeline_lib.Preprocess(task, assets.prompts, assets.codec, int(config.data.image_size), sizes)
     images = pipeline_lib.EncodeImages(assets.codec, assets.condition_pixels)
-    spec, n, batch_size = assets.tasks[task], len(source), int(config.data.batch_size)
-    if n == 0:
-        raise ConfigError(f"{task} category {category!r} has weight > 0 but no data")
+    key = task if part.layout is None else edit_layouts.task_key(part.layout)
+    spec, n, batch_size = assets.tasks[key], len(source), int(config.data.batch_size)
     started = last_log = time.perf_counter()
     with atomic.publish(dest, if_exists="keep") as tmp:
         writer = None
@@ -123,7 +163,7 @@ def encode_category(config, assets, task: str, category: str, dest: pathlib.Path
             if time.perf_counter() - last_log > 30 or start + batch_size >= n:
                 last_log = time.perf_counter()
                 done = min(start + batch_size, n)
-                log(f"text states {task}/{category}: {done}/{n} records ({last_log - started:.0f} s)")
+                log(f"text states {part.name}: {done}/{n} records ({last_log - started:.0f} s)")
         writer.close()
 
 

@@ -210,6 +210,15 @@ class JsonlSource:
                 images[field] = image if isinstance(value, str) else [*(images[field] or []), image]
         return {"id": rid, "category": category, self.schema.record_text: text, **images, "spec": ""}
 
+    def condition_paths(self, index: int) -> list[str]:
+        """An edit record's condition image paths, in order, from its line alone (no image is read): what
+        `data.edit_layouts` assigns a layout by."""
+        i = check_index(index, len(self))
+        line = os.pread(self._file(), int(self._lengths[i]), int(self._offsets[i]))
+        _, _, _, paths = self.schema.parse(json.loads(line), self.base, f"line {int(self._line_numbers[i])}")
+        value = paths.get("source")
+        return [value] if isinstance(value, str) else list(value or [])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)
         i = check_index(index, n)
