@@ -9,6 +9,9 @@ Output (read it back with `qwen_flash_jax.checkpoint_io`):
                         diffusers pipeline folder that has one: a job whose teacher is `<dst>` then samples on the
                         pipeline's own schedule (`train.teacher.schedule_folder`), not on the config's `sampling`
                         constants
+    <dst>/model_index.json  the pipeline's, beside its scheduler: its `sample_sigmas` (a distilled pipeline's fixed
+                        grid, as Qwen-Image 2.1 Turbo ships) belong to the schedule, and a job refuses such a
+                        checkpoint as a teacher rather than sample it on another grid
 
 Memory: the model is never held whole. Output leaves are built one at a time: allocate the leaf in the target
 dtype (for per-layer tensors the stacked `(num_layers, ...)` array), fill it reading one source tensor at a time
@@ -48,7 +51,7 @@ import numpy as np
 
 from qwen_flash_jax import atomic
 from qwen_flash_jax.checkpoint_io import CONFIG_FILE, PARAMS_DIR
-from qwen_flash_jax.diffusion.scheduler import SCHEDULER_CONFIG, FlowMatchScheduler
+from qwen_flash_jax.diffusion.scheduler import MODEL_INDEX, SCHEDULER_CONFIG, FlowMatchScheduler
 from qwen_flash_jax.errors import MAX_LISTED, CheckpointError, command_line_errors, some_of
 from qwen_flash_jax.models import hf_keys
 from qwen_flash_jax.models.config import ConfigError, TransformerConfig
@@ -144,6 +147,9 @@ def convert(
             if scheduler is not None:
                 (tmp / SCHEDULER_CONFIG).parent.mkdir()
                 (tmp / SCHEDULER_CONFIG).write_bytes(scheduler.read_bytes())  # as diffusers wrote it
+                index = scheduler.parents[1] / MODEL_INDEX
+                if index.is_file():
+                    (tmp / MODEL_INDEX).write_bytes(index.read_bytes())
             if dst.exists():  # appeared while we were converting; never replace it
                 raise CheckpointError(f"destination {dst} appeared during conversion; not replacing it")
     if progress:

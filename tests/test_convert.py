@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from qwen_flash_jax import checkpoint_io, convert
-from qwen_flash_jax.diffusion.scheduler import SCHEDULER_CONFIG, FlowMatchScheduler
+from qwen_flash_jax import checkpoint_io, config_lib, convert
+from qwen_flash_jax.diffusion.scheduler import MODEL_INDEX, SCHEDULER_CONFIG, FlowMatchScheduler
 from qwen_flash_jax.errors import CheckpointError
 from qwen_flash_jax.models import hf_keys
-from qwen_flash_jax.models.config import TransformerConfig
+from qwen_flash_jax.models.config import ConfigError, TransformerConfig
 from qwen_flash_jax.safetensors_checkpoint import INDEX_FILES, SafetensorsCheckpoint
+from qwen_flash_jax.train import teacher
 from tests import qwen_image_folder
 from tests.torch_reference import TINY
 
@@ -158,6 +159,17 @@ def test_the_pipelines_scheduler_goes_with_the_converted_transformer(diffusers_m
     assert FlowMatchScheduler.from_pretrained(tmp_path / "out") == FlowMatchScheduler.from_pretrained(pipeline)
     convert.convert(src, tmp_path / "alone", dtype="float32", progress=False)
     assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == ["config.json", "params"]
+
+    # A distilled pipeline's fixed grid (model_index.json's sample_sigmas, as 2.1 Turbo ships) goes with it, and a
+    # job refuses that checkpoint as a teacher instead of sampling it on another grid.
+    grid = [1.0, 0.9, 0.7, 0.4]
+    (pipeline / MODEL_INDEX).write_text(json.dumps({"_class_name": "QwenImage21Pipeline", "sample_sigmas": grid}))
+    convert.convert(pipeline / "transformer", tmp_path / "turbo", dtype="float32", progress=False)
+    assert FlowMatchScheduler.from_pretrained(tmp_path / "turbo").sample_sigmas == tuple(grid)
+    config = config_lib.load_config("configs/5to5.py")
+    config.teachers.base.path = str(tmp_path / "turbo")
+    with pytest.raises(ConfigError, match="fixes sample_sigmas \\(4 steps\\)"):
+        teacher.target_scheduler(config)
 
     (pipeline / SCHEDULER_CONFIG).write_text(json.dumps({**qwen_image_folder.SCHEDULER, "use_karras_sigmas": True}))
     code, err = run_main(["--src", pipeline / "transformer", "--dst", tmp_path / "bad", "--quiet"], capsys)
