@@ -205,7 +205,10 @@ class ConfigSampler:
                 raise ConfigError("the distilled student samples without CFG (the guidance is distilled into it)")
         for r in requests:
             if len(r.sources) > 1:
-                raise ConfigError(f"request {r.id}: this model's edits take one source image, not {len(r.sources)}")
+                raise ConfigError(
+                    f"request {r.id}: a workdir's or a config's model edits from one source image, not "
+                    f"{len(r.sources)}; export it (python -m qwen_flash_jax.export) and use --pipeline for several"
+                )
         # Prompt lengths against the encoder's limit, before anything is loaded (the tokenizer alone).
         prompts = self._prompt_encoder()
         spec_slots = (self.size // assets_lib.latent_scale(self.config)) ** 2 // 4

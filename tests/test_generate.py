@@ -117,6 +117,9 @@ def fake_run(tmp_path_factory):
         folders[name] = folder
     (root / "garbage.png").write_bytes(b"not an image")
     (root / "edits.jsonl").write_text(json.dumps({"instruction": "add a hat", "source": "garbage.png"}) + "\n")
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (32, 32)).save(root / name)
+    (root / "pair.jsonl").write_text(json.dumps({"instruction": "add a hat", "source": ["a.png", "b.png"]}) + "\n")
     return dict(root=root, workdir=workdir, **folders)
 
 
@@ -132,6 +135,7 @@ def fake_run(tmp_path_factory):
         ("missing jsonl", "does not exist or is not a file"),
         ("bad size", "--size must be H or HxW"),
         ("student steps", "samples in its own 4 steps, not 8"),
+        ("several sources for a workdir", "edits from one source image, not 2; export it"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(fake_run, tmp_path, capsys, case, message):
@@ -157,6 +161,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(fake_run, tmp_path, capsys, 
         extra = ["--size", "big"]
     elif case == "student steps":
         extra = ["--steps", "8"]
+    elif case == "several sources for a workdir":
+        inputs = ["--jsonl", str(fake_run["root"] / "pair.jsonl")]
     code, err = _run([*model, *inputs, "--out", str(out), *extra], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert list(tmp_path.iterdir()) == []

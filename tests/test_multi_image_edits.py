@@ -233,6 +233,19 @@ def test_inspect_counts_the_layouts_and_draws_each_condition_image(world, tmp_pa
     assert sheet.shape[0] >= 3 * 64 and sheet.shape[1] >= 3 * (64 + 96 + 96 + 2) and sheet.std() > 0
 
 
+def test_the_sample_grids_show_the_one_image_edits_cropped_square(world, tmp_path):
+    """The unjudged grids sample edits from one square source: with layouts, each category's one-image records,
+    centre-cropped (the 80x80 scene source resized, the 70x60 object source cropped to 60x60 first)."""
+    config = _config(world, tmp_path / "cache")
+    assets = assets_lib.build_assets(config, log=lambda *_: None)
+    captions, edits = distill_job._sample_prompts(config, assets.sources, 4)
+    by_text = {text: image for image, text in edits}
+    assert captions == [] and len(edits) == 2 and set(by_text) == {INSTRUCTIONS[1], INSTRUCTIONS[0]}
+    scene, obj = assets.sources["edit"]["scene"][2]["source"], assets.sources["edit"]["object"][1]["source"][0]
+    np.testing.assert_array_equal(by_text[INSTRUCTIONS[1]], edit_images.fit(scene, IMAGE_SIZE, IMAGE_SIZE))
+    np.testing.assert_array_equal(by_text[INSTRUCTIONS[0]], edit_images.fit(obj[5:65], IMAGE_SIZE, IMAGE_SIZE))
+
+
 def test_a_record_no_layout_takes_is_one_line_or_left_out(world, tmp_path):
     config = _config(world, tmp_path / "cache", layouts=(SIZES,))
     assets = assets_lib.build_assets(config, log=lambda *_: None)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from qwen_flash_jax import cache, config_lib, sharding, training_loop
-from qwen_flash_jax.data import edit_layouts, mixing
+from qwen_flash_jax.data import edit_images, edit_layouts, mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.diffusion import sampling
 from qwen_flash_jax.distill import dmd
@@ -167,21 +167,43 @@ def distill(config, workdir, *, log=print, history=None, stop_at=None, evaluate=
 
 def _sample_prompts(config, sources: dict, count: int):
     """Up to `count` T2I captions and (source, instruction) edits for unjudged sample grids: the first records of
-    each category the run trains on, in turn (deterministic)."""
+    each category the run trains on, in turn (deterministic). The grids sample an edit from one square source of
+    `data.image_size`: with `data.edit_layouts`, the first one-image records of each category, centre-cropped to a
+    square (edits of several images are left out)."""
     ratio = mixing.parse_ratio(config.data.task_ratio)
+    size = int(config.data.image_size)
+    layouts = edit_layouts.from_config(config.data)
+
+    def square_source(record):
+        images = record["source"] if isinstance(record["source"], (list, tuple)) else [record["source"]]
+        if len(images) != 1:
+            return None
+        return edit_images.fit(images[0], size, size) if layouts else _fit(images[0], size)
+
     picked = {"t2i": [], "edit": []}
     for task, share in zip(mixing.TASKS, ratio):
         cats = [c for c, w in dict(config.data[f"{task}_weights"]).items() if w > 0 and c in sources.get(task, {})]
+        usable = {c: _usable(sources[task][c], square_source if task == "edit" else None, count) for c in cats}
         for i in range(count if share and cats else 0):
-            source = sources[task][cats[i % len(cats)]]
-            if i // len(cats) < len(source):
-                picked[task].append(source[i // len(cats)])
+            records = usable[cats[i % len(cats)]]
+            if i // len(cats) < len(records):
+                picked[task].append(records[i // len(cats)])
     captions = [r["caption"] for r in picked["t2i"]]
-    if edit_layouts.from_config(config.data):
-        picked["edit"] = []  # the sample grids show one square source per edit; these edits have several images
-    size = int(config.data.image_size)
-    edits = [(_fit(r["source"], size), r["instruction"]) for r in picked["edit"]]
+    edits = [(square_source(r), r["instruction"]) for r in picked["edit"]]
     return captions, edits
+
+
+def _usable(source, square_source, count: int) -> list:
+    """Up to `count` of the source's first records, of those `square_source` can show (all, if None); a few times
+    `count` records are looked at, no more."""
+    records = []
+    for i in range(min(len(source), 8 * count)):
+        record = source[i]
+        if square_source is None or square_source(record) is not None:
+            records.append(record)
+            if len(records) == count:
+                break
+    return records
 
 
 def _fit(image, size: int):
