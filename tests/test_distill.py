@@ -267,38 +267,30 @@ def _regression_config(cache):
     return config
 
 
-def test_regression_onto_teacher_pairs_resumes_exactly_and_needs_predicted_renoising(cache, tmp_path):
-    """The pair bank is rebuilt deterministically on resume and indexed by the update, so an interrupted run with
-    the regression term repeats the uninterrupted one's losses exactly; with fresh re-noising the term is a config
-    error before any work."""
-    config = _regression_config(cache)
-    config.train.keep_checkpoints = 3  # step 2's checkpoint stays for the resumed run (results do not depend on it)
-    straight, resumed = [], []
-    distill_job.distill(config, tmp_path / "a", history=straight, **QUIET)
-    assert all(m["skipped"] == 0 and m["regression_loss"] > 0 for _, m in straight)
-    _interrupted_copy(tmp_path / "a", tmp_path / "b", last_step=2)
-    distill_job.distill(config, tmp_path / "b", history=resumed, **QUIET)
-    assert resumed[0][0] == 3 and [m for s, m in straight if s > 2] == [m for _, m in resumed]
-    config.student.renoise = "fresh"
-    with pytest.raises(distill_job.ConfigError, match="renoise='predicted'"):
-        distill_job.distill(config, tmp_path / "w", **QUIET)
-    assert not (tmp_path / "w").exists()
-
-
-def test_regression_pulls_the_student_onto_the_teachers_samples(cache, tmp_path):
+def test_regression_pulls_the_student_onto_the_teachers_samples_and_resumes_exactly(cache, tmp_path):
     """A 1-step student (so every update regresses the same pairs from the same noise) with the regression term
-    dominating DMD: its distance to the teacher's multi-step samples falls, per task."""
+    dominating DMD: its distance to the teacher's multi-step samples falls, per task. The pair bank is rebuilt
+    deterministically on resume and indexed by the update, so an interrupted run repeats the uninterrupted one's
+    losses exactly. With fresh re-noising the term is a config error before any work."""
     config = _regression_config(cache)
     config.student.update(num_steps=1, timesteps=(), regression_weight=100.0, learning_rate=1e-3)
     config.fake_score.step_probs = ()  # the toy's (0, 0, 0, 1) names 4 steps
     config.guidance.weights = (("*", ({"base": 1.0},)),)
-    config.train.update(steps=12, checkpoint_every=100)
-    history = []
-    distill_job.distill(config, tmp_path / "r", history=history, **QUIET)
-    losses = [m["regression_loss"] for _, m in history]
+    config.train.update(steps=12, checkpoint_every=8)
+    straight, resumed = [], []
+    distill_job.distill(config, tmp_path / "a", history=straight, **QUIET)
+    assert all(m["skipped"] == 0 and m["regression_loss"] > 0 for _, m in straight)
+    losses = [m["regression_loss"] for _, m in straight]
     # 1:1 ratio: updates alternate between the T2I and the edit bank batch.
     for task_losses in (losses[0::2], losses[1::2]):
         assert task_losses[-1] < 0.7 * task_losses[0], task_losses
+    _interrupted_copy(tmp_path / "a", tmp_path / "b", last_step=8)
+    distill_job.distill(config, tmp_path / "b", history=resumed, **QUIET)
+    assert resumed[0][0] == 9 and [m for s, m in straight if s > 8] == [m for _, m in resumed]
+    config.student.renoise = "fresh"
+    with pytest.raises(distill_job.ConfigError, match="renoise='predicted'"):
+        distill_job.distill(config, tmp_path / "w", **QUIET)
+    assert not (tmp_path / "w").exists()
 
 
 def test_the_teacher_sampled_on_given_timesteps(cache):
