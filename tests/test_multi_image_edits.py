@@ -220,11 +220,11 @@ def test_the_edit_batches_hold_one_layout_each_in_proportion_to_its_records_and_
 
 
 def test_inspect_counts_the_layouts_and_draws_each_condition_image(world, tmp_path):
-    from qwen_flash_jax import inspect_data
+    from qwen_flash_jax.train import inspect_batches
 
     config = _config(world, tmp_path / "cache")
     lines = []
-    totals = inspect_data.inspect(config, batches=4, out=str(tmp_path / "sheet.png"), log=lines.append)
+    totals = inspect_batches.inspect(config, batches=4, out=str(tmp_path / "sheet.png"), log=lines.append)
     assert totals["edit"] == 4 and 0 < totals["edit:1"] < 4, totals
     assert any("(of which edit:1=" in line for line in lines), lines
     # Batch 0 is of the first layout: per example its 64x64 and 32x96 condition images and its 32x96 target, side by
