@@ -7,7 +7,8 @@ step cost?
 No weights and no data: every parameter, optimizer state, text-encoder weight and batch is a `jax.ShapeDtypeStruct`
 with its `NamedSharding` on a mesh over the slice's devices (libtpu describes them; no TPU is needed). The critic
 and generator steps are built by the same code the distillation job runs (`train.components`, `distill.steps`)
-and compiled with `jax.jit(...).lower(...).compile()` for T2I and edit batches at the config's sizes. Per step it
+and compiled with `jax.jit(...).lower(...).compile()` for the run's batches at the config's sizes (T2I, edit, and one
+edit per layout of `data.edit_layouts`, whose several condition images make longer sequences). Per step it
 prints XLA's per-device memory (arguments, outputs, temporaries, peak) against the chip's HBM, the update's model
 FLOPs per device (its matmuls at the expected student step, counted from the traced passes: `distill.costs`), the
 projected MFU (XLA's cost model: the FLOP rate it projects for the program, over the chip's bf16 peak) and the
@@ -38,9 +39,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from qwen_flash_jax import config_lib, sharding, topologies
+from qwen_flash_jax.data import edit_layouts, mixing
 from qwen_flash_jax.data import pipeline as pipeline_lib
 from qwen_flash_jax.diffusion import conditioning
-from qwen_flash_jax.diffusion.conditioning import task_specs
+from qwen_flash_jax.diffusion.conditioning import edit_spec, task_specs
 from qwen_flash_jax.distill import costs, gan
 from qwen_flash_jax.distill import steps as steps_lib
 from qwen_flash_jax.loading import build_transformer
@@ -62,7 +64,9 @@ _TEACHER_DTYPE = flags.DEFINE_string(
 _ATTENTION = flags.DEFINE_string(
     "attention", "", "Attention implementation instead of model.attention's (auto: splash on TPU), e.g. dense"
 )
-_TASKS = flags.DEFINE_list("tasks", ["t2i", "edit"], "Tasks whose batches to compile for")
+_TASKS = flags.DEFINE_list(
+    "tasks", [], "Batches to compile for: t2i, edit, edit:1 ... (one per data.edit_layouts layout); default: the run's"
+)
 STEPS = ("critic", "generator")
 _STEPS = flags.DEFINE_list("steps", list(STEPS), "Steps to compile (at full size each takes minutes)")
 flags.mark_flags_as_required(["config", "topology"])
@@ -281,8 +285,11 @@ def abstract_batch(config, spec, mesh, rules, with_pixels: bool, states_dtype=No
             batch[f"{prefix}prompt_embeds"] = sds((length - spec.drop_idx, width), states_dtype)
             batch[f"{prefix}prompt_embeds_mask"] = sds((length - spec.drop_idx,), jnp.int32)
     if spec.task == "edit":
-        batch["condition_latents"] = sds((tokens, channels), jnp.float32)
-        if with_pixels:
+        condition_tokens = sum(h * w for h, w in spec.condition_shapes)
+        batch["condition_latents"] = sds((condition_tokens, channels), jnp.float32)
+        if with_pixels and spec.condition_sizes:  # several images (`data.edit_layouts`): their pixels flattened
+            batch["condition_pixels"] = sds((sum(h * w for h, w in spec.condition_sizes), 3), jnp.uint8)
+        elif with_pixels:
             size = int(config.data.image_size)
             batch["condition_pixels"] = sds((size, size, 3), jnp.uint8)
     return batch
@@ -345,16 +352,8 @@ def compile_steps(
     precomputed = text_states.enabled(config)
     step_encoder = None if precomputed else te_params
     states_dtype = _encoder_dtype(config) if precomputed else None  # the states come out in the encoder's dtype
-    scale = assets_lib.latent_scale(config)
-    try:
-        specs = task_specs(
-            prompts,
-            _LatentGrid(scale, int(config.model.in_channels)),
-            int(config.data.image_size),
-            te_params.vision.config,
-        )
-    except ValueError as e:
-        raise ConfigError(f"data.image_size={config.data.image_size}: {e}") from None
+    specs = _task_specs(config, prompts, te_params.vision.config)
+    tasks = tasks or run_tasks(config)
 
     state_shardings = jax.tree.map(lambda s: s.sharding, state)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -373,7 +372,7 @@ def compile_steps(
     reports = []
     for task in tasks:
         if task not in specs:
-            raise ConfigError(f"--tasks: unknown task {task!r}; one of {sorted(specs)}")
+            raise ConfigError(f"--tasks: unknown task {task!r}; one of {', '.join(specs)}")
         spec = specs[task]
         batch = abstract_batch(config, spec, mesh, rules, with_pixels=not precomputed, states_dtype=states_dtype)
         critic_flops, generator_flops = (
@@ -387,11 +386,36 @@ def compile_steps(
         if "generator" in steps:
             log(f"compiling generator/{task} ({spec.layout.seq_len} tokens) ...")
             lowered = generator.lower(
-                state, step_encoder, teachers, batch, spec=spec, condition_offset=components.CONDITION_OFFSET[task]
+                state, step_encoder, teachers, batch, spec=spec, condition_offset=components.CONDITION_OFFSET[spec.task]
             )
             reports.append(_compile(f"generator/{task}", lowered, generator_flops))
             log(format_report(reports[-1], slice_))
     return reports
+
+
+def _task_specs(config, prompts, vision_config) -> dict:
+    """The TaskSpecs of the job's batches, by key: "t2i", "edit", and one per edit layout (`data.edit_layouts`), as
+    `train.assets.build_assets` makes them (here over a latent grid instead of a codec)."""
+    grid = _LatentGrid(assets_lib.latent_scale(config), int(config.model.in_channels))
+    size = int(config.data.image_size)
+    try:
+        specs = task_specs(prompts, grid, size, vision_config)
+    except ValueError as e:
+        raise ConfigError(f"data.image_size={config.data.image_size}: {e}") from None
+    for index, layout in enumerate(edit_layouts.from_config(config.data)):
+        try:
+            specs[edit_layouts.task_key(index)] = edit_spec(prompts, grid, size, layout, vision_config)
+        except ValueError as e:
+            raise ConfigError(f"data.edit_layouts, layout {[list(s) for s in layout]}: {e}") from None
+    return specs
+
+
+def run_tasks(config) -> tuple[str, ...]:
+    """The batch keys a run of `config` trains on: T2I and each edit layout, as far as the ratio has them."""
+    t2i, edit = mixing.parse_ratio(config.data.task_ratio)
+    layouts = edit_layouts.from_config(config.data)
+    edits = [edit_layouts.task_key(i) for i in range(len(layouts))] if layouts else ["edit"]
+    return (*(["t2i"] if t2i else []), *(edits if edit else []))
 
 
 def update_flops(config, setup, step_encoder, spec, batch, mesh, rules) -> tuple[float, float]:
@@ -440,6 +464,7 @@ def run(config, topology: str, mesh_text: str, teacher_dtype: str, tasks, attent
         axes = parse_mesh(mesh_text, axes)
     model = config_lib.transformer_config(config)
     model = model.replace(attention=attention) if attention else model
+    tasks = tuple(tasks) or run_tasks(config)
     print(
         f"{slice_.name} ({slice_.topology}, {slice_.chips} x {slice_.chip.kind}, {slice_.chip.hbm_gib:.0f} GiB HBM, "
         f"{slice_.chip.bf16_tflops:.0f} TFLOP/s bf16); mesh {dict(axes)}; remat {model.remat_policy}; attention "

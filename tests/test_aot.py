@@ -104,6 +104,25 @@ def test_with_precomputed_text_states_the_steps_run_no_text_encoder(reports, tmp
     assert 0 < report.arguments < encoding.arguments
 
 
+@pytest.mark.job
+def test_each_edit_layout_compiles_with_its_own_sequence(reports, tmp_path):
+    """`data.edit_layouts`: the run's batches are one edit per layout, and a layout of two condition images (64x64
+    and 32x96 px, the output 32x96) compiles a longer sequence than the one square source: more FLOPs, larger
+    arguments."""
+    config = tiny_config(tmp_path)
+    config.data.edit_layouts = (((64, 64), (32, 96)), ((64, 64),))
+    assert aot.run_tasks(config) == ("t2i", "edit", "edit:1")
+    config.data.task_ratio = "0:1"
+    assert aot.run_tasks(config) == ("edit", "edit:1")
+    slice_ = topologies.get("v5p:2x2x1")
+    (report,) = aot.compile_steps(
+        config, slice_, (("fsdp", 2), ("tensor", 2)), "bfloat16", ("edit",), log=print, steps=("critic",)
+    )
+    square = reports[0]
+    assert report.name == square.name == "critic/edit"
+    assert report.model_flops > square.model_flops and report.arguments > square.arguments
+
+
 def test_an_invalid_time_estimate_gives_no_time_and_no_mfu(capsys):
     """libtpu's cost model gives v6e programs a negative `optimal_seconds`: shown as no estimate, not as a time.
     A valid one times the update's model FLOPs at XLA's projected rate (XLA counts each loop body once)."""
