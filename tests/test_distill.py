@@ -239,20 +239,17 @@ def test_both_renoising_modes_train_and_a_bad_mode_is_a_config_error(cache, stra
 def test_the_decoupled_schedule_adds_the_cfg_term_alone_and_a_bad_schedule_is_a_config_error(
     cache, straight_run, tmp_path
 ):
-    """Decoupled (the toy default) = distribution matching against the conditional teachers + the CFG term. At CFG
-    1 there is no CFG term: the two schedules give the same run bit for bit. With CFG, its first distribution-
-    matching loss is the shared run's at CFG 1 (the same state and draws), and the CFG term comes on top."""
+    """Decoupled (the toy default) = distribution matching against the conditional teachers + the CFG term. Its
+    first distribution-matching loss (`straight_run`, with CFG) is the shared schedule's whole loss at CFG 1 (the same
+    state and draws, and no CFG term there), and the CFG term comes on top."""
     config = tiny_distill_config(cache)
     assert config.guidance.schedule == "decoupled" and config.guidance.cfg_scale > 1
-    config.train.steps = 2
-    runs = {}
-    for schedule in ("shared", "decoupled"):
-        config.guidance.update(cfg_scale=1.0, schedule=schedule)
-        runs[schedule] = []
-        distill_job.distill(config, tmp_path / schedule, history=runs[schedule], **QUIET)
-    assert len(runs["shared"]) == 2 and runs["shared"] == runs["decoupled"]
-    assert "ca_loss" not in runs["shared"][0][1]
-    assert straight_run[0][1]["dm_loss"] == runs["shared"][0][1]["dmd_loss"]
+    config.train.steps = 2  # (a 1-step run has no learning-rate warm-up: its first critic updates would differ)
+    config.guidance.update(cfg_scale=1.0, schedule="shared")
+    shared = []
+    distill_job.distill(config, tmp_path / "shared", history=shared, **QUIET)
+    assert len(shared) == 2 and "ca_loss" not in shared[0][1]
+    assert straight_run[0][1]["dm_loss"] == shared[0][1]["dmd_loss"]
     for _, m in straight_run:
         assert m["ca_loss"] > 0 and m["dmd_loss"] == pytest.approx(m["dm_loss"] + m["ca_loss"], rel=1e-5)
     config.guidance.schedule = "split"
