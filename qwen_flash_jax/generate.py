@@ -13,7 +13,9 @@ Input: `--prompt` (repeatable) or `--jsonl FILE` with one request a line, the tr
 ...}` for an edit (paths relative to the JSONL file's folder). Options: `--size` (H or HxW), `--seed`, `--batch`,
 `--steps`, `--cfg`.
 
-Output (`--out`, which must not exist): one PNG per request and `manifest.jsonl`, one line per image:
+Output (`--out`, which must not exist): one PNG per request, `overview.png` (the first 64 requests' images in a
+labelled grid: T2I prompts, then edits with their source images above; 8 columns a block; images over 256 px
+shrunk) and `manifest.jsonl`, one line per image:
 `id`, `model`, `category` (if the request gives one), `prompt` (T2I) or `instruction` (edit), `source` (edit: the
 path, or the list of paths, as given), `image` (the PNG's path relative to the manifest), `steps`, `seed` (the seed
 of the image's batch: batch b of a run with `--seed S` is sampled with seed S + b). The folder is assembled beside
@@ -46,7 +48,7 @@ from qwen_flash_jax.data.sources import DataError
 from qwen_flash_jax.data.sources.jsonl import load_image
 from qwen_flash_jax.data.world import save_png
 from qwen_flash_jax.errors import CheckpointError, command_line_errors
-from qwen_flash_jax.eval.generate import Generator
+from qwen_flash_jax.eval.generate import Generator, GridSection, grid_image
 from qwen_flash_jax.export import check_base, read_json
 from qwen_flash_jax.loading import from_params
 from qwen_flash_jax.models.config import ConfigError
@@ -55,6 +57,10 @@ from qwen_flash_jax.train import assets as assets_lib
 from qwen_flash_jax.train import teacher as teacher_lib
 
 MANIFEST = "manifest.jsonl"
+OVERVIEW = "overview.png"
+OVERVIEW_COLUMNS = 8  # requests per block of overview.png
+OVERVIEW_REQUESTS = 64  # the first requests shown in overview.png (a benchmark's thousand would make a huge PNG)
+OVERVIEW_SIDE = 256  # larger images are shrunk in overview.png (the PNGs beside it keep every pixel)
 USER_ERRORS = (ConfigError, CheckpointError, PromptTooLongError, DataError, LayoutError)
 
 
@@ -247,11 +253,6 @@ class PipelineSampler:
         self.folder = Path(folder)
         index, _ = check_base(self.folder)  # every component there, a Qwen-Image 2.x transformer
         self.sample_sigmas = index.get("sample_sigmas")
-        if not hasattr(qwen_flash_jax, "Pipeline"):
-            raise ConfigError(
-                "--pipeline needs qwen_flash_jax.Pipeline, which this version of the package does not have; "
-                "use --workdir or --teacher with --config"
-            )
         self.dtype, self.log = dtype, log
         self.model_name = self.folder.name
         read_json(self.folder / "scheduler" / "scheduler_config.json", str(self.folder))
@@ -325,7 +326,9 @@ def generate(sampler, requests, out, *, size=None, seed=0, steps=None, cfg=None,
     shown = f"{height}x{width}" if height else "the pipeline's default size"
     log(f"{len(requests)} image(s) with {sampler.model_name}, {n_steps} steps, {shown}; loading the model")
     sampler.load()
-    lines, start, done = {}, time.monotonic(), 0
+    shown_requests = requests[:OVERVIEW_REQUESTS]
+    shown_ids = {r.id for r in shown_requests}
+    lines, thumbnails, start, done = {}, {}, time.monotonic(), 0
     with atomic.publish(out, if_exists="error") as tmp:
         tmp.mkdir()
         for b, chunk in enumerate(chunks):
@@ -342,6 +345,8 @@ def generate(sampler, requests, out, *, size=None, seed=0, steps=None, cfg=None,
             for request, image in zip(chunk, images):
                 name = f"{request.id}.png"
                 save_png(image, str(tmp / name))
+                if request.id in shown_ids:
+                    thumbnails[request.id] = _thumbnail(image)
                 line = {"id": request.id, "model": sampler.model_name}
                 if request.category is not None:
                     line["category"] = request.category
@@ -354,9 +359,42 @@ def generate(sampler, requests, out, *, size=None, seed=0, steps=None, cfg=None,
             done += len(chunk)
             log(f"[{done}/{len(requests)}] images, {time.monotonic() - start:.1f}s")
         ordered = [lines[r.id] for r in requests]
+        overview = overview_sections(shown_requests, thumbnails, sources, sampler.model_name)
+        save_png(grid_image(overview)[0], str(tmp / OVERVIEW))
         (tmp / MANIFEST).write_text("".join(json.dumps(line) + "\n" for line in ordered))
-    log(f"wrote {len(ordered)} image(s) and {MANIFEST} to {out}")
+    log(f"wrote {len(ordered)} image(s), {OVERVIEW} and {MANIFEST} to {out}")
     return ordered
+
+
+def overview_sections(requests, images, sources, model_name: str) -> list[GridSection]:
+    """The labelled grid of overview.png: blocks of up to `OVERVIEW_COLUMNS` T2I prompts, then of edits, in input
+    order; an edit block's rows are its requests' source images ("source 1", ...), then `model_name`'s outputs.
+    `images` and `sources` map a request id to its output and to its source images (arrays or PIL images)."""
+    sections = []
+    for task, group in (("T2I", [r for r in requests if not r.is_edit]), ("edits", [r for r in requests if r.is_edit])):
+        for start in range(0, len(group), OVERVIEW_COLUMNS):
+            block = group[start : start + OVERVIEW_COLUMNS]
+            rows = []
+            for k in range(max((len(r.sources) for r in block), default=0)):
+                blank = np.full((1, 1, 3), 255, np.uint8)  # an edit with fewer sources: an empty cell
+                row = [_thumbnail(sources[r.id][k]) if k < len(r.sources) else blank for r in block]
+                rows.append((f"source {k + 1}", row))
+            rows.append((model_name, [_thumbnail(images[r.id]) for r in block]))
+            sections.append(GridSection(task if start == 0 else "", [r.text for r in block], rows))
+    return sections
+
+
+def _thumbnail(image) -> np.ndarray:
+    """(H, W, 3) uint8 of an image array or PIL image, its longer side shrunk to `OVERVIEW_SIDE` if above."""
+    from PIL import Image
+
+    im = Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image
+    im = im.convert("RGB")
+    if max(im.size) > OVERVIEW_SIDE:
+        w, h = im.size
+        scale = OVERVIEW_SIDE / max(w, h)
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+    return np.asarray(im, np.uint8)
 
 
 class _Parser(argparse.ArgumentParser):

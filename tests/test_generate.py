@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from qwen_flash_jax import config_lib, generate
+from qwen_flash_jax.eval.generate import GridSection, grid_image
 from qwen_flash_jax.loading import build_transformer
 from qwen_flash_jax.models.config import TransformerConfig
 from qwen_flash_jax.train import teacher
@@ -57,8 +58,12 @@ def test_a_toy_workdirs_student_makes_the_prompts_pngs_and_manifest(toy_run, tmp
         image = np.asarray(Image.open(tmp_path / "out" / line["image"]))
         assert image.shape == (size, size, 3) and image.std() > 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [*(x["image"] for x in lines), "manifest.jsonl"]
+        [*(x["image"] for x in lines), "manifest.jsonl", "overview.png"]
     )
+    # overview.png: the prompts over the student's images, in input order.
+    images = [np.asarray(Image.open(tmp_path / "out" / x["image"])) for x in lines]
+    expected = grid_image([GridSection("T2I", TOY_PROMPTS, [(lines[0]["model"], images)])])[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "overview.png")), expected)
 
 
 @pytest.mark.job
@@ -81,6 +86,20 @@ def test_edits_from_a_jsonl_carry_instruction_source_and_category(toy_run, tmp_p
     assert lines["t2i-a"]["category"] == "landscape" and "instruction" not in lines["t2i-a"]
     assert lines["t2i-a"]["seed"] != lines["edit-a"]["seed"]  # one batch each (--batch 1)
     assert np.asarray(Image.open(out / lines["edit-a"]["image"])).shape == (size, size, 3)
+    # overview.png: the T2I block, then the edit's source above its output.
+    image = {k: np.asarray(Image.open(out / x["image"])) for k, x in lines.items()}
+    model = lines["edit-a"]["model"]
+    expected = grid_image(
+        [
+            GridSection("T2I", [TOY_PROMPTS[0]], [(model, [image["t2i-a"]])]),
+            GridSection(
+                "edits",
+                ["make the sky green"],
+                [("source 1", [np.asarray(Image.open(tmp_path / "src.png"))]), (model, [image["edit-a"]])],
+            ),
+        ]
+    )[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "overview.png")), expected)
 
 
 @pytest.mark.job
@@ -180,9 +199,10 @@ def test_a_configs_teacher_samples_its_steps_with_cfg(toy_run, tmp_path, capsys)
 
 
 @pytest.mark.job
-def test_an_exported_students_pipeline_folder_makes_pngs_of_the_asked_size(tmp_path, capsys):
+def test_an_exported_students_pipeline_folder_makes_pngs_of_the_asked_size(tmp_path, capsys, monkeypatch):
     pytest.importorskip("diffusers")
     _, student = folder_lib.exported_student(tmp_path)
+    monkeypatch.setattr(generate, "OVERVIEW_REQUESTS", 1)  # overview.png shows the first request only
     argv = ["--pipeline", str(student), "--dtype", "float32", "--size", "64x96", "--out"]
     code, err = _run([*argv, str(tmp_path / "out"), "--prompt", "a red house", "--prompt", "a dark forest"], capsys)
     assert code == 0, err
@@ -190,6 +210,9 @@ def test_an_exported_students_pipeline_folder_makes_pngs_of_the_asked_size(tmp_p
     assert [x["prompt"] for x in lines] == ["a red house", "a dark forest"] and {x["steps"] for x in lines} == {4}
     for line in lines:
         assert np.asarray(Image.open(tmp_path / "out" / line["image"])).shape[:2] == (64, 96)
+    first = np.asarray(Image.open(tmp_path / "out" / lines[0]["image"]).convert("RGB"))
+    expected = grid_image([GridSection("T2I", ["a red house"], [(lines[0]["model"], [first])])])[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "overview.png")), expected)
     # A 1:2 source resized to about 1024**2 pixels (736x1440) is more than the tiny processor's 1024**2 largest.
     Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "wide.png")
     (tmp_path / "edits.jsonl").write_text(json.dumps({"instruction": "add a hat", "source": "wide.png"}) + "\n")
@@ -197,3 +220,22 @@ def test_an_exported_students_pipeline_folder_makes_pngs_of_the_asked_size(tmp_p
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("error: condition image 1, resized for the pipeline: image of 736x1440") and "1048576" in err
     assert not (tmp_path / "out_edit").exists()
+
+
+def test_overview_blocks_shrink_large_images_and_leave_missing_sources_empty():
+    Request = generate.Request
+    rng = np.random.default_rng(0)
+    t2i = [Request(f"t{i}", f"prompt {i}") for i in range(generate.OVERVIEW_COLUMNS + 1)]
+    edits = [Request("e0", "two sources", ("a.png", "b.png")), Request("e1", "one source", ("c.png",))]
+    images = {r.id: rng.integers(0, 256, (600, 300, 3), np.uint8) for r in t2i + edits}
+    sources = {"e0": [Image.new("RGB", (40, 20)), Image.new("RGBA", (20, 40))], "e1": [Image.new("RGB", (8, 8))]}
+    sections = generate.overview_sections(t2i[:3] + edits[:1] + t2i[3:] + edits[1:], images, sources, "model")
+    assert [(s.title, len(s.columns)) for s in sections] == [("T2I", 8), ("", 1), ("edits", 2)]
+    assert [c for s in sections[:2] for c in s.columns] == [r.text for r in t2i]  # input order within a task
+    (name, shrunk), *_ = sections[0].rows
+    assert name == "model" and shrunk[0].shape == (256, 128, 3)  # the longer side to OVERVIEW_SIDE
+    rows = dict(sections[2].rows)
+    assert list(rows) == ["source 1", "source 2", "model"]
+    assert rows["source 1"][0].shape == (20, 40, 3) and rows["source 2"][0].shape == (40, 20, 3)  # RGBA -> RGB
+    assert rows["source 2"][1].shape == (1, 1, 3) and (rows["source 2"][1] == 255).all()  # e1 has one source
+    assert grid_image(sections)[0].ndim == 3
