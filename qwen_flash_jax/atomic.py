@@ -16,6 +16,14 @@ from collections.abc import Iterator
 IF_EXISTS = ("replace", "keep", "error")
 
 
+def check_publishable(path: str | os.PathLike) -> None:
+    """Raises OSError if `publish(path)` could not stage its entry (the parent cannot be made, or nothing can be
+    written in it): a command checks its output location this way before its slow work. Creates the parent."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
 @contextlib.contextmanager
 def publish(path: str | os.PathLike, if_exists: str = "replace") -> Iterator[pathlib.Path]:
     """Yields a path that does not exist yet, beside `path`; write the file or directory there. On a clean exit it

@@ -222,6 +222,7 @@ def _copy_base(run, name):
         ("rank 0", "the LoRA rank must be a positive integer, got 0"),
         ("rank not a number", "argument --lora: invalid int value"),
         ("destination exists", "already exists"),
+        ("destination under a file", "cannot write there"),
         ("transformer of another size", "do not fit the base's transformer"),
     ],
 )
@@ -252,6 +253,9 @@ def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(run, tmp_path, caps
         extra = ["--lora", "four"]
     elif case == "destination exists":
         dst.mkdir()
+    elif case == "destination under a file":
+        (tmp_path / "a_file").write_text("")
+        dst = tmp_path / "a_file" / "out"
     elif case == "transformer of another size":
         base = _copy_base(run, "base_3_layers")
         config = json.loads((base / "transformer" / "config.json").read_text())

@@ -155,6 +155,7 @@ def fake_run(tmp_path_factory):
         ("bad size", "--size must be H or HxW"),
         ("student steps", "samples in its own 4 steps, not 8"),
         ("several sources for a workdir", "edits from one source image, not 2; export it"),
+        ("output under a file", "cannot write there"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(fake_run, tmp_path, capsys, case, message):
@@ -182,6 +183,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(fake_run, tmp_path, capsys, 
         extra = ["--steps", "8"]
     elif case == "several sources for a workdir":
         inputs = ["--jsonl", str(fake_run["root"] / "pair.jsonl")]
+    elif case == "output under a file":
+        out = fake_run["root"] / "garbage.png" / "out"
     code, err = _run([*model, *inputs, "--out", str(out), *extra], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert list(tmp_path.iterdir()) == []

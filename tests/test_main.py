@@ -5,6 +5,9 @@ import sys
 
 import pytest
 
+from qwen_flash_jax import config_lib
+from qwen_flash_jax.train.inspect_batches import inspect
+
 pytestmark = pytest.mark.job  # the main job's command line, in subprocesses
 
 
@@ -49,3 +52,9 @@ def test_inspect_prints_counts_and_writes_a_contact_sheet(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "batches: t2i=7 edit=3" in result.stdout
     assert out.exists() and out.stat().st_size > 1000
+
+
+def test_inspect_wants_a_png_path_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="give a path ending in .png"):
+        inspect(config_lib.load_config("configs/7to3.py:toy"), 1, str(tmp_path / "sheet"), log=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []

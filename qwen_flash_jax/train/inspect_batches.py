@@ -15,6 +15,8 @@ from qwen_flash_jax.train.assets import build_assets
 def inspect(config, batches: int, out: str, log=print) -> dict:
     if batches < 1:
         raise ValueError("--batches must be at least 1")
+    if not str(out).lower().endswith(".png"):
+        raise ValueError(f"--out {out}: the contact sheet is a PNG; give a path ending in .png")
     assets = build_assets(config, log=lambda *_: None)
     iterator = iter(
         pipeline.build_pipeline(
@@ -39,7 +41,10 @@ def inspect(config, batches: int, out: str, log=print) -> dict:
         totals.update({f"{task}/{k}": v for k, v in counts.items()})
         log(f"batch {i:4d}  {key:6s}  " + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
         if i == 0:
-            save_png(contact_sheet(_images(batch, assets), cols=8, scale=3), out)
+            try:
+                save_png(contact_sheet(_images(batch, assets), cols=8, scale=3), out)
+            except OSError as e:
+                raise ValueError(f"--out {out}: cannot write there: {e.strerror or e}") from None
     layouts = "".join(f" {k}={v}" for k, v in sorted(totals.items()) if k.startswith("edit:"))
     log(f"batches: t2i={totals['t2i']} edit={totals['edit']}" + (f" (of which{layouts})" if layouts else ""))
     for key in sorted(k for k in totals if "/" in k):
