@@ -183,6 +183,7 @@ def run_suite(
     workdir = pathlib.Path(workdir)
     rows = row_configs(suite, variant, overrides, seeds)
     if library_logs_to_file:  # after the rows' configs are checked: a bad one leaves no directory behind
+        jobs.make_workdir(workdir)
         jobs.send_library_logs_to_file(workdir / "logs")
     done = []
     for i, (label, config) in enumerate(rows):

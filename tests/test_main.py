@@ -6,6 +6,8 @@ import sys
 import pytest
 
 from qwen_flash_jax import config_lib
+from qwen_flash_jax.models.config import ConfigError
+from qwen_flash_jax.train import jobs
 from qwen_flash_jax.train.inspect_batches import inspect
 
 pytestmark = pytest.mark.job  # the main job's command line, in subprocesses
@@ -58,3 +60,9 @@ def test_inspect_wants_a_png_path_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="give a path ending in .png"):
         inspect(config_lib.load_config("configs/7to3.py:toy"), 1, str(tmp_path / "sheet"), log=lambda *_: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_workdir_that_cannot_be_made_is_a_config_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="--workdir .*a_file/run: cannot create it"):
+        jobs.make_workdir(tmp_path / "a_file" / "run")

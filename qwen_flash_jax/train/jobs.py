@@ -64,12 +64,20 @@ def validate(config) -> config_lib.DistillView | None:
     return view
 
 
+def make_workdir(workdir) -> None:
+    """Creates `workdir` (and its parents); one ConfigError where it cannot be (a file in the way, no permission)."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir}: cannot create it: {e.strerror or e}") from None
+
+
 def run(config, workdir, *, library_logs_to_file: bool = False) -> None:
     """Validates `config` (once), then runs its job in `workdir`. With `library_logs_to_file` (the command lines),
     library INFO logging goes to `workdir/logs` rather than the console."""
     workdir = training_loop.workdir_path(workdir)  # gs:// stays a cloud path
     view = validate(config)  # first: a bad config must not leave a half-made workdir behind
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_workdir(workdir)
     if library_logs_to_file:
         send_library_logs_to_file(workdir / "logs")
     if config.job == "teacher":
