@@ -113,7 +113,12 @@ def test_pipeline_notebook_on_a_training_workdir(tiny_run, tmp_path):
     assert "student {'00000': (16, 16, 3), '00001': (16, 16, 3), 'edit': (16, 16, 3)}" in text, text
     (run,) = (tmp_path / "out").iterdir()
     assert sorted(p.name for p in run.iterdir()) == ["student", "teacher", "teacher_edit"]
-    assert len(list((run / "student").glob("*.png"))) == 3
+    assert sorted(p.name for p in (run / "student").glob("*.png")) == [
+        "00000.png",
+        "00001.png",
+        "edit.png",
+        "overview.png",
+    ]
     # The score fields: 4 student steps x 2 noise levels, printed, then the comparison, heat maps and curves.
     assert "RMS of x0_fake - x0_real (rows k, columns t):" in text, text
     assert len(images(nb)) == 3
@@ -148,7 +153,9 @@ def test_pipeline_notebook_on_pipeline_folders(tmp_path):
     assert "student {'00000': (32, 32, 4), 'edit': (32, 32, 4)}" in text, text
     (run,) = (tmp_path / "out").iterdir()
     assert sorted(p.name for p in run.iterdir()) == ["student", "teacher", "teacher_edit"]
-    assert [len(list((run / name).glob("*.png"))) for name in ("teacher", "teacher_edit", "student")] == [1, 1, 2]
+    # Each folder: its images and generate's overview.png.
+    pngs = [len(list((run / name).glob("*.png"))) for name in ("teacher", "teacher_edit", "student")]
+    assert pngs == [1 + 1, 1 + 1, 2 + 1]
     # A pipeline folder holds no fake score: the score fields say so and draw nothing, only the side-by-side figure.
     assert "the score fields need WORKDIR: a pipeline folder holds no fake score" in text, text
     assert len(images(nb)) == 1
