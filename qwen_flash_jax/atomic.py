@@ -7,6 +7,7 @@ Imports nothing from the package, so every layer can use it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pathlib
 import shutil
@@ -20,6 +21,8 @@ def check_publishable(path: str | os.PathLike) -> None:
     """Raises OSError if `publish(path)` could not stage its entry (the parent cannot be made, or nothing can be
     written in it): a command checks its output location this way before its slow work. Creates the parent."""
     path = pathlib.Path(path)
+    if path.parent.exists() and not path.parent.is_dir():  # mkdir would say only "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, f"{path.parent} is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
 

@@ -203,15 +203,15 @@ def export(
     base, dst = Path(base).absolute(), Path(dst).absolute()
     if dst.exists():
         raise ConfigError(f"destination {dst} already exists; remove it or choose another --dst")
-    try:
-        atomic.check_publishable(dst)
-    except OSError as e:
-        raise ConfigError(f"--dst {dst}: cannot write there: {e.strerror or e}") from None
     index, model_config = check_base(base)
     student = distilled.open_student(workdir, ema=ema)
     student.check_against(model_config, f"the base's transformer ({base / TRANSFORMER})")
     schedule = distilled.student_schedule(config)
     scheduler = student_scheduler_config(read_json(base / SCHEDULER_CONFIG, str(base)), schedule)
+    try:  # last of the checks: it creates dst's parent
+        atomic.check_publishable(dst)
+    except OSError as e:
+        raise ConfigError(f"--dst {dst}: cannot write there: {e.strerror or e}") from None
     report = dict(
         step=student.step,
         weights=student.which,

@@ -314,15 +314,15 @@ def generate(sampler, requests, out, *, size=None, seed=0, steps=None, cfg=None,
     out = Path(out).absolute()
     if out.exists():
         raise ConfigError(f"--out {out} already exists; remove it or choose another")
-    try:
-        atomic.check_publishable(out)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write there: {e.strerror or e}") from None
     # None: the model's own size (a config's image size; the pipeline's default, or the last source's aspect ratio).
     height, width = size if size is not None else (getattr(sampler, "size", None),) * 2
     sources = {r.id: sampler.read(r) for r in requests if r.is_edit}
     sampler.check(requests, height, width, steps, cfg, negative_prompt)
     n_steps = sampler.steps(steps)
+    try:  # last of the checks: it creates out's parent
+        atomic.check_publishable(out)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there: {e.strerror or e}") from None
     # A batch holds one task: T2I prompts and edits are sampled apart, each in input order.
     batch = getattr(sampler, "batch", 1)
     groups = [[r for r in requests if not r.is_edit], [r for r in requests if r.is_edit]]

@@ -155,7 +155,6 @@ def fake_run(tmp_path_factory):
         ("bad size", "--size must be H or HxW"),
         ("student steps", "samples in its own 4 steps, not 8"),
         ("several sources for a workdir", "edits from one source image, not 2; export it"),
-        ("output under a file", "cannot write there"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(fake_run, tmp_path, capsys, case, message):
@@ -183,11 +182,18 @@ def test_bad_input_is_one_line_exit_2_and_no_output(fake_run, tmp_path, capsys, 
         extra = ["--steps", "8"]
     elif case == "several sources for a workdir":
         inputs = ["--jsonl", str(fake_run["root"] / "pair.jsonl")]
-    elif case == "output under a file":
-        out = fake_run["root"] / "garbage.png" / "out"
     code, err = _run([*model, *inputs, "--out", str(out), *extra], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.job
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_sampling(toy_run, tmp_path, capsys):
+    workdir, config_args, _ = toy_run
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "out"
+    code, err = _run(["--workdir", str(workdir), *config_args, "--out", str(out), "--prompt", TOY_PROMPTS[0]], capsys)
+    assert code == 2 and err == f"error: --out {out}: cannot write there: {tmp_path / 'a_file'} is not a directory", err
 
 
 @pytest.mark.job
